@@ -1,0 +1,28 @@
+"""User-facing errors: one clear line, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, data, command line) that they can fix.
+
+    The message names the file, key or layer, the offending value and the fix.
+    """
+
+
+def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
+    """Wrap a command-line main so that a UserError prints one line and exits with status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapper
