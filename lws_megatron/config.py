@@ -274,8 +274,11 @@ def _coerce(value: Any, kind: Any, source: str, key: str) -> Any:
         if value is None and type(None) in options:
             return None
         return _coerce(value, next(o for o in options if o is not type(None)), source, key)
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        except ValueError:
+            pass
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

@@ -89,8 +89,14 @@ def render_text(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_profiles(reports: list[dict], path: str) -> None:
-    """One panel per config: attention and FFN parameters per layer, labelled with widths."""
+def plot_profiles(
+    reports: list[dict], path: str, colors: dict[str, str] | None = None, ncols: int | None = None
+) -> None:
+    """One panel per config: attention and FFN parameters per layer, labelled with widths.
+
+    `colors` maps a config name to its colour, so that a report can keep one colour per
+    profile across figures (attention light, FFN solid); `ncols` wraps many panels into rows.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,25 +104,34 @@ def plot_profiles(reports: list[dict], path: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     n = len(reports)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.2), sharey=True, squeeze=False)
+    cols = min(ncols or n, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), sharey=True,
+                             squeeze=False)
     top = max(layer["params"] for r in reports for layer in r["layers"]) / 1e6
-    for ax, r in zip(axes[0], reports):
+    for ax, r in zip(axes.flat, reports):
+        color = colors[r["config"]] if colors else None
         idx = [layer["index"] for layer in r["layers"]]
         ffn = [layer["params"] * _ffn_share(r, layer) / 1e6 for layer in r["layers"]]
         rest = [layer["params"] / 1e6 - f for layer, f in zip(r["layers"], ffn)]
-        ax.bar(idx, rest, color="#4C72B0", label="attention + norms")
-        ax.bar(idx, ffn, bottom=rest, color="#DD8452", label="FFN")
+        ax.bar(idx, rest, color=color or "#4C72B0", alpha=0.4 if color else 1.0,
+               label="attention + norms")
+        ax.bar(idx, ffn, bottom=rest, color=color or "#DD8452", label="FFN")
         for layer, height in zip(r["layers"], [a + f for a, f in zip(rest, ffn)]):
             ax.text(
                 layer["index"], height + top * 0.01,
                 f"{layer['ffn_hidden_size']}  {layer['num_query_heads']}/{layer['num_kv_heads']}",
                 ha="center", va="bottom", fontsize=6, rotation=90,
             )
-        ax.set_title(f"{r['config']}  ({r['total_params'] / 1e6:.1f}M params)", fontsize=9)
+        ax.set_title(f"{r['config']}  ({r['total_params'] / 1e6:.1f}M params)", fontsize=9,
+                     color=color or "black")
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, top * 1.35)
-    axes[0][0].set_ylabel("parameters per layer (millions)")
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("parameters per layer (millions)")
     axes[0][0].legend(loc="upper left", fontsize=7, title="labels: FFN width  query/KV heads",
                       title_fontsize=6)
     fig.tight_layout()
