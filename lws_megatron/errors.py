@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable
 
@@ -22,7 +23,8 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs) or 0
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # one line per job, not one per process
+                print(f"error: {err}", file=sys.stderr)
             return 2
 
     return wrapper

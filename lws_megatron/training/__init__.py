@@ -1,0 +1,1 @@
+"""The training runtime: launch environment, data, optimizer, ZeRO engine, loop, checkpoints."""

@@ -1,0 +1,28 @@
+"""AdamW parameter groups: weight decay everywhere except the configured exclusions."""
+
+from __future__ import annotations
+
+import torch
+
+
+def exclusion_kind(name: str, param: torch.Tensor) -> str | None:
+    """Which `optim.no_decay` category a Megatron parameter falls in, if any."""
+    if "embedding" in name:
+        return "embeddings"
+    if name.endswith(".bias"):
+        return "biases"
+    if "norm" in name or param.ndim == 1:
+        return "norms"
+    return None
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: list[str]) -> list[dict]:
+    decay, plain = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (plain if exclusion_kind(name, param) in no_decay else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if plain:
+        groups.append({"params": plain, "weight_decay": 0.0})
+    return groups

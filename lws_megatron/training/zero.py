@@ -1,0 +1,80 @@
+"""DeepSpeed ZeRO over Megatron-Core's process groups, configured from our YAML."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+
+from lws_megatron.config import Config
+
+
+class MegatronMPU:
+    """DeepSpeed's `mpu=` interface (the old Megatron names) over megatron.core.parallel_state.
+
+    "Model parallel" for DeepSpeed is the TP x PP group: gradient norms are summed over every
+    model shard. Its rank is the tensor-parallel rank, because DeepSpeed counts a parameter that
+    is not TP-split only on model-parallel rank 0, and each pipeline stage owns different ones.
+    """
+
+    get_model_parallel_group = staticmethod(ps.get_model_parallel_group)
+    get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_src_rank = staticmethod(ps.get_tensor_model_parallel_src_rank)
+    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size()
+
+
+def uses_deepspeed_backward(config: Config) -> bool:
+    """ZeRO-2/3 reduce gradients in backward hooks, so each micro batch goes through
+    `engine.backward`; stages 0/1 let Megatron's schedule run backward and reduce at the end."""
+    return config.zero.stage >= 2
+
+
+def deepspeed_config(config: Config, dp: int, bf16: bool) -> dict[str, Any]:
+    t = config.train
+    if uses_deepspeed_backward(config):
+        micro, accumulation = t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dp)
+    else:
+        micro, accumulation = t.global_batch_size // dp, 1
+    zero: dict[str, Any] = {"stage": config.zero.stage}
+    if config.zero.stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        # Without ZeRO the runtime clips itself (step.clip_grad_norm): DeepSpeed's stage-0
+        # clipping neither reports the norm nor counts pipeline-stage parameters right.
+        "gradient_clipping": config.optim.clip_grad if config.zero.stage else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize_engine(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      dp: int, bf16: bool):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        config=deepspeed_config(config, dp, bf16),
+        mpu=MegatronMPU,
+        dist_init_required=False,
+    )
+    return engine

@@ -1,0 +1,171 @@
+"""The training runtime end to end: real torchrun launches on gloo, compared step by step."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lws_megatron.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+
+
+def command(nproc: int, run_dir: Path, data: dict[str, str], *overrides: str) -> list[str]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+    return [*launcher, str(ROOT / "launch" / "pretrain.py"), "--config", str(TINY),
+            f"run.dir={run_dir}", f"data.path=[{data['prefix']}]",
+            f"data.tokenizer={data['tokenizer']}", *overrides]
+
+
+def train(tmp_path: Path, name: str, nproc: int, data, *overrides: str, check: bool = True):
+    run_dir = tmp_path / name
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command(nproc, run_dir, data, *overrides), capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return run_dir, proc
+
+
+def records(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
+
+
+def losses(run_dir: Path) -> np.ndarray:
+    by_step = records(run_dir)
+    return np.array([by_step[s] for s in sorted(by_step)])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_data):
+    """TP=1, PP=1, DP=1, micro 2 x accumulation 4: the run every layout must reproduce."""
+    run_dir, _ = train(tmp_path_factory.mktemp("ref"), "ref", 1, tiny_data)
+    return run_dir
+
+
+def test_reference_run_writes_its_run_directory(reference):
+    loss = losses(reference)
+    assert len(loss) == 10 and loss[-1] < loss[0] - 0.3
+    val = records(reference, "val_loss")
+    assert sorted(val) == [5, 10] and all(np.isfinite(list(val.values())))
+    info = json.loads((reference / "run_info.json").read_text())
+    assert info["total_params"] == load_config(TINY).summary().total_params
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["final_loss"] == pytest.approx(loss[-1])
+    assert load_config(reference / "config.yaml").train.max_steps == 10
+    for line in (reference / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        keys = {"val_loss", "val_ppl"} if "val_loss" in record else {
+            "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
+        assert keys <= record.keys() and "step" in record
+    assert list((reference / "tensorboard").glob("events.*"))
+    assert (reference / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+
+
+def test_micro_batch_2_x_4_matches_4_x_2(tmp_path, tiny_data, reference):
+    run_dir, _ = train(tmp_path, "mb4", 1, tiny_data, "train.micro_batch_size=4")
+    np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2"],
+                                    ["parallel.pp=2", "parallel.pipeline_layout=Et*1|t*3L"]],
+                         ids=["tp2", "pp2-uneven"])
+def test_model_parallel_layouts_match_the_reference(tmp_path, tiny_data, reference, layout):
+    run_dir, _ = train(tmp_path, "mp", 2, tiny_data, *layout)
+    np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=0, atol=1e-4)
+    val, ref_val = records(run_dir, "val_loss"), records(reference, "val_loss")
+    np.testing.assert_allclose(list(val.values()), list(ref_val.values()), atol=1e-4)
+
+
+def test_data_parallel_zero_stages_agree(tmp_path, tiny_data, reference):
+    runs = {stage: losses(train(tmp_path, f"zero{stage}", 2, tiny_data, f"zero.stage={stage}")[0])
+            for stage in (0, 1, 2)}
+    np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(runs[2], runs[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(runs[0], losses(reference), rtol=0, atol=1e-4)
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_data, reference):
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(command(1, run_dir, tiny_data, "checkpoint.interval=4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    for line in proc.stdout:
+        if "step_00000004" in line and "saved checkpoint" in line:
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert max(records(run_dir)) < 10
+    _, resumed = train(tmp_path, "killed", 1, tiny_data, "checkpoint.interval=4")
+    assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
+    assert losses(run_dir).tolist() == losses(reference).tolist()  # exact, bit for bit
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_data):
+    run_dir = tmp_path / "term"
+    proc = subprocess.Popen(command(1, run_dir, tiny_data, "train.max_steps=100000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    for line in proc.stdout:
+        if line.startswith("step      2 |"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, out
+    assert "pre-emption signal: checkpointed" in out
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / latest / "meta.json").is_file()
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_checkpoint_from_another_layout_is_refused(tmp_path, tiny_data):
+    run_dir, _ = train(tmp_path, "layout", 1, tiny_data, "train.max_steps=2")
+    _, proc = train(tmp_path, "layout", 1, tiny_data, "train.max_steps=4", "model.num_layers=3",
+                    check=False)
+    assert proc.returncode == 2
+    assert "was written by a different model or parallel layout (layers:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_mismatched_tokenizer_is_refused_before_training(tmp_path, tiny_data):
+    from data_prep import tokenizer
+
+    other = tmp_path / "unigram"  # same corpus and vocabulary size, another model
+    corpus = Path(tiny_data["prefix"]).parent / "corpus" / "pydocs.jsonl"
+    assert tokenizer.main(["train", "--input", str(corpus), "--vocab-size", "512",
+                           "--model-type", "unigram", "--output", str(other)]) == 0
+    run_dir, proc = train(tmp_path, "tok", 1, tiny_data, f"data.tokenizer={other}.model",
+                          check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unigram.model" in proc.stderr and not (run_dir / "metrics.jsonl").exists()
+    print(proc.stderr)
+
+
+def test_data_corrupted_like_the_papers_is_refused(tmp_path, tiny_data):
+    """int32 tokens written to a file the index says is uint16: every other token is zero."""
+    import shutil
+
+    prefix = tmp_path / "bad"
+    for suffix in (".manifest.json", "_valid.bin", "_valid.idx", "_train.idx"):
+        shutil.copy(tiny_data["prefix"] + suffix, str(prefix) + suffix)
+    tokens = np.fromfile(tiny_data["prefix"] + "_train.bin", dtype=np.uint16)
+    tokens.astype(np.int32).view(np.uint16)[: tokens.size].tofile(str(prefix) + "_train.bin")
+    run_dir, proc = train(tmp_path, "bad", 1, tiny_data, f"data.path=[{prefix}]", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "bad_train" in proc.stderr and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_bad_parallel_settings_fail_before_compute(tmp_path, tiny_data):
+    _, proc = train(tmp_path, "gbs", 2, tiny_data, "train.global_batch_size=6", check=False)
+    assert proc.returncode != 0
+    assert "train.global_batch_size=6 is not a multiple" in proc.stderr
+    _, proc = train(tmp_path, "pp3", 1, tiny_data, "parallel.pp=3", check=False)
+    assert "1 processes can't hold parallel.tp=1 x parallel.pp=3" in proc.stderr
