@@ -79,9 +79,14 @@ def _schedule(chunks, batches: list[Batch], device: torch.device, tokens: torch.
     return torch.stack(sums).sum() if sums else torch.zeros((), device=device)
 
 
+def _grads(chunks) -> list[torch.Tensor]:
+    return [p.grad for c in chunks for p in c.parameters() if p.grad is not None]
+
+
 def _local_grads_finite(chunks) -> bool:
-    return all(torch.isfinite(p.grad).all() for c in chunks for p in c.parameters()
-               if p.grad is not None)
+    """One fused norm over every gradient: finite iff no gradient holds an inf or a NaN."""
+    grads = _grads(chunks)
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -144,17 +149,17 @@ def clip_grad_norm(chunks, max_norm: float) -> float:
     ones on TP rank 0, and a tied output head only on the first stage.
     """
     tp_rank = ps.get_tensor_model_parallel_rank()
-    grads = [p.grad for c in chunks for p in c.parameters() if p.grad is not None]
-    counted = [p.grad.float() for c in chunks for p in c.parameters()
+    grads = _grads(chunks)
+    counted = [p.grad for c in chunks for p in c.parameters()
                if p.grad is not None and not getattr(p, "shared", False)
                and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)]
     device = grads[0].device if grads else torch.device("cpu")
-    total = torch.stack([g.pow(2).sum() for g in counted]).sum() if counted else torch.zeros((), device=device)
+    total = (torch.stack(torch._foreach_norm(counted)).float().pow(2).sum() if counted
+             else torch.zeros((), device=device))
     dist.all_reduce(total, group=ps.get_model_parallel_group())
     norm = total.sqrt().item()
     if max_norm > 0 and norm > max_norm:
-        for g in grads:
-            g.mul_(max_norm / (norm + 1e-6))
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
     return norm
 
 

@@ -38,7 +38,7 @@ class Preemption:
         self.requested = True
 
 
-def _init_processes() -> torch.device:
+def init_processes() -> torch.device:
     env = launch_env.discover()
     launch_env.export(env)
     if torch.cuda.is_available():
@@ -102,13 +102,12 @@ def train(config: Config) -> dict[str, Any] | None:
     """Train to `train.max_steps` (or a pre-emption signal). Returns the summary on rank 0."""
     from megatron.core import parallel_state as ps
 
-    from lws_megatron.model.build import build_model_chunks, params_dtype
     from lws_megatron.model.parallel import destroy_parallel, initialize_parallel
-    from lws_megatron.training import data, param_groups, schedule, step, zero
+    from lws_megatron.training import data, schedule, step, zero
     from lws_megatron.training.checkpoint import Checkpointer
 
     preemption = Preemption()
-    device = _init_processes()
+    device = init_processes()
     rank, world = dist.get_rank(), dist.get_world_size()
     layout = _agreed(lambda: _check_and_plan(config, world))
     config.parallel.pipeline_layout = layout or ""
@@ -118,16 +117,7 @@ def train(config: Config) -> dict[str, Any] | None:
         t = config.train
         run_dir = Path(config.run.dir)
         sources = _agreed(lambda: data.resolve_sources(config, verify=rank == 0))
-        _seed_everything(t.seed)
-        chunks = build_model_chunks(config, device=device)
-        bf16 = params_dtype(config, device) == torch.bfloat16
-        module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
-        optimizer = torch.optim.AdamW(
-            param_groups.param_groups(module, config.optim.weight_decay, config.optim.no_decay),
-            lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
-            **({"fused": True} if device.type == "cuda" else {}),
-        )
-        engine = zero.initialize_engine(config, module, optimizer, dp, bf16)
+        chunks, engine, bf16 = build_engine(config, device, dp)
         train_ds, valid_ds = data.build_datasets(config, sources, dp, run_dir / "data_cache")
         summary = config.summary()
         peak, peak_source = device_peak_flops(device)
@@ -227,6 +217,23 @@ def train(config: Config) -> dict[str, Any] | None:
         return final
     finally:
         destroy_parallel()
+
+
+def build_engine(config: Config, device: torch.device, dp: int):
+    """The model chunks of this rank, wrapped with AdamW in a DeepSpeed engine."""
+    from lws_megatron.model.build import build_model_chunks, params_dtype
+    from lws_megatron.training import param_groups, zero
+
+    _seed_everything(config.train.seed)
+    chunks = build_model_chunks(config, device=device)
+    bf16 = params_dtype(config, device) == torch.bfloat16
+    module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
+    optimizer = torch.optim.AdamW(
+        param_groups.param_groups(module, config.optim.weight_decay, config.optim.no_decay),
+        lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
+    return chunks, zero.initialize_engine(config, module, optimizer, dp, bf16), bf16
 
 
 def _check_and_plan(config: Config, world: int) -> str | None:

@@ -1,0 +1,62 @@
+"""Training throughput of configs on this device: `python launch/bench.py CONFIG... [options]`.
+
+Full training steps (forward, backward, optimizer) after a warm-up, on synthetic tokens:
+tokens per second, step time (median, min-max), MFU against the shape engine's FLOPs and the
+device's peak, peak memory; and each distinct layer shape timed alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lws_megatron.config import load_config
+from lws_megatron.errors import UserError, cli_entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("items", nargs="+", metavar="CONFIG|key=value")
+    parser.add_argument("--micro-batch", type=int, help="sequences per step (one micro batch)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--compile", choices=("none", "layers"), default="none",
+                        help="torch.compile each transformer layer")
+    parser.add_argument("--no-layer-times", action="store_true", help="skip per-layer timings")
+    parser.add_argument("--json", action="store_true", help="end with one line: a JSON list")
+    return run(parser.parse_intermixed_args(argv))
+
+
+@cli_entry
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from lws_megatron.benchmark import bench_config, render
+    from lws_megatron.training.trainer import init_processes
+
+    paths = [i for i in args.items if "=" not in i]
+    overrides = [i for i in args.items if "=" in i]
+    if not paths:
+        raise UserError("give at least one config, e.g. configs/paper/baseline-18l.yaml")
+    if args.micro_batch:
+        overrides = [f"train.micro_batch_size={args.micro_batch}",
+                     f"train.global_batch_size={args.micro_batch}", *overrides]
+    configs = [load_config(p, overrides) for p in paths]
+    init_processes()
+    if dist.get_world_size() != 1:
+        raise UserError("launch/bench.py measures one device: run it as a single process")
+    results = []
+    for path, config in zip(paths, configs):
+        results.append(bench_config(config, path, args.steps, args.warmup, args.compile,
+                                    not args.no_layer_times))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print(json.dumps([r.to_dict() for r in results]) if args.json else render(results))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

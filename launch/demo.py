@@ -1,0 +1,104 @@
+"""The whole method on the built-in demo: corpus, tokenizer, index, five runs, report.
+
+    python launch/demo.py                 # ~10 minutes on 2 CPU cores
+    python launch/demo.py --quick         # a couple of minutes
+    python launch/demo.py --input my/*.jsonl --configs my/a.yaml my/b.yaml --output out
+
+Everything is built offline: the default corpus is Python's own documentation. Each config
+trains with `torchrun --nproc_per_node N launch/pretrain.py` (data parallel on CPU), then
+`lws_megatron.report` compares the runs in OUTPUT/report/report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lws_megatron.config import load_config
+from lws_megatron.errors import UserError, cli_entry
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIGS = [ROOT / "configs" / "demo" / f"{name}.yaml"
+                for name in ("baseline", "vanilla", "framed", "reverse", "crown")]
+QUICK = ["train.max_steps=30", "eval.interval=15", "eval.batches=4", "checkpoint.interval=0",
+         "train.log_interval=5"]
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    result = subprocess.run(cmd, cwd=ROOT, env=env)
+    if result.returncode != 0:
+        raise UserError(f"step failed with exit status {result.returncode}: {' '.join(cmd)}")
+
+
+def prepare_data(inputs: list[str], out: Path, vocab_size: int) -> tuple[str, str]:
+    """Tokenizer and indexed dataset under OUT/data; returns (dataset prefix, tokenizer path)."""
+    py = sys.executable
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    _run([py, "-m", "data_prep.tokenizer", "train", "--input", *inputs,
+          "--vocab-size", str(vocab_size), "--output", str(data / "tokenizer"), "--overwrite"])
+    _run([py, "-m", "data_prep.preprocess", "--input", *inputs, "--tokenizer",
+          str(data / "tokenizer.model"), "--output-prefix", str(data / "demo"), "--append-eod",
+          "--valid-fraction", "0.05", "--overwrite", "--quiet"])
+    return str(data / "demo"), str(data / "tokenizer.model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="30 steps per run instead of 200")
+    parser.add_argument("--output", default="demo_out", help="everything goes here")
+    parser.add_argument("--input", nargs="+", help="your own corpus (jsonl, jsonl.gz, txt)")
+    parser.add_argument("--configs", nargs="+", help="your own configs (default configs/demo)")
+    parser.add_argument("--nproc", type=int, default=2, help="processes per run (data parallel)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
+    return run(parser.parse_args(argv))
+
+
+@cli_entry
+def run(args: argparse.Namespace) -> int:
+    started = time.time()
+    out = Path(args.output).resolve()
+    configs = [Path(c) for c in args.configs] if args.configs else DEMO_CONFIGS
+    overrides = (QUICK if args.quick else []) + list(args.overrides)
+    loaded = [load_config(c, overrides) for c in configs]
+    vocab = {c.model.vocab_size for c in loaded}
+    if len(vocab) != 1:
+        raise UserError(f"the configs ask for different vocabularies {sorted(vocab)}; one "
+                        "tokenizer serves them all, so give them one model.vocab_size")
+    if args.input:
+        inputs = sorted({p for pattern in args.input for p in glob.glob(pattern)})
+        if not inputs:
+            raise UserError(f"--input {' '.join(args.input)} matches no file")
+    else:
+        _run([sys.executable, "-m", "data_prep.demo_corpus", "--output", str(out / "corpus")])
+        inputs = sorted(str(p) for p in (out / "corpus").glob("*.jsonl"))
+    prefix, tokenizer = prepare_data(inputs, out, vocab.pop())
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
+    run_dirs = []
+    for path in configs:
+        run_dir = out / "runs" / path.stem
+        shutil.rmtree(run_dir, ignore_errors=True)
+        _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+              f"--nproc_per_node={args.nproc}", str(ROOT / "launch" / "pretrain.py"),
+              "--config", str(path), *overrides, f"run.dir={run_dir}", f"data.path=[{prefix}]",
+              f"data.tokenizer={tokenizer}"], env=env)
+        run_dirs.append(run_dir)
+
+    from lws_megatron.report import write_report
+
+    report = write_report(run_dirs, out / "report")
+    print(f"\nreport: {report}  ({(time.time() - started) / 60:.1f} minutes in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Training throughput on the current device: the runtime's own step, timed after a warm-up.
+
+A step is what `launch/pretrain.py` runs (Megatron forward/backward, DeepSpeed optimizer step,
+clipping, the global-token loss), on synthetic tokens so that no data is needed. Also times
+each distinct layer shape's forward + backward alone, which is what the stage planner weighs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lws_megatron.config import Config, config_name
+from lws_megatron.training.data import Batch
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    ffn_hidden_size: int
+    num_query_heads: int
+    num_kv_heads: int
+    layers: list[int]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    config: str
+    device: str
+    precision: str
+    micro_batch_size: int
+    seq_length: int
+    steps: int
+    tokens_per_s: float
+    step_time_median_s: float
+    step_time_min_s: float
+    step_time_max_s: float
+    mfu: float
+    peak_flops: float
+    peak_memory_gb: float
+    flops_per_token: int
+    total_params: int
+    compile: str
+    layer_timings: list[LayerTiming]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_batch(config: Config, micro: int, seed: int = 0) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    s = config.model.seq_length
+    text = torch.randint(0, config.model.vocab_size, (micro, s + 1), generator=generator)
+    return Batch(tokens=text[:, :-1].contiguous(), labels=text[:, 1:].contiguous(),
+                 loss_mask=torch.ones(micro, s), position_ids=torch.arange(s).repeat(micro, 1))
+
+
+def compile_layers(chunks) -> None:
+    """torch.compile each transformer layer on its own: Megatron's Python between the layers
+    stays eager, and every distinct layer shape compiles once."""
+    for chunk in chunks:
+        for layer in chunk.decoder.layers:
+            layer.compile()
+
+
+def time_layers(chunk, config: Config, micro: int, device: torch.device, dtype: torch.dtype,
+                repeats: int = 5) -> list[LayerTiming]:
+    """Forward + backward seconds of one micro batch through each distinct layer shape."""
+    s, d = config.model.seq_length, config.model.d_model
+    rope = chunk.rotary_pos_emb(s) if hasattr(chunk, "rotary_pos_emb") else None
+    by_shape: dict[tuple[int, int, int], list[int]] = {}
+    layers = {}
+    for layer in chunk.decoder.layers:
+        shape = config.summary().layers[layer.layer_number - 1]
+        key = (shape.ffn_hidden_size, shape.num_query_heads, shape.num_kv_heads)
+        by_shape.setdefault(key, []).append(layer.layer_number - 1)
+        layers.setdefault(key, layer)
+    timings = []
+    for key, layer in layers.items():
+        x = torch.randn(s, micro, d, device=device, dtype=dtype, requires_grad=True)
+        best = float("inf")
+        for _ in range(repeats + 1):
+            _synchronize(device)
+            start = time.perf_counter()
+            out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
+            out.float().sum().backward()
+            _synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        timings.append(LayerTiming(*key, layers=by_shape[key], seconds=best))
+        layer.zero_grad(set_to_none=True)
+    return timings
+
+
+def bench_config(config: Config, path: str, steps: int, warmup: int, compile: str,
+                 time_each_layer: bool) -> BenchResult:
+    """Needs an initialised default process group of one rank (see launch/bench.py)."""
+    from megatron.core import parallel_state as ps
+
+    from lws_megatron.model.build import params_dtype
+    from lws_megatron.model.parallel import destroy_parallel, initialize_parallel
+    from lws_megatron.training import step
+    from lws_megatron.training.metrics import device_peak_flops, memory_gb
+    from lws_megatron.training.trainer import build_engine
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    initialize_parallel(config)
+    try:
+        chunks, engine, bf16 = build_engine(config, device, ps.get_data_parallel_world_size())
+        micro = config.train.micro_batch_size
+        layer_timings = (time_layers(chunks[0], config, micro, device, params_dtype(config, device))
+                         if time_each_layer else [])
+        if compile == "layers":
+            compile_layers(chunks)
+        batches = [synthetic_batch(config, micro, seed) for seed in range(
+            config.train.global_batch_size // micro)]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for i in range(warmup + steps):
+            _synchronize(device)
+            start = time.perf_counter()
+            step.train_step(engine, chunks, batches, device, config.model.seq_length,
+                            False, config.model.tie_embeddings, config.optim.clip_grad)
+            _synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        summary = config.summary()
+        tokens = config.train.global_batch_size * config.model.seq_length
+        median = statistics.median(times)
+        peak, _ = device_peak_flops(device)
+        return BenchResult(
+            config=config_name(path),
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            precision="bf16" if bf16 else "fp32",
+            micro_batch_size=micro,
+            seq_length=config.model.seq_length,
+            steps=steps,
+            tokens_per_s=tokens / median,
+            step_time_median_s=median,
+            step_time_min_s=min(times),
+            step_time_max_s=max(times),
+            mfu=tokens / median * summary.flops_per_token / peak if peak else 0.0,
+            peak_flops=peak,
+            peak_memory_gb=memory_gb(device),
+            flops_per_token=summary.flops_per_token,
+            total_params=summary.total_params,
+            compile=compile,
+            layer_timings=layer_timings,
+        )
+    finally:
+        destroy_parallel()
+
+
+def render(results: list[BenchResult]) -> str:
+    lines = [f"{'config':<16} {'device':<24} {'prec':<5} {'tok/s':>10} {'MFU':>6} "
+             f"{'step ms (median, min-max)':>28} {'mem GB':>7}"]
+    for r in results:
+        lines.append(
+            f"{r.config:<16} {r.device[:24]:<24} {r.precision:<5} {r.tokens_per_s:>10,.0f} "
+            f"{100 * r.mfu:>5.1f}% {1000 * r.step_time_median_s:>10.1f} "
+            f"({1000 * r.step_time_min_s:.1f}-{1000 * r.step_time_max_s:.1f}){'':>4} "
+            f"{r.peak_memory_gb:>7.2f}"
+        )
+    for r in results:
+        if r.layer_timings:
+            lines.append(f"\n{r.config}: forward+backward per layer shape, micro batch "
+                         f"{r.micro_batch_size} x {r.seq_length}")
+            for t in r.layer_timings:
+                lines.append(f"  ffn {t.ffn_hidden_size:>5}  heads {t.num_query_heads:>2}/"
+                             f"{t.num_kv_heads:<2} {1000 * t.seconds:8.2f} ms  layers {t.layers}")
+    return "\n".join(lines)

@@ -1,0 +1,30 @@
+"""The throughput benchmark runs on CPU, so it never rots."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_measures_steps_and_every_layer_shape():
+    proc = subprocess.run(
+        [sys.executable, "launch/bench.py", "tests/configs/tiny.yaml", "--steps", "2",
+         "--warmup", "1", "--micro-batch", "2", "--json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = json.loads(proc.stdout.strip().splitlines()[-1])  # libraries log above it
+    assert result["config"] == "tiny" and result["device"] == "cpu"
+    assert result["steps"] == 2 and result["micro_batch_size"] == 2
+    assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
+    assert result["step_time_min_s"] <= result["step_time_median_s"] <= result["step_time_max_s"]
+    assert result["tokens_per_s"] == 2 * 32 / result["step_time_median_s"]
+    covered = sorted(i for t in result["layer_timings"] for i in t["layers"])
+    assert covered == [0, 1, 2, 3] and all(t["seconds"] > 0 for t in result["layer_timings"])
+
+
+def test_bench_reports_a_missing_config_in_one_line():
+    proc = subprocess.run([sys.executable, "launch/bench.py", "missing.yaml"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: missing.yaml: config file not found"
