@@ -59,8 +59,8 @@ def synthetic_batch(config: Config, micro: int, seed: int = 0) -> Batch:
     generator = torch.Generator().manual_seed(seed)
     s = config.model.seq_length
     text = torch.randint(0, config.model.vocab_size, (micro, s + 1), generator=generator)
-    return Batch(tokens=text[:, :-1].contiguous(), labels=text[:, 1:].contiguous(),
-                 loss_mask=torch.ones(micro, s), position_ids=torch.arange(s).repeat(micro, 1))
+    return {"tokens": text[:, :-1].contiguous(), "labels": text[:, 1:].contiguous(),
+            "loss_mask": torch.ones(micro, s)}
 
 
 def compile_layers(chunks) -> None:
@@ -128,8 +128,7 @@ def bench_config(config: Config, path: str, steps: int, warmup: int, compile: st
         for i in range(warmup + steps):
             _synchronize(device)
             start = time.perf_counter()
-            step.train_step(engine, chunks, batches, device, config.model.seq_length,
-                            False, config.model.tie_embeddings, config.optim.clip_grad)
+            step.train_step(config, engine, chunks, batches, device)
             _synchronize(device)
             if i >= warmup:
                 times.append(time.perf_counter() - start)

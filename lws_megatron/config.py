@@ -319,6 +319,12 @@ def _validate(config: Config, source: str) -> None:
             "gradients during backward, which breaks with the several backward passes of a "
             "pipeline schedule; use zero.stage=1 with pipeline parallelism"
         )
+    if config.zero.stage >= 2 and config.parallel.tp > 1 and config.model.qk_norm:
+        raise UserError(
+            f"{source}: zero.stage={config.zero.stage} with parallel.tp={config.parallel.tp} and "
+            "model.qk_norm: each TP rank holds part of the QK-norm gradient, which must be summed "
+            "before ZeRO-2/3 reduce gradients inside backward; use zero.stage=1 with TP"
+        )
     try:
         config.summary()
     except UserError as err:

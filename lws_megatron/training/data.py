@@ -16,7 +16,6 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data_prep.integrity import verify_dataset
@@ -26,12 +25,7 @@ from lws_megatron.config import Config
 from lws_megatron.errors import UserError
 
 
-@dataclass(frozen=True)
-class Batch:
-    tokens: torch.Tensor
-    labels: torch.Tensor
-    loss_mask: torch.Tensor
-    position_ids: torch.Tensor
+Batch = dict[str, torch.Tensor]  # tokens, labels: [b, s] int64; loss_mask: [b, s] float
 
 
 @dataclass(frozen=True)
@@ -156,13 +150,8 @@ def micro_batches(dataset, start: int, count: int, micro: int) -> list[Batch]:
     out = []
     for first in range(start, start + count, micro):
         samples = [dataset[i] for i in range(first, first + micro)]
-        tokens = torch.stack([s["tokens"] for s in samples])
-        out.append(Batch(
-            tokens=tokens,
-            labels=torch.stack([s["labels"] for s in samples]),
-            loss_mask=torch.stack([s["loss_mask"] for s in samples]).float(),
-            position_ids=torch.stack([s["position_ids"] for s in samples]),
-        ))
+        out.append({key: torch.stack([s[key] for s in samples])
+                    for key in ("tokens", "labels", "loss_mask")})
     return out
 
 

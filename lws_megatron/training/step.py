@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from lws_megatron.config import Config
+from lws_megatron.model import check_batch, sync_model_parallel_grads
+from lws_megatron.model.step import forward_step, loss_func
 from lws_megatron.training.data import Batch
+from lws_megatron.training.zero import uses_deepspeed_backward
 
 
 @dataclass(frozen=True)
@@ -28,52 +31,45 @@ class StepResult:
 
 
 def _global_tokens(batches: list[Batch], device: torch.device) -> torch.Tensor:
-    total = torch.stack([b.loss_mask.sum() for b in batches]).sum().to(device)
+    total = torch.stack([b["loss_mask"].sum() for b in batches]).sum().to(device)
     dist.all_reduce(total, group=ps.get_data_parallel_group())
     return total
-
-
-def _to(batch: Batch, device: torch.device) -> Batch:
-    return Batch(*(t.to(device, non_blocking=True) for t in
-                   (batch.tokens, batch.labels, batch.loss_mask, batch.position_ids)))
-
-
-def _loss_sum(output: torch.Tensor, batch: Batch) -> torch.Tensor:
-    return (output.float() * batch.loss_mask).sum()
 
 
 def _mean_over_world(loss_sum: torch.Tensor, tokens: torch.Tensor) -> float:
     """Sum the loss held by the last stage's first TP rank of each DP rank over the world."""
     holder = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-    value = loss_sum.detach().float() if holder else torch.zeros((), device=loss_sum.device)
+    value = loss_sum.detach().float() if holder else torch.zeros((), device=tokens.device)
     dist.all_reduce(value)
     return (value / tokens).item()
 
 
-def _schedule(chunks, batches: list[Batch], device: torch.device, tokens: torch.Tensor,
-              scale: float, forward_only: bool, seq_length: int) -> torch.Tensor:
+def _schedule(config: Config, chunks, batches: list[Batch], device: torch.device,
+              tokens: torch.Tensor, scale: float, forward_only: bool) -> torch.Tensor:
     """Megatron's forward-backward schedule (1F1B with PP > 1); returns the local loss sum."""
     sums: list[torch.Tensor] = []
+    model_step = forward_step(config)
 
-    def loss_func(batch: Batch, output: torch.Tensor):
-        s = _loss_sum(output, batch)
-        sums.append(s.detach())
-        # The schedule divides by the number of micro batches; DeepSpeed averages over DP.
-        return s * scale / tokens, {}
+    def scaled_step(iterator, model):
+        output, model_loss = model_step(iterator, model)
 
-    def forward_step(iterator, model):
-        batch = _to(next(iterator), device)
-        output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
-        return output, partial(loss_func, batch)
+        def loss(output_tensor):
+            loss_sum, _, report = model_loss(output_tensor)
+            sums.append(loss_sum.detach())
+            # The schedule divides a 2-tuple's loss by the number of micro batches, and
+            # DeepSpeed averages gradients over DP: `scale` undoes both.
+            return loss_sum * scale / tokens, report
+
+        return output, loss
 
     vpp = len(chunks)
     get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=scaled_step,
         data_iterator=[iter(batches) for _ in range(vpp)] if vpp > 1 else iter(batches),
         model=chunks,
         num_microbatches=len(batches),
-        seq_length=seq_length,
-        micro_batch_size=batches[0].tokens.shape[0],
+        seq_length=config.model.seq_length,
+        micro_batch_size=batches[0]["tokens"].shape[0],
         forward_only=forward_only,
     )
     return torch.stack(sums).sum() if sums else torch.zeros((), device=device)
@@ -95,44 +91,34 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def sync_tied_embedding_grads(chunks, tied: bool) -> None:
-    """With PP > 1 a tied embedding lives on the first and the last stage: add their gradients
-    (Megatron's finalize_model_grads does this; a DeepSpeed loop must do it itself)."""
-    if not tied or ps.get_pipeline_model_parallel_world_size() == 1:
-        return
-    if not ps.is_rank_in_embedding_group(ignore_virtual=True):
-        return
-    first = ps.is_pipeline_first_stage(ignore_virtual=True)
-    weight = (chunks[0] if first else chunks[-1]).shared_embedding_or_output_weight()
-    dist.all_reduce(weight.grad, group=ps.get_embedding_group())
-
-
-def train_step(engine, chunks, batches: list[Batch], device: torch.device, seq_length: int,
-               deepspeed_backward: bool, tied: bool, clip: float) -> StepResult:
+def train_step(config: Config, engine, chunks, batches: list[Batch],
+               device: torch.device) -> StepResult:
     tokens = _global_tokens(batches, device)
     dp = ps.get_data_parallel_world_size()
-    if deepspeed_backward:
-        return _deepspeed_step(engine, batches, device, tokens, dp)
-    loss_sum = _schedule(chunks, batches, device, tokens, dp * len(batches), False, seq_length)
+    if uses_deepspeed_backward(config):
+        return _deepspeed_step(config, engine, batches, device, tokens, dp)
+    loss_sum = _schedule(config, chunks, batches, device, tokens, dp * len(batches), False)
     loss = _mean_over_world(loss_sum, tokens)
     if any_rank(not math.isfinite(loss) or not _local_grads_finite(chunks), device):
         engine.zero_grad()
         return StepResult(loss, float("nan"), skipped=True)
-    sync_tied_embedding_grads(chunks, tied)
+    sync_model_parallel_grads(chunks)
     engine.allreduce_gradients()
-    norm = clip_grad_norm(chunks, clip) if engine.zero_optimization_stage() == 0 else None
+    norm = clip_grad_norm(chunks, config.optim.clip_grad) if config.zero.stage == 0 else None
     engine.step()
     return StepResult(loss, _grad_norm(engine) if norm is None else norm, skipped=False)
 
 
-def _deepspeed_step(engine, batches: list[Batch], device, tokens, dp) -> StepResult:
+def _deepspeed_step(config: Config, engine, batches: list[Batch], device, tokens, dp) -> StepResult:
     """ZeRO-2/3 (PP = 1): each micro batch through engine.backward; DeepSpeed skips a step whose
     gradients are not finite, and we count it from its skipped-step counter."""
     skipped_before = engine.skipped_steps
     loss_sum = torch.zeros((), device=device)
     for batch in batches:
-        batch = _to(batch, device)
-        s = _loss_sum(engine(batch.tokens, batch.position_ids, None, labels=batch.labels), batch)
+        check_batch(batch["tokens"], config, batch["labels"])
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        output = engine(batch["tokens"], None, None, labels=batch["labels"])
+        s, _, _ = loss_func(batch["loss_mask"], output)
         engine.backward(s * dp / tokens, scale_wrt_gas=False)
         engine.step()
         loss_sum += s.detach()
@@ -169,12 +155,12 @@ def _grad_norm(engine) -> float:
 
 
 @torch.no_grad()
-def evaluate(chunks, batches: list[Batch], device: torch.device, seq_length: int) -> float:
+def evaluate(config: Config, chunks, batches: list[Batch], device: torch.device) -> float:
     """Mean validation loss per token over the fixed validation batches of every DP rank."""
     for chunk in chunks:
         chunk.eval()
     tokens = _global_tokens(batches, device)
-    loss_sum = _schedule(chunks, batches, device, tokens, 1.0, True, seq_length)
+    loss_sum = _schedule(config, chunks, batches, device, tokens, 1.0, True)
     for chunk in chunks:
         chunk.train()
     return _mean_over_world(loss_sum, tokens)

@@ -103,7 +103,7 @@ def train(config: Config) -> dict[str, Any] | None:
     from megatron.core import parallel_state as ps
 
     from lws_megatron.model.parallel import destroy_parallel, initialize_parallel
-    from lws_megatron.training import data, schedule, step, zero
+    from lws_megatron.training import data, schedule, step
     from lws_megatron.training.checkpoint import Checkpointer
 
     preemption = Preemption()
@@ -164,9 +164,7 @@ def train(config: Config) -> dict[str, Any] | None:
             batches = data.step_batches(train_ds, step_index, t.global_batch_size,
                                         ps.get_data_parallel_rank(), dp, t.micro_batch_size)
             began = time.perf_counter()
-            result = step.train_step(engine, chunks, batches, device, config.model.seq_length,
-                                     zero.uses_deepspeed_backward(config), config.model.tie_embeddings,
-                                     config.optim.clip_grad)
+            result = step.train_step(config, engine, chunks, batches, device)
             elapsed = time.perf_counter() - began
             step_index += 1
             skipped_total += result.skipped
@@ -185,7 +183,7 @@ def train(config: Config) -> dict[str, Any] | None:
                 interval = _Interval()
             if config.eval.interval and valid_batches and (
                     step_index % config.eval.interval == 0 or step_index == t.max_steps):
-                last_val = step.evaluate(chunks, valid_batches, device, config.model.seq_length)
+                last_val = step.evaluate(config, chunks, valid_batches, device)
                 writer.log({"step": step_index, "tokens": step_index * tokens_per_step,
                             "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0))})
             stop_unstable = consecutive_bad >= t.max_nonfinite_steps
