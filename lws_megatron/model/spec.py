@@ -1,0 +1,91 @@
+"""The LWS layer spec: Megatron-Core's GPT layer, sized per layer by the shape engine.
+
+Megatron's `TransformerBlock` builds layer `n` (global, 1-based, pipeline offset included) from
+`config.get_config_for_layer(n)` when `heterogeneous_block_specs` is set. `LWSTransformerConfig`
+answers with that layer's FFN width, query heads and KV heads, so every pipeline stage builds its
+own layers at their own sizes, and Megatron's tensor and pipeline parallelism apply unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from lws_megatron.errors import UserError
+from lws_megatron.model.attention import SDPAttention
+from lws_megatron.shapes import LayerShape
+
+Backend = Literal["sdpa", "te"]
+
+
+@dataclass
+class LWSTransformerConfig(TransformerConfig):
+    """A TransformerConfig whose layers differ in FFN width and head counts."""
+
+    layer_shapes: tuple[LayerShape, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.layer_shapes) != self.num_layers:
+            raise ValueError(
+                f"layer_shapes has {len(self.layer_shapes)} entries for {self.num_layers} layers"
+            )
+        self.heterogeneous_block_specs = True
+
+    def get_config_for_layer(self, layer_number: int) -> TransformerConfig:
+        """The config of global layer `layer_number` (1-based), as TransformerBlock asks for it."""
+        shape = self.layer_shapes[layer_number - 1]
+        return dataclasses.replace(
+            self,
+            ffn_hidden_size=shape.ffn_hidden_size,
+            num_attention_heads=shape.num_query_heads,
+            num_query_groups=shape.num_kv_heads,
+        )
+
+
+def transformer_engine_usable() -> bool:
+    """Transformer Engine needs its package and a CUDA device."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_backend(requested: str, device: torch.device) -> Backend:
+    """`model.attention_backend`: auto picks TE where it can run, else SDPA."""
+    if requested == "sdpa":
+        return "sdpa"
+    te_ok = device.type == "cuda" and transformer_engine_usable()
+    if requested == "te":
+        if not te_ok:
+            raise UserError(
+                "model.attention_backend=te needs Transformer Engine and a CUDA device; "
+                "install transformer_engine on a GPU machine or set model.attention_backend=sdpa"
+            )
+        return "te"
+    if requested != "auto":
+        raise UserError(
+            f"model.attention_backend={requested!r}: choose one of 'auto', 'sdpa', 'te'"
+        )
+    return "te" if te_ok else "sdpa"
+
+
+def layer_spec(backend: Backend, *, qk_norm: bool) -> ModuleSpec:
+    """Megatron's GPT layer spec with RMSNorm, optional QK-norm, and SDPA or TE attention.
+
+    SwiGLU without biases and RoPE are settings of the TransformerConfig and GPTModel
+    (build.py); the spec only chooses the modules.
+    """
+    if backend == "te":
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
+    attention = spec.submodules.self_attention
+    attention.submodules = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
+    return spec

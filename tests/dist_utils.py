@@ -1,0 +1,118 @@
+"""Run a function on several real processes joined in a gloo process group (for tests).
+
+`run_distributed(fn, world_size, *args)` spawns `world_size` fresh Python processes, joins them
+in a default process group on gloo (a FileStore in a temporary folder: no ports to collide), runs
+`fn(*args)` on each and returns the list of their results, by rank. `fn` and its arguments must
+be picklable: `fn` a module-level function of an importable module (a test module is fine). A
+rank that raises fails the call with every failing rank's traceback; a run past `timeout`
+seconds is killed. Each process gets `threads` torch threads, so that N ranks share few cores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+class DistributedFailure(AssertionError):
+    """Some rank raised, died or timed out; the message holds each failing rank's story."""
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 600.0,
+    threads: int = 1,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """`fn(*args)` on ranks 0..world_size-1 of a fresh gloo group; their results in rank order."""
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="dist-") as tmp:
+        workdir = Path(tmp)
+        procs = [
+            context.Process(
+                target=_worker,
+                args=(fn, args, rank, world_size, str(workdir), threads, timeout, env or {}),
+                name=f"rank{rank}",
+            )
+            for rank in range(world_size)
+        ]
+        for proc in procs:
+            proc.start()
+        timed_out = _wait(procs, time.monotonic() + timeout)
+        failures = []
+        for rank, proc in enumerate(procs):
+            error = workdir / f"error-{rank}.txt"
+            if error.exists():
+                failures.append(f"--- rank {rank} raised:\n{error.read_text()}")
+            elif proc.exitcode != 0:
+                why = "timed out" if timed_out else f"exited with code {proc.exitcode}"
+                failures.append(f"--- rank {rank} {why}")
+        if failures:
+            raise DistributedFailure(
+                f"{fn.__name__} on {world_size} processes failed:\n" + "\n".join(failures)
+            )
+        return [
+            torch.load(workdir / f"result-{rank}.pt", weights_only=False)
+            for rank in range(world_size)
+        ]
+
+
+def _wait(procs: list[multiprocessing.Process], deadline: float) -> bool:
+    """Wait for all ranks; once one fails, give the rest a moment, then stop them. True: timeout."""
+    failed_at = None
+    while any(proc.is_alive() for proc in procs):
+        now = time.monotonic()
+        if failed_at is None and any(proc.exitcode not in (None, 0) for proc in procs):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now - failed_at > 5.0):
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+            for proc in procs:
+                proc.join()
+            return now > deadline
+        time.sleep(0.05)
+    for proc in procs:
+        proc.join()
+    return False
+
+
+def _worker(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    rank: int,
+    world_size: int,
+    workdir: str,
+    threads: int,
+    timeout: float,
+    env: dict[str, str],
+) -> None:
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{workdir}/store",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout),
+        )
+        result = fn(*args)
+        torch.save(result, Path(workdir) / f"result-{rank}.pt")
+    except BaseException:
+        (Path(workdir) / f"error-{rank}.txt").write_text(traceback.format_exc())
+        raise SystemExit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

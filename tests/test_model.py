@@ -1,0 +1,303 @@
+"""The LWS model on Megatron-Core: shapes and parameter counts, attention, refusals, step time.
+
+Checks that need Megatron's process groups run in one spawned single-process gloo world
+(`_single_rank_checks`); the refusals that must come before any process group run here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_distributed
+from lws_megatron.config import Config, load_config
+from lws_megatron.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted(
+    str(p.relative_to(ROOT))
+    for family in ("paper", "openelm", "demo")
+    for p in (ROOT / "configs" / family).glob("*.yaml")
+    if not p.name.startswith("_")
+)
+DEMO = str(ROOT / "configs" / "demo" / "vanilla.yaml")
+
+
+def _with(config: Config, **parallel) -> Config:
+    return dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, **parallel))
+
+
+def _reference_attention(q, k, v, scale=None):
+    """Plain causal grouped-query attention: [s, b, h, d] in, [s, b, h * d] out."""
+    s, b, h, d = q.shape
+    group = h // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("sbhd,tbhd->bhst", q, k) * (scale or 1 / math.sqrt(d))
+    mask = torch.ones(s, s, dtype=torch.bool).triu(1)
+    probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+    return torch.einsum("bhst,tbhd->sbhd", probs, v).reshape(s, b, h * d)
+
+
+def _attention_errors() -> dict[str, float]:
+    """SDPAttention against the plain reference: GQA, MHA, a custom scale."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from lws_megatron.model import SDPAttention, destroy_parallel, initialize_parallel
+
+    initialize_parallel(load_config(DEMO))  # TP=1 groups, which SDPAttention reads
+    errors = {}
+    g = torch.Generator().manual_seed(0)
+    for name, heads, kv, scale in (("gqa", 6, 2, None), ("mha", 4, 4, None), ("scaled", 4, 2, 0.3)):
+        config = TransformerConfig(
+            num_layers=1, hidden_size=16 * heads, num_attention_heads=heads,
+            num_query_groups=kv, kv_channels=16, attention_dropout=0.0,
+        )
+        attention = SDPAttention(config, 1, AttnMaskType.causal, "self", softmax_scale=scale)
+        q = torch.randn(12, 3, heads, 16, generator=g)
+        k, v = (torch.randn(12, 3, kv, 16, generator=g) for _ in range(2))
+        got = attention(q, k, v, None)
+        errors[name] = (got - _reference_attention(q, k, v, scale)).abs().max().item()
+    destroy_parallel()
+    return errors
+
+
+def _te_attention_error() -> float:
+    """SDPAttention against Transformer Engine's core attention on CUDA in bf16."""
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from lws_megatron.model import SDPAttention, destroy_parallel, initialize_parallel
+
+    initialize_parallel(load_config(DEMO))
+    config = TransformerConfig(
+        num_layers=1, hidden_size=96, num_attention_heads=6, num_query_groups=2,
+        kv_channels=16, attention_dropout=0.0, bf16=True, params_dtype=torch.bfloat16,
+    )
+    te = TEDotProductAttention(config, 1, AttnMaskType.causal, "self")
+    sdpa = SDPAttention(config, 1, AttnMaskType.causal, "self")
+    q = torch.randn(64, 2, 6, 16, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(64, 2, 2, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    error = (te(q, k, v, None).float() - sdpa(q, k, v, None).float()).abs().max().item()
+    destroy_parallel()
+    return error
+
+
+def _shapes_by_layer(model) -> list[tuple[int, int, int]]:
+    """(ffn, query heads, KV heads) of each built layer, read off the module shapes."""
+    out = []
+    for layer in model.decoder.layers:
+        attention, d_head = layer.self_attention, layer.config.kv_channels
+        q = attention.linear_proj.weight.shape[1] // d_head
+        kv = (attention.linear_qkv.weight.shape[0] // d_head - q) // 2
+        out.append((layer.mlp.linear_fc2.weight.shape[1], q, kv))
+    return out
+
+
+def _shipped_configs() -> dict[str, dict]:
+    """Each shipped config built on the meta device: parameter count and per-layer shapes."""
+    from lws_megatron.describe import describe_json
+    from lws_megatron.model import build_model, destroy_parallel, initialize_parallel
+    from lws_megatron.model import trainable_parameter_count
+
+    out = {}
+    for path in SHIPPED:
+        config = load_config(ROOT / path)
+        initialize_parallel(config)
+        model = build_model(config, device="meta")
+        described = describe_json(path, config, 1)
+        out[path] = {
+            "built": trainable_parameter_count([model]),
+            "described": described["total_params"],
+            "layers": _shapes_by_layer(model),
+            "expected_layers": [
+                (x["ffn_hidden_size"], x["num_query_heads"], x["num_kv_heads"])
+                for x in described["layers"]
+            ],
+            "devices": {p.device.type for p in model.parameters()},
+        }
+        destroy_parallel()
+    return out
+
+
+def _refused_batches() -> dict[str, tuple[str, int]]:
+    """Bad batches through forward_step on the demo model: the error, and forwards that ran."""
+    from lws_megatron.model import build_model, destroy_parallel, forward_step, initialize_parallel
+
+    config = load_config(DEMO)
+    initialize_parallel(config)
+    model = build_model(config, device="cpu")
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    b, s, vocab = 2, config.model.seq_length, config.model.vocab_size
+    ok = torch.zeros(b, s, dtype=torch.long)
+    bad = {
+        "too_long": torch.zeros(b, s + 1, dtype=torch.long),
+        "id_beyond_vocab": torch.full((b, s), vocab),
+    }
+    out = {}
+    for name, tokens in bad.items():
+        labels = tokens if tokens.shape != ok.shape else ok
+        batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(labels.shape)}
+        try:
+            forward_step(config)(iter([batch]), model)
+            out[name] = ("no error", len(forwards))
+        except UserError as err:
+            out[name] = (str(err), len(forwards))
+    destroy_parallel()
+    return out
+
+
+def _demo_step_time() -> float:
+    """Seconds for forward+backward of one micro-batch (4 x 256 tokens) of the demo config."""
+    from lws_megatron.model import destroy_parallel, initialize_parallel
+    from lws_megatron.model.__main__ import time_steps
+
+    config = load_config(DEMO)
+    initialize_parallel(config)
+    times = time_steps(config, steps=2, num_microbatches=1)
+    destroy_parallel()
+    return min(times)
+
+
+def _single_rank_checks() -> dict:
+    return {
+        "attention": _attention_errors(),
+        "shipped": _shipped_configs(),
+        "refused": _refused_batches(),
+        "demo_step_seconds": _demo_step_time(),
+    }
+
+
+@pytest.fixture(scope="module")
+def single_rank() -> dict:
+    # The CPU path (SDPA, the CUDA bridges) also on a machine with a GPU.
+    (result,) = run_distributed(_single_rank_checks, 1, threads=2, env={"CUDA_VISIBLE_DEVICES": ""})
+    return result
+
+
+# --- in the spawned process ---------------------------------------------------------------
+
+
+def test_sdpa_attention_matches_plain_reference(single_rank):
+    for name, error in single_rank["attention"].items():
+        assert error < 1e-5, f"{name}: SDPA differs from the reference by {error:.2e}"
+
+
+def test_te_attention_matches_sdpa_where_both_run():
+    from lws_megatron.model.spec import transformer_engine_usable
+
+    if not transformer_engine_usable():
+        pytest.skip("Transformer Engine needs CUDA and the transformer_engine package")
+    (error,) = run_distributed(_te_attention_error, 1)
+    assert error < 2e-2  # bf16
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_built_parameters_equal_describe(single_rank, path):
+    shipped = single_rank["shipped"][path]
+    assert shipped["devices"] == {"meta"}, "large configs must build without allocating weights"
+    assert shipped["built"] == shipped["described"]
+    assert shipped["layers"] == shipped["expected_layers"]
+
+
+@pytest.mark.parametrize("case", ["too_long", "id_beyond_vocab"])
+def test_bad_batch_refused_before_compute(single_rank, case):
+    message, forwards = single_rank["refused"][case]
+    assert forwards == 0, f"{case}: the model ran before the batch was refused"
+    assert ("model.seq_length" if case == "too_long" else "model.vocab_size") in message
+
+
+def test_demo_step_reports_its_time(single_rank):
+    seconds = single_rank["demo_step_seconds"]
+    print(f"\ndemo vanilla forward+backward of 4 x 256 tokens on CPU: {seconds:.3f} s")
+    assert 0 < seconds < 60
+
+
+# --- in this process: refusals before any process group ----------------------------------
+
+
+def test_tp_the_heads_cannot_take_is_refused_before_process_groups():
+    from lws_megatron.model import initialize_parallel, transformer_config
+
+    config = _with(load_config(DEMO), tp=4)  # fixed_kv keeps 2 KV heads in every layer
+    for call in (lambda: initialize_parallel(config), lambda: transformer_config(config)):
+        with pytest.raises(UserError, match=r"layer 0 .*TP=4"):
+            call()
+    assert not dist.is_initialized()
+
+
+def test_uneven_split_without_layout_is_refused():
+    from lws_megatron.model import check_parallel
+
+    with pytest.raises(UserError, match=r"num_layers=10 .*pp=3.*'Et\*4\|t\*3\|t\*3L'"):
+        check_parallel(_with(load_config(DEMO), pp=3))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["Et*3|t*5L", "t*5|t*5L", "Et*5|t*5", "Et*5|t*5|L"],
+    ids=["count", "no-E", "no-L", "stages"],
+)
+def test_bad_layout_is_refused(layout):
+    from lws_megatron.model import check_parallel
+
+    with pytest.raises(UserError, match="parallel.pipeline_layout"):
+        check_parallel(_with(load_config(DEMO), pp=2, pipeline_layout=layout))
+
+
+def test_explicit_layout_is_taken_as_given():
+    from lws_megatron.model import check_parallel
+
+    config = load_config(DEMO)
+    assert check_parallel(_with(config, pp=2, pipeline_layout="Et*3|t*7L")) == "Et*3|t*7L"
+    assert check_parallel(_with(config, pp=2)) is None  # Megatron's even split
+
+
+def test_auto_layout_asks_the_planner(monkeypatch):
+    from lws_megatron.model import check_parallel
+
+    config = _with(load_config(DEMO), pp=2, pipeline_layout="auto")
+    planner = types.ModuleType("lws_megatron.planner")
+    planner.plan_layout = lambda c: "Et*4|t*6L" if c is config else ""
+    monkeypatch.setitem(sys.modules, "lws_megatron.planner", planner)
+    assert check_parallel(config) == "Et*4|t*6L"
+    monkeypatch.setitem(sys.modules, "lws_megatron.planner", None)  # an install without it
+    with pytest.raises(UserError, match="planner"):
+        check_parallel(config)
+
+
+def test_check_batch():
+    from lws_megatron.model import check_batch
+
+    config = load_config(DEMO)
+    s, vocab = config.model.seq_length, config.model.vocab_size
+    check_batch(torch.randint(0, vocab, (2, s)), config, torch.randint(0, vocab, (2, s)))
+    for tokens, match in (
+        (torch.zeros(2, s + 1, dtype=torch.long), "longer than model.seq_length"),
+        (torch.full((2, s), vocab), f"token id {vocab} .*model.vocab_size"),
+        (torch.full((2, s), -1), "token id -1"),
+        (torch.zeros(2, s), "integer ids"),
+    ):
+        with pytest.raises(UserError, match=match):
+            check_batch(tokens, config)
+    with pytest.raises(UserError, match="labels"):
+        check_batch(torch.zeros(2, s, dtype=torch.long), config, torch.full((2, s), vocab))
+
+
+def test_attention_backend_choice():
+    from lws_megatron.model.spec import resolve_backend
+
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "sdpa"
+    assert resolve_backend("sdpa", cpu) == "sdpa"
+    with pytest.raises(UserError, match="attention_backend=te"):
+        resolve_backend("te", cpu)
