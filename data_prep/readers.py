@@ -9,6 +9,7 @@ refused with the file, the line and the fix.
 
 from __future__ import annotations
 
+import argparse
 import glob
 import hashlib
 import json
@@ -25,6 +26,7 @@ TEXT_DOCS = ("line", "block")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _TEXT_SUFFIXES = (".txt", ".text")
 _UTF8_REPLACEMENT = "\ufffd".encode()
+_UTF8_BOM = b"\xef\xbb\xbf"
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 
@@ -51,6 +53,20 @@ class InputStats:
     invalid_utf8: int = 0
     invalid_utf8_documents: int = 0
     first_invalid_line: int | None = None
+
+
+def add_reader_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl input")
+    parser.add_argument("--skip-missing-key", action="store_true",
+                        help="skip (and count) .jsonl lines without --json-key instead of stopping")
+    parser.add_argument("--text-docs", choices=TEXT_DOCS, default="line",
+                        help="plain text: one document per line, or per blank-line separated block")
+
+
+def reader_options(args: argparse.Namespace) -> ReaderOptions:
+    return ReaderOptions(
+        json_key=args.json_key, text_docs=args.text_docs, skip_missing_key=args.skip_missing_key
+    )
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
@@ -148,8 +164,12 @@ def _gunzip(chunks: Iterable[bytes], path: str) -> Iterator[bytes]:
 
 
 def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Split into lines across chunk boundaries; a leading UTF-8 byte-order mark is dropped."""
     pending: list[bytes] = []
+    first = True
     for chunk in chunks:
+        if first:
+            chunk, first = chunk.removeprefix(_UTF8_BOM), False
         parts = chunk.split(b"\n")
         if len(parts) == 1:
             pending.append(chunk)

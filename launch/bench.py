@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, help="sequences per step (one micro batch)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--compile", choices=("none", "layers"), default="none",
-                        help="torch.compile each transformer layer")
+    parser.add_argument("--compile", choices=("none", "layers"),
+                        help="torch.compile each transformer layer (default: train.compile)")
     parser.add_argument("--no-layer-times", action="store_true", help="skip per-layer timings")
     parser.add_argument("--json", action="store_true", help="end with one line: a JSON list")
     return run(parser.parse_intermixed_args(argv))
@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = [i for i in args.items if "=" in i]
     if not paths:
         raise UserError("give at least one config, e.g. configs/paper/baseline-18l.yaml")
+    if args.compile:
+        overrides = [f"train.compile={args.compile}", *overrides]
     if args.micro_batch:
         overrides = [f"train.micro_batch_size={args.micro_batch}",
                      f"train.global_batch_size={args.micro_batch}", *overrides]
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("launch/bench.py measures one device: run it as a single process")
     results = []
     for path, config in zip(paths, configs):
-        results.append(bench_config(config, path, args.steps, args.warmup, args.compile,
+        results.append(bench_config(config, path, args.steps, args.warmup,
                                     not args.no_layer_times))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

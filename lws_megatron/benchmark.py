@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -63,14 +63,6 @@ def synthetic_batch(config: Config, micro: int, seed: int = 0) -> Batch:
             "loss_mask": torch.ones(micro, s)}
 
 
-def compile_layers(chunks) -> None:
-    """torch.compile each transformer layer on its own: Megatron's Python between the layers
-    stays eager, and every distinct layer shape compiles once."""
-    for chunk in chunks:
-        for layer in chunk.decoder.layers:
-            layer.compile()
-
-
 def time_layers(chunk, config: Config, micro: int, device: torch.device, dtype: torch.dtype,
                 repeats: int = 5) -> list[LayerTiming]:
     """Forward + backward seconds of one micro batch through each distinct layer shape."""
@@ -99,7 +91,7 @@ def time_layers(chunk, config: Config, micro: int, device: torch.device, dtype: 
     return timings
 
 
-def bench_config(config: Config, path: str, steps: int, warmup: int, compile: str,
+def bench_config(config: Config, path: str, steps: int, warmup: int,
                  time_each_layer: bool) -> BenchResult:
     """Needs an initialised default process group of one rank (see launch/bench.py)."""
     from megatron.core import parallel_state as ps
@@ -108,17 +100,18 @@ def bench_config(config: Config, path: str, steps: int, warmup: int, compile: st
     from lws_megatron.model.parallel import destroy_parallel, initialize_parallel
     from lws_megatron.training import step
     from lws_megatron.training.metrics import device_peak_flops, memory_gb
-    from lws_megatron.training.trainer import build_engine
+    from lws_megatron.training.trainer import build_engine, compile_layers
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
     initialize_parallel(config)
     try:
-        chunks, engine, bf16 = build_engine(config, device, ps.get_data_parallel_world_size())
         micro = config.train.micro_batch_size
+        eager = replace(config, train=replace(config.train, compile="none"))
+        chunks, engine, bf16 = build_engine(eager, device, ps.get_data_parallel_world_size())
         layer_timings = (time_layers(chunks[0], config, micro, device, params_dtype(config, device))
                          if time_each_layer else [])
-        if compile == "layers":
+        if config.train.compile == "layers":
             compile_layers(chunks)
         batches = [synthetic_batch(config, micro, seed) for seed in range(
             config.train.global_batch_size // micro)]
@@ -152,7 +145,7 @@ def bench_config(config: Config, path: str, steps: int, warmup: int, compile: st
             peak_memory_gb=memory_gb(device),
             flops_per_token=summary.flops_per_token,
             total_params=summary.total_params,
-            compile=compile,
+            compile=config.train.compile,
             layer_timings=layer_timings,
         )
     finally:

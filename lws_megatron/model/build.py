@@ -91,6 +91,11 @@ def transformer_config(
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=device.type != "cuda",
+        # Megatron's fused SwiGLU and vocab-parallel cross-entropy (compiled by its jit_fuser)
+        # pay off on GPU; on CPU they would only add compile time to every process start.
+        bias_activation_fusion=device.type == "cuda",
+        cross_entropy_loss_fusion=device.type == "cuda",
+        cross_entropy_fusion_impl="native",
         transformer_impl="transformer_engine" if backend == "te" else "local",
     )
 

@@ -74,7 +74,7 @@ def resolve_sources(config: Config, verify: bool = True) -> Sources:
     for prefix in prefixes:
         if verify:
             verify_dataset(prefix, tokenizer_fingerprint=tokenizer.fingerprint,
-                           vocab_size=config.model.vocab_size)
+                           tokenizer_path=config.data.tokenizer, vocab_size=config.model.vocab_size)
         fingerprint.update(json_bytes(read_manifest(manifest_path(prefix)).splits.get("valid")))
     return Sources(prefixes, weights, tokenizer, fingerprint.hexdigest())
 

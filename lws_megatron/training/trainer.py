@@ -224,6 +224,8 @@ def build_engine(config: Config, device: torch.device, dp: int):
 
     _seed_everything(config.train.seed)
     chunks = build_model_chunks(config, device=device)
+    if config.train.compile == "layers":
+        compile_layers(chunks)
     bf16 = params_dtype(config, device) == torch.bfloat16
     module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
     optimizer = torch.optim.AdamW(
@@ -232,6 +234,17 @@ def build_engine(config: Config, device: torch.device, dp: int):
         **({"fused": True} if device.type == "cuda" else {}),
     )
     return chunks, zero.initialize_engine(config, module, optimizer, dp, bf16), bf16
+
+
+def compile_layers(chunks) -> None:
+    """torch.compile each transformer layer on its own: Megatron's Python between layers stays
+    eager. Layers of one shape share a graph; LWS has many shapes, hence the larger cache."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for chunk in chunks:
+        for layer in chunk.decoder.layers:
+            layer.compile()
 
 
 def _check_and_plan(config: Config, world: int) -> str | None:

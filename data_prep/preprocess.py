@@ -1,0 +1,395 @@
+"""Tokenize .jsonl, .jsonl.gz and plain-text files into Megatron-Core indexed datasets.
+
+    python -m data_prep.preprocess --input FILES/GLOBS --tokenizer MODEL --output-prefix PREFIX
+        [--workers N] [--json-key text] [--skip-missing-key] [--text-docs line|block]
+        [--append-eod] [--valid-fraction F] [--overwrite] [--quiet]
+
+Outputs, all next to PREFIX:
+
+    PREFIX_train.bin, PREFIX_train.idx   training split, readable by IndexedDataset("PREFIX_train")
+    PREFIX_valid.bin, PREFIX_valid.idx   validation split, only when F > 0
+    PREFIX.manifest.json                 tokenizer fingerprint, dtype, counts, input hashes
+
+Token ids are uint16 when the vocabulary has at most 65,536 entries, int32 above. A document
+goes to the validation split when the first 8 bytes of blake2b(its UTF-8 text), read as a
+little-endian integer, fall below F * 2**64: the split depends on the text alone, not on file
+order or worker count, and a document repeated in the corpus always lands in the same split.
+
+One thread reads, parses and hashes the next batch while sentencepiece encodes the current one
+on N threads (it releases the GIL) straight into numpy arrays, and each batch is written with a
+few bulk writes, so memory stays at a few batches whatever the corpus size. Every file is
+written under a .partial name and renamed at the end, manifest last: an interrupted run leaves
+nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Iterator, Sequence, TypeVar
+
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+from data_prep.files import ensure_parent, refuse_existing, remove_quietly
+from data_prep.indexed import IndexedWriter, WrittenFiles, get_bin_path, get_idx_path, token_dtype
+from data_prep.manifest import (
+    SPLITS,
+    InputRecord,
+    Manifest,
+    SplitRecord,
+    TokenizerRecord,
+    manifest_path,
+    split_prefix,
+    write_manifest,
+)
+from data_prep.readers import (
+    InputStats,
+    ReaderOptions,
+    add_reader_arguments,
+    expand_inputs,
+    read_documents,
+    reader_options,
+)
+from data_prep.tokenizer import Tokenizer, load_tokenizer
+from lws_megatron import __version__
+from lws_megatron.errors import UserError, cli_entry
+
+BATCH_BYTES = 1 << 22
+BATCH_DOCS = 16384
+PREFETCH_BATCHES = 2
+SPLIT_HASH = "blake2b(utf8 text, digest_size=8) as little-endian uint64 < valid_fraction * 2**64"
+
+T = TypeVar("T")
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def valid_mask(docs: Sequence[bytes], fraction: float) -> np.ndarray:
+    """Which documents belong to the validation split; a pure function of each text."""
+    if fraction <= 0:
+        return np.zeros(len(docs), dtype=bool)
+    digests = b"".join(hashlib.blake2b(doc, digest_size=8).digest() for doc in docs)
+    threshold = min(int(fraction * 2**64), 2**64 - 1)
+    return np.frombuffer(digests, dtype="<u8") < np.uint64(threshold)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    docs: list[bytes]
+    valid: np.ndarray
+    input_bytes: int
+
+
+def _batches(
+    paths: Sequence[str], stats: Sequence[InputStats], options: ReaderOptions, fraction: float
+) -> Iterator[_Batch]:
+    docs: list[bytes] = []
+    size = 0
+    done = 0
+    for path, file_stats in zip(paths, stats):
+        for doc in read_documents(path, options, file_stats):
+            docs.append(doc)
+            size += len(doc)
+            if size >= BATCH_BYTES or len(docs) >= BATCH_DOCS:
+                yield _Batch(docs, valid_mask(docs, fraction), done + file_stats.bytes)
+                docs, size = [], 0
+        done += file_stats.bytes
+    if docs:
+        yield _Batch(docs, valid_mask(docs, fraction), done)
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_DONE = object()
+
+
+def _prefetch(items: Iterator[T], depth: int) -> Iterator[T]:
+    """Produce `items` on a background thread, up to `depth` ahead; its errors are raised here."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            put(_Failed(err))
+
+    thread = threading.Thread(target=produce, name="data_prep-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := slots.get()) is not _DONE:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _progress(total: int, enabled: bool) -> tqdm:
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="tokenizing",
+        file=sys.stderr,
+        disable=not (enabled and sys.stderr.isatty()),
+        dynamic_ncols=True,
+    )
+
+
+def preprocess(
+    inputs: Sequence[str],
+    tokenizer_path: str,
+    output_prefix: str,
+    *,
+    workers: int | None = None,
+    options: ReaderOptions = ReaderOptions(),
+    append_eod: bool = False,
+    valid_fraction: float = 0.0,
+    overwrite: bool = False,
+    progress: bool = True,
+    warn: Callable[[str], None] = lambda message: print(f"warning: {message}", file=sys.stderr),
+) -> Manifest:
+    """Tokenize `inputs` into PREFIX_train (and PREFIX_valid) plus PREFIX.manifest.json."""
+    if not 0 <= valid_fraction < 1:
+        raise UserError(f"--valid-fraction {valid_fraction} is outside [0, 1); use e.g. 0.005")
+    workers = workers or default_workers()
+    if workers < 1:
+        raise UserError(f"--workers {workers} must be at least 1")
+    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer.eod_flag(append_eod)
+    dtype = token_dtype(tokenizer.vocab_size)
+    paths = expand_inputs(inputs)
+    refuse_existing(_output_paths(output_prefix), overwrite, "output")
+    ensure_parent(output_prefix)
+
+    splits = SPLITS if valid_fraction > 0 else SPLITS[:1]
+    stats = [InputStats(path) for path in paths]
+    writers = {split: IndexedWriter(split_prefix(output_prefix, split), dtype) for split in splits}
+    try:
+        zero_token = _tokenize(
+            _batches(paths, stats, options, valid_fraction),
+            tokenizer,
+            writers,
+            append_eod=append_eod,
+            workers=workers,
+            bar=_progress(sum(os.path.getsize(p) for p in paths), progress),
+        )
+        written = {split: writer.finish() for split, writer in writers.items()}
+    except BaseException:
+        for writer in writers.values():
+            writer.discard()
+        raise
+    _warn_about_inputs(stats, warn)
+    if written["train"].documents == 0:
+        for writer in writers.values():
+            writer.discard()
+        raise UserError(
+            f"no documents to write from {', '.join(paths)} ({sum(s.empty for s in stats) + zero_token} empty, "
+            f"{sum(s.missing_key for s in stats)} without the key {options.json_key!r}); "
+            "check the inputs, --json-key and --valid-fraction"
+        )
+    if "valid" in written and written["valid"].documents == 0:
+        warn(f"no document fell into the validation split at --valid-fraction {valid_fraction}; "
+             "only the train split is written: raise the fraction to get one")
+        writers.pop("valid").discard()
+        del written["valid"]
+
+    manifest = _manifest(output_prefix, tokenizer, dtype, append_eod, valid_fraction, written, stats, zero_token)
+    _commit(output_prefix, writers, manifest)
+    return manifest
+
+
+def _tokenize(
+    batches: Iterator[_Batch],
+    tokenizer: Tokenizer,
+    writers: dict[str, IndexedWriter],
+    *,
+    append_eod: bool,
+    workers: int,
+    bar: tqdm,
+) -> int:
+    """Encode and write every batch; return how many documents encoded to no token at all."""
+    pool = spm.ThreadPool(workers)
+    min_tokens = 1 + int(append_eod)
+    zero_token = documents = tokens = 0
+    start = time.perf_counter()
+    with bar:
+        for batch in _prefetch(batches, PREFETCH_BATCHES):
+            arrays = tokenizer.encode_arrays(batch.docs, append_eod=append_eod, thread_pool=pool)
+            lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+            kept = lengths >= min_tokens
+            zero_token += int(np.count_nonzero(~kept))
+            for split, writer in writers.items():
+                chosen = np.flatnonzero(kept & (batch.valid if split == "valid" else ~batch.valid))
+                if len(chosen):
+                    writer.add(
+                        np.concatenate([arrays[i] for i in chosen], dtype=writer.dtype, casting="unsafe"),
+                        lengths[chosen],
+                    )
+            documents += int(np.count_nonzero(kept))
+            tokens += int(lengths[kept].sum())
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(
+                f"{documents / elapsed:,.0f} docs/s, {tokens / elapsed:,.0f} tok/s", refresh=False
+            )
+            bar.update(batch.input_bytes - bar.n)
+    return zero_token
+
+
+def _manifest(
+    prefix: str,
+    tokenizer: Tokenizer,
+    dtype: np.dtype,
+    append_eod: bool,
+    valid_fraction: float,
+    written: dict[str, WrittenFiles],
+    stats: Sequence[InputStats],
+    zero_token: int,
+) -> Manifest:
+    return Manifest(
+        tool="data_prep.preprocess",
+        tool_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        tokenizer=TokenizerRecord(
+            path=os.path.abspath(tokenizer.path),
+            sha256=tokenizer.fingerprint,
+            vocab_size=tokenizer.vocab_size,
+            eod_id=tokenizer.eod,
+            pad_id=tokenizer.pad,
+        ),
+        dtype=dtype.name,
+        append_eod=append_eod,
+        valid_fraction=valid_fraction,
+        split_hash=SPLIT_HASH,
+        splits={split: _split_record(prefix, split, files) for split, files in written.items()},
+        inputs=[InputRecord(s.path, s.bytes, s.sha256, s.documents) for s in stats],
+        skipped={
+            "empty_documents": sum(s.empty for s in stats) + zero_token,
+            "missing_key": sum(s.missing_key for s in stats),
+        },
+        invalid_utf8={
+            "replacements": sum(s.invalid_utf8 for s in stats),
+            "documents": sum(s.invalid_utf8_documents for s in stats),
+        },
+    )
+
+
+def _split_files(prefix: str) -> tuple[str, str]:
+    return get_bin_path(prefix), get_idx_path(prefix)
+
+
+def _output_paths(prefix: str) -> list[str]:
+    """Every file a run at PREFIX may write, whichever splits it makes."""
+    return [manifest_path(prefix)] + [
+        path for split in SPLITS for path in _split_files(split_prefix(prefix, split))
+    ]
+
+
+def _split_record(prefix: str, split: str, files: WrittenFiles) -> SplitRecord:
+    return SplitRecord(
+        prefix=os.path.basename(split_prefix(prefix, split)),
+        documents=files.documents,
+        tokens=files.tokens,
+        bin_bytes=files.bin_bytes,
+        idx_bytes=files.idx_bytes,
+        bin_sha256=files.bin_sha256,
+        idx_sha256=files.idx_sha256,
+    )
+
+
+def _commit(prefix: str, writers: dict[str, IndexedWriter], manifest: Manifest) -> None:
+    """Rename the finished files into place, drop stale splits of an older run, manifest last."""
+    remove_quietly(manifest_path(prefix))
+    for writer in writers.values():
+        writer.commit()
+    for split in SPLITS:
+        if split not in writers:
+            for path in _split_files(split_prefix(prefix, split)):
+                remove_quietly(path)
+    write_manifest(manifest_path(prefix), manifest)
+
+
+def _warn_about_inputs(stats: Sequence[InputStats], warn: Callable[[str], None]) -> None:
+    for s in stats:
+        if s.invalid_utf8:
+            warn(
+                f"{s.path}: {s.invalid_utf8} invalid UTF-8 sequence(s) in {s.invalid_utf8_documents} "
+                f"document(s) replaced with U+FFFD (first at line {s.first_invalid_line})"
+            )
+        if s.missing_key:
+            warn(f"{s.path}: skipped {s.missing_key} line(s) without the JSON key")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.preprocess", description=__doc__.split("\n")[0])
+    parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files or globs")
+    parser.add_argument("--tokenizer", required=True, metavar="MODEL", help="sentencepiece .model file")
+    parser.add_argument("--output-prefix", required=True, metavar="PREFIX")
+    parser.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+                        help="sentencepiece encoding threads (default: all cores)")
+    add_reader_arguments(parser)
+    parser.add_argument("--append-eod", action="store_true", help="end every document with <eod>")
+    parser.add_argument("--valid-fraction", type=float, default=0.0, metavar="F",
+                        help="share of documents for PREFIX_valid, chosen by a hash of the text")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at PREFIX")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    manifest = preprocess(
+        args.input,
+        args.tokenizer,
+        args.output_prefix,
+        workers=args.workers,
+        options=reader_options(args),
+        append_eod=args.append_eod,
+        valid_fraction=args.valid_fraction,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    for split, record in manifest.splits.items():
+        print(
+            f"{split}: {record.documents:,} documents, {record.tokens:,} {manifest.dtype} tokens "
+            f"-> {split_prefix(args.output_prefix, split)}.bin/.idx"
+        )
+    print(
+        f"skipped {manifest.skipped['empty_documents']:,} empty document(s); "
+        f"manifest {manifest_path(args.output_prefix)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

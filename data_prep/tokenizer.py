@@ -1,0 +1,258 @@
+"""Train and load the project's sentencepiece tokenizer.
+
+    python -m data_prep.tokenizer train --input FILES... --vocab-size N --output PREFIX
+        [--model-type bpe|unigram] [--json-key text] [--text-docs line|block]
+        [--max-sentences N] [--overwrite]
+
+writes PREFIX.model (what every other tool takes) and PREFIX.vocab (piece and score per line,
+for people). Special-token ids are fixed, so configs and checks can rely on them:
+
+    0 <pad>   padding; preprocess never writes it, so zeros in a token file stand out
+    1 <eod>   end of document (sentencepiece's eos), appended by preprocess --append-eod
+    2 <bos>   beginning of sequence
+    3 <unk>   unknown (unused in practice: byte fallback spells any character in bytes)
+    4..259    the 256 byte-fallback pieces <0x00>..<0xFF>, then the learned pieces
+
+The specials are control symbols: the text "<eod>" in a document is spelled with ordinary
+pieces and can never produce id 1. Normalization is the identity and whitespace is kept, so
+decode(encode(text)) == text. Training is deterministic: one thread, a fixed seed and a fixed
+sample of at most --max-sentences lines give byte-identical model files for the same input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from data_prep.files import ensure_parent, refuse_existing, write_bytes_atomic
+from data_prep.readers import (
+    InputStats,
+    ReaderOptions,
+    add_reader_arguments,
+    expand_inputs,
+    read_documents,
+    reader_options,
+)
+from lws_megatron.errors import UserError, cli_entry
+
+PAD_ID, EOD_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+MODEL_TYPES = ("bpe", "unigram")
+TRAINING_SEED = 1234
+DEFAULT_MAX_SENTENCES = 5_000_000
+_MAX_SENTENCE_BYTES = 1 << 14
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """A loaded sentencepiece model with its special ids and the sha256 of its file."""
+
+    path: str
+    fingerprint: str
+    vocab_size: int
+    eod: int | None
+    pad: int | None
+    bos: int | None
+    unk: int
+    processor: spm.SentencePieceProcessor = field(repr=False, compare=False)
+
+    def encode(
+        self, texts: Sequence[str], *, append_eod: bool = False, num_threads: int = -1
+    ) -> list[list[int]]:
+        return self.processor.encode(
+            list(texts), add_eos=self.eod_flag(append_eod), num_threads=num_threads
+        )
+
+    def encode_arrays(
+        self, docs: list[bytes], *, append_eod: bool, thread_pool: spm.ThreadPool
+    ) -> list[np.ndarray]:
+        """Encode a batch of UTF-8 documents on the pool's threads into int32 arrays."""
+        return self.processor.encode(
+            docs, out_type="numpy", add_eos=self.eod_flag(append_eod), thread_pool=thread_pool
+        )
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.processor.decode([int(i) for i in ids])
+
+    def eod_flag(self, append_eod: bool) -> bool:
+        """Sentencepiece's add_eos flag, refusing to append an end-of-document token it lacks."""
+        if append_eod and self.eod is None:
+            raise UserError(
+                f"tokenizer {self.path} has no end-of-document (eos) token, so --append-eod cannot "
+                "be honoured; train one with python -m data_prep.tokenizer train"
+            )
+        return append_eod
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a sentencepiece .model file; the fingerprint is the sha256 of its bytes."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            proto = f.read()
+    except OSError as err:
+        raise UserError(
+            f"cannot read tokenizer {path} ({err.strerror}); train one with "
+            "python -m data_prep.tokenizer train, or pass the path to its .model file"
+        ) from None
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(proto)
+    except (RuntimeError, OSError):
+        raise UserError(f"{path} is not a sentencepiece model; pass the .model file") from None
+
+    def special(token_id: int) -> int | None:
+        return token_id if token_id >= 0 else None
+
+    return Tokenizer(
+        path=path,
+        fingerprint=hashlib.sha256(proto).hexdigest(),
+        vocab_size=processor.get_piece_size(),
+        eod=special(processor.eos_id()),
+        pad=special(processor.pad_id()),
+        bos=special(processor.bos_id()),
+        unk=processor.unk_id(),
+        processor=processor,
+    )
+
+
+def train_tokenizer(
+    inputs: Sequence[str],
+    vocab_size: int,
+    output_prefix: str,
+    *,
+    model_type: str = "bpe",
+    options: ReaderOptions = ReaderOptions(),
+    max_sentences: int = DEFAULT_MAX_SENTENCES,
+    overwrite: bool = False,
+) -> Tokenizer:
+    """Train on the documents of `inputs` and write PREFIX.model and PREFIX.vocab atomically."""
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+    paths = expand_inputs(inputs)
+    model_path, vocab_path = output_prefix + ".model", output_prefix + ".vocab"
+    refuse_existing([model_path, vocab_path], overwrite, "tokenizer output")
+    model = io.BytesIO()
+    lines = _KeepError(_training_lines(paths, options))
+    spm.set_random_generator_seed(TRAINING_SEED)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines,
+            model_writer=model,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            pad_id=PAD_ID,
+            eos_id=EOD_ID,
+            bos_id=BOS_ID,
+            unk_id=UNK_ID,
+            pad_piece="<pad>",
+            eos_piece="<eod>",
+            bos_piece="<bos>",
+            unk_piece="<unk>",
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=1,
+            minloglevel=2,
+        )
+    except RuntimeError as err:
+        if lines.error is not None:
+            raise lines.error from None
+        raise UserError(f"sentencepiece cannot train on {', '.join(paths)}: {_sentencepiece_reason(err)}") from None
+    ensure_parent(model_path)
+    write_bytes_atomic(model_path, model.getvalue())
+    tokenizer = load_tokenizer(model_path)
+    write_bytes_atomic(vocab_path, _vocab_listing(tokenizer.processor).encode("utf-8"))
+    return tokenizer
+
+
+def _training_lines(paths: Sequence[str], options: ReaderOptions) -> Iterator[str]:
+    """Sentencepiece learns from lines; a document's lines are its natural sentences."""
+    for path in paths:
+        for doc in read_documents(path, options, InputStats(path)):
+            for line in doc.decode("utf-8").split("\n"):
+                if line and not line.isspace():
+                    yield line
+
+
+class _KeepError:
+    """Keep an error raised while reading, which sentencepiece would turn into a RuntimeError."""
+
+    def __init__(self, items: Iterator[str]) -> None:
+        self.items = items
+        self.error: Exception | None = None
+
+    def __iter__(self) -> "_KeepError":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self.items)
+        except StopIteration:
+            raise
+        except Exception as err:
+            self.error = err
+            raise
+
+
+def _vocab_listing(processor: spm.SentencePieceProcessor) -> str:
+    return "".join(
+        f"{processor.id_to_piece(i)}\t{processor.get_score(i)}\n"
+        for i in range(processor.get_piece_size())
+    )
+
+
+def _sentencepiece_reason(err: Exception) -> str:
+    """The human part of a sentencepiece error, without its source location and assertion."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    return lines[-1].rsplit("] ", 1)[-1]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.tokenizer", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a sentencepiece model on jsonl/txt files")
+    train.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files or globs")
+    train.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    train.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model and PREFIX.vocab")
+    train.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
+    add_reader_arguments(train)
+    train.add_argument("--max-sentences", type=int, default=DEFAULT_MAX_SENTENCES, metavar="N",
+                       help="train on a fixed random sample of at most N lines")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model")
+    return parser
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    tokenizer = train_tokenizer(
+        args.input,
+        args.vocab_size,
+        args.output,
+        model_type=args.model_type,
+        options=reader_options(args),
+        max_sentences=args.max_sentences,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"wrote {tokenizer.path}: {args.model_type}, vocabulary {tokenizer.vocab_size}, "
+        f"eod={tokenizer.eod} pad={tokenizer.pad}, sha256 {tokenizer.fingerprint[:16]}..."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

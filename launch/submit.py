@@ -1,0 +1,267 @@
+"""Check a config against a SLURM allocation, write the job beside the run, and submit it.
+
+    python launch/submit.py CONFIG --nodes N --gpus-per-node G [--partition P] [--time T]
+        [--account A] [--qos Q] [--job-name J] [--launcher torchrun|mpi] [--dry-run] [key=value ...]
+
+Before anything is queued: TP x PP must divide the world size (nodes x GPUs per node), the global
+batch must split into micro-batches over the data-parallel ranks, every layer's heads must split
+over TP and the pipeline layout (explicit, even, or the planner's for `auto`) must fit the model;
+the tokenizer and data manifests must be where the config says. Then it writes
+RUN_DIR/job/config.yaml (the config with its base files and overrides resolved) and
+RUN_DIR/job/submit.sbatch (launch/slurm/pretrain.sbatch's launch part under this job's #SBATCH
+lines), runs `sbatch` on it and prints the command and the job id. `--dry-run` writes and submits
+nothing: it prints the batch script and the exact launch line.
+
+Nothing from the config or the command line is pasted unquoted into a shell: overrides only reach
+the job through the resolved config file, and every path or name in the script is quoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lws_megatron.config import Config, dump_config, load_config
+from lws_megatron.errors import UserError, cli_entry
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "launch" / "slurm" / "pretrain.sbatch"
+MARKER = "# ---- launch:"
+_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+_NAMES = re.compile(r"^[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*$")
+_TIME = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)$")
+
+
+@dataclass
+class Plan:
+    world: int
+    per_node: int
+    dp: int
+    layout: str | None
+    micro_batches: int
+
+
+def time_seconds(value: str) -> int | None:
+    """SLURM's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds; None: unlimited."""
+    if value.lower() in ("unlimited", "infinite"):
+        return None
+    match = _TIME.match(value)
+    if not match:
+        raise UserError(f"--time {value!r}: write minutes, MM:SS, HH:MM:SS or D-HH:MM:SS")
+    days, dh, dm, ds, a, b, c = (int(g) if g else None for g in match.groups())
+    if days is not None:
+        return days * 86400 + dh * 3600 + (dm or 0) * 60 + (ds or 0)
+    if c is not None:
+        return a * 3600 + b * 60 + c
+    if b is not None:
+        return a * 60 + b
+    return a * 60
+
+
+def check(config: Config, nodes: int, per_node: int, unit: str, data_check: bool) -> Plan:
+    """Refuse, with a UserError naming the values and the fix, what the allocation can't run."""
+    tp, pp = config.parallel.tp, config.parallel.pp
+    world = nodes * per_node
+    if world % (tp * pp):
+        raise UserError(
+            f"--nodes {nodes} x {per_node} {unit} per node = {world} processes can't hold "
+            f"parallel.tp={tp} x parallel.pp={pp}: ask for a multiple of {tp * pp} in all, "
+            f"or change parallel.tp/parallel.pp"
+        )
+    dp = world // (tp * pp)
+    t = config.train
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise UserError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
+            f"({world} processes / TP {tp} / PP {pp}); use a multiple of {t.micro_batch_size * dp}"
+        )
+    # What the runtime checks first on every rank: heads vs TP, the (planned) pipeline layout.
+    from lws_megatron.model.parallel import check_parallel
+
+    layout = check_parallel(config)
+    if data_check:
+        from lws_megatron.training.data import resolve_sources
+
+        resolve_sources(config, verify=False)
+    return Plan(world, per_node, dp, layout, t.global_batch_size // (t.micro_batch_size * dp))
+
+
+def sbatch_value(option: str, value: str) -> str:
+    """One #SBATCH value, quoted the way sbatch's own parser reads it: within double quotes,
+    a backslash escapes the next character; an unquoted # would start a comment."""
+    if "\n" in value or "\r" in value:
+        raise UserError(f"{option} {value!r}: a line break can't go into a batch script's "
+                        "#SBATCH lines; choose a name or path without one")
+    if re.fullmatch(r"[A-Za-z0-9_.,:@%+=/-]+", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render(args: argparse.Namespace, config_path: Path, log_dir: Path, per_node: int) -> str:
+    """The job: this allocation's #SBATCH lines, its environment, then the template's launch part."""
+    text = TEMPLATE.read_text()
+    head, sep, body = text.partition(MARKER)
+    if not sep:
+        raise RuntimeError(f"{TEMPLATE} lacks its '{MARKER}' line")
+    options: dict[str, str | None] = {}
+    for line in head.splitlines():
+        if line.startswith("#SBATCH "):
+            key, _, value = line[len("#SBATCH "):].strip().partition("=")
+            options[key] = value or None
+    gpus = args.gpus_per_node is not None
+    options.update({
+        "--job-name": args.job_name,
+        "--nodes": str(args.nodes),
+        "--ntasks-per-node": str(per_node if args.launcher == "mpi" else 1),
+        "--signal": f"B:USR1@{args.warning}",
+        "--output": str(log_dir).replace("%", "%%") + "/%x-%j.out",  # %% is a literal %
+        "--chdir": os.getcwd(),
+    })
+    if gpus:
+        options["--gpus-per-node"] = str(args.gpus_per_node)
+    for key in ("partition", "account", "qos", "time", "cpus_per_task"):
+        value = getattr(args, key)
+        if value is not None:
+            options["--" + key.replace("_", "-")] = str(value)
+    if args.exclusive:
+        options["--exclusive"] = None
+    lines = [
+        "#!/bin/bash",
+        f"# Written by launch/submit.py for {args.config}; the config, resolved, is "
+        f"{config_path.name} beside this file.",
+        "# Submit again as it is with: sbatch THIS_FILE",
+    ]
+    lines += [f"#SBATCH {key}" if value is None else f"#SBATCH {key}={sbatch_value(key, value)}"
+              for key, value in options.items()]
+    env = {
+        "LWS_HOME": str(ROOT),
+        "LWS_PYTHON": sys.executable,
+        "LWS_LAUNCHER": args.launcher,
+        "LWS_NPROC_PER_NODE": str(per_node),
+    }
+    lines += ["", *(f"export {key}={shlex.quote(value)}" for key, value in env.items()),
+              f"set -- {shlex.quote(str(config_path))}", ""]
+    return "\n".join(lines) + "\n" + sep + body
+
+
+def launch_line(script: str, nodes: int) -> str:
+    """The srun line the batch script will run, from the script itself (its dry-run mode)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sbatch") as f:
+        f.write(script)
+        f.flush()
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LWS_DRY_RUN": "1",
+               "SLURM_NNODES": str(nodes)}
+        proc = subprocess.run(["bash", f.name], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the batch script's dry run failed: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Check a config against a SLURM allocation and submit a pre-training job.")
+    parser.add_argument("config", help="YAML config, e.g. configs/demo/crown.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, baked into the job's resolved config")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--gpus-per-node", type=int, help="GPUs per node: one process per GPU")
+    size.add_argument("--procs-per-node", type=int,
+                      help="CPU-only nodes: this many processes per node, no GPUs requested")
+    parser.add_argument("--launcher", choices=("torchrun", "mpi"), default="torchrun",
+                        help="torchrun per node (default), or one srun --mpi=pmix task per process")
+    parser.add_argument("--partition", help="SLURM partition(s)")
+    parser.add_argument("--account", help="SLURM account to charge")
+    parser.add_argument("--qos", help="SLURM quality of service")
+    parser.add_argument("--time", help="time limit, e.g. 2-00:00:00 or 90 (minutes)")
+    parser.add_argument("--job-name", help="job name (default: lws-<config name>)")
+    parser.add_argument("--cpus-per-task", type=int,
+                        help="CPUs per SLURM task: per node with torchrun, per process with mpi")
+    parser.add_argument("--exclusive", action="store_true", help="whole nodes only")
+    parser.add_argument("--warning", type=int, default=120, metavar="SECONDS",
+                        help="pre-emption warning: USR1 this long before the time limit "
+                             "(checkpoint, then requeue; default 120)")
+    parser.add_argument("--skip-data-check", action="store_true",
+                        help="don't look for the tokenizer and data manifests from here")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the batch script and launch line; write and submit nothing")
+    return parser.parse_intermixed_args(argv)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    gpus = args.gpus_per_node is not None
+    per_node = args.gpus_per_node if gpus else args.procs_per_node
+    for option, value in (("--nodes", args.nodes), ("--gpus-per-node" if gpus else
+                                                    "--procs-per-node", per_node)):
+        if value < 1:
+            raise UserError(f"{option} {value}: must be at least 1")
+    if args.cpus_per_task is not None and args.cpus_per_task < 1:
+        raise UserError(f"--cpus-per-task {args.cpus_per_task}: must be at least 1")
+    if not 1 <= args.warning <= 65535:
+        raise UserError(f"--warning {args.warning}: SLURM takes 1 to 65535 seconds")
+    if args.time is not None:
+        limit = time_seconds(args.time)
+        if limit is not None and limit <= args.warning + 60:
+            raise UserError(
+                f"--time {args.time} ({limit} s) leaves no room before the pre-emption warning "
+                f"{args.warning} s ahead of the limit; ask for more time or a smaller --warning"
+            )
+    config = load_config(args.config, args.overrides)
+    args.job_name = args.job_name or f"lws-{config.run.name or Path(args.config).stem}"
+    checks = (("--job-name", args.job_name, _NAME), ("--partition", args.partition, _NAMES),
+              ("--account", args.account, _NAME), ("--qos", args.qos, _NAME))
+    for option, value, pattern in checks:
+        if value is not None and not pattern.match(value):
+            raise UserError(f"{option} {value!r}: use letters, digits and . _ + - only")
+
+    unit = "GPUs" if gpus else "processes"
+    plan = check(config, args.nodes, per_node, unit, not args.skip_data_check)
+    run_dir = Path(config.run.dir).resolve()
+    job_dir = run_dir / "job"
+    config_path, script_path, log_dir = job_dir / "config.yaml", job_dir / "submit.sbatch", job_dir / "logs"
+    script = render(args, config_path, log_dir, per_node)
+    tp, pp = config.parallel.tp, config.parallel.pp
+    print(f"{args.config}: {args.nodes} node(s) x {per_node} {unit} = {plan.world} processes: "
+          f"TP {tp} x PP {pp} x DP {plan.dp}, pipeline layout {plan.layout or 'even split'}, "
+          f"{plan.micro_batches} micro-batch(es) of {config.train.micro_batch_size} per step "
+          f"and rank")
+    sbatch = ["sbatch", "--parsable", str(script_path)]
+    if args.dry_run:
+        print(f"# dry run: nothing written or submitted. The batch script ({script_path}):")
+        print(script, end="")
+        print("# the launch line it runs on the head node:")
+        print(launch_line(script, args.nodes))
+        print("# submit with: " + shlex.join(["sbatch", str(script_path)]))
+        return 0
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(config_path, dump_config(config))
+    write_atomic(script_path, script)
+    print(f"wrote {config_path} and {script_path}")
+    print("$ " + shlex.join(sbatch), flush=True)
+    proc = subprocess.run(sbatch, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"sbatch refused the job ({proc.returncode}): {proc.stderr.strip()}")
+    job_id = proc.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}; log: {log_dir / f'{args.job_name}-{job_id}.out'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Cost-aware pipeline stage planning for models whose layers differ in size (issue 6).
+
+`costs` prices every block (layer, embedding, head), `partition` finds the exact optimal
+contiguous split, `stages` turns it into a plan and Megatron's layout string, `profile`
+(torch, imported only when asked) measures per-shape times on the current device.
+"""
+
+from lws_megatron.planner.costs import PRECISIONS, CostModel, Timings, cost_model
+from lws_megatron.planner.stages import Plan, Split, Stage, parse_bytes, plan, plan_layout
+
+__all__ = [
+    "PRECISIONS", "CostModel", "Plan", "Split", "Stage", "Timings", "cost_model",
+    "parse_bytes", "plan", "plan_layout",
+]
