@@ -2,74 +2,103 @@
 
     python launch/gpu_check.py [CONFIG] [key=value ...]
 
-Checks that the loss agrees within bf16 tolerance, that gradients point the same way, and
-that PyTorch's flash-attention kernel runs our attention layout (SDPA on [b, h, s, d]).
-Exits non-zero, naming the check, when one fails.
+The fp32 reference runs in a child process that cannot see the GPU (so the model is built and
+run exactly as on a CPU machine) and hands over its weights, loss and gradients. The check
+passes when the bf16 loss agrees within bf16 tolerance, every gradient points the same way,
+and PyTorch's flash-attention kernel runs our attention layout. Exits 1 naming what failed.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from lws_megatron.config import load_config
 
+DEFAULT = "configs/paper/crown-18l.yaml"
 
-def _loss_and_grads(model, batch, device):
-    tokens, labels, positions = (t.to(device) for t in (batch.tokens, batch.labels, batch.position_ids))
+
+def _loss_and_grads(config, model, batch, device):
+    from lws_megatron.model.build import autocast
+
+    tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
     model.zero_grad(set_to_none=True)
-    loss = model(tokens, positions, None, labels=labels).float().mean()
+    with autocast(config, device):
+        per_token = model(tokens, None, None, labels=labels)
+    loss = per_token.float().mean()
     loss.backward()
     grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
     return loss.item(), grads
 
 
-def main(argv: list[str]) -> int:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from lws_megatron.benchmark import synthetic_batch
+def _build(path: str, overrides: list[str], precision: str, device: torch.device):
     from lws_megatron.model.build import build_model
-    from lws_megatron.model.parallel import destroy_parallel, initialize_parallel
+    from lws_megatron.model.parallel import initialize_parallel
     from lws_megatron.training.trainer import init_processes
 
+    config = load_config(path, [f"train.precision={precision}", *overrides])
+    init_processes()
+    initialize_parallel(config)
+    return config, build_model(config, device=device)
+
+
+def reference(out: str, path: str, overrides: list[str]) -> None:
+    """fp32 on the CPU: weights, batch, loss and gradients into `out`."""
+    from lws_megatron.benchmark import synthetic_batch
+
+    config, model = _build(path, overrides, "fp32", torch.device("cpu"))
+    batch = synthetic_batch(config, micro=2)
+    loss, grads = _loss_and_grads(config, model, batch, torch.device("cpu"))
+    torch.save({"state": model.state_dict(), "batch": batch, "loss": loss, "grads": grads}, out)
+
+
+def check(path: str, overrides: list[str]) -> list[str]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "reference.pt")
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        subprocess.run([sys.executable, __file__, "--reference", out, path, *overrides],
+                       env=env, check=True)
+        ref = torch.load(out, weights_only=False)
+    device = torch.device("cuda")
+    config, model = _build(path, overrides, "bf16", device)
+    model.load_state_dict(ref["state"], strict=True)
+    loss, grads = _loss_and_grads(config, model, ref["batch"], device)
+    failures = []
+    rel = abs(loss - ref["loss"]) / ref["loss"]
+    print(f"loss: fp32 CPU {ref['loss']:.5f}, bf16 GPU {loss:.5f}, relative difference {rel:.2e}")
+    if rel > 1e-2:
+        failures.append(f"bf16 loss differs from fp32 by {rel:.2e} (> 1e-2)")
+    worst = min((F.cosine_similarity(g.flatten(), grads[n].flatten(), dim=0).item(), n)
+                for n, g in ref["grads"].items())
+    print(f"gradients: lowest cosine similarity {worst[0]:.4f} ({worst[1]})")
+    if worst[0] < 0.99:
+        failures.append(f"gradient of {worst[1]} has cosine similarity {worst[0]:.4f} (< 0.99)")
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            _loss_and_grads(config, model, ref["batch"], device)
+        print("flash attention: the model's attention runs on the FLASH_ATTENTION backend")
+    except RuntimeError as err:
+        failures.append(f"flash attention refused our layout: {str(err).splitlines()[0]}")
+    return failures
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--reference"]:
+        reference(argv[1], argv[2], argv[3:])
+        return 0
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
-    path = argv[0] if argv and "=" not in argv[0] else "configs/paper/crown-18l.yaml"
-    overrides = [a for a in argv if "=" in a]
-    init_processes()
-    cpu_config = load_config(path, ["train.precision=fp32", *overrides])
-    gpu_config = load_config(path, ["train.precision=bf16", *overrides])
-    initialize_parallel(cpu_config)
-    failures = []
-    try:
-        reference = build_model(cpu_config, device="cpu")
-        model = build_model(gpu_config, device=torch.device("cuda"))
-        model.load_state_dict(reference.state_dict(), strict=True)
-        batch = synthetic_batch(cpu_config, micro=2)
-        cpu_loss, cpu_grads = _loss_and_grads(reference, batch, "cpu")
-        gpu_loss, gpu_grads = _loss_and_grads(model, batch, "cuda")
-        rel = abs(gpu_loss - cpu_loss) / cpu_loss
-        print(f"loss: fp32 CPU {cpu_loss:.5f}, bf16 GPU {gpu_loss:.5f}, relative difference {rel:.2e}")
-        if rel > 1e-2:
-            failures.append(f"bf16 loss differs from fp32 by {rel:.2e} (> 1e-2)")
-        worst = min(
-            (F.cosine_similarity(cpu_grads[n].flatten(), gpu_grads[n].flatten(), dim=0).item(), n)
-            for n in cpu_grads
-        )
-        print(f"gradients: lowest cosine similarity {worst[0]:.4f} ({worst[1]})")
-        if worst[0] < 0.99:
-            failures.append(f"gradient of {worst[1]} has cosine similarity {worst[0]:.4f} (< 0.99)")
-        try:
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                _loss_and_grads(model, batch, "cuda")
-            print("flash attention: the model's attention runs on the FLASH_ATTENTION backend")
-        except RuntimeError as err:
-            failures.append(f"flash attention refused our layout: {str(err).splitlines()[0]}")
-    finally:
-        destroy_parallel()
+    path = argv[0] if argv and "=" not in argv[0] else DEFAULT
+    failures = check(path, [a for a in argv if "=" in a])
     for failure in failures:
         print(f"FAILED: {failure}")
     print("GPU checks passed" if not failures else f"{len(failures)} GPU check(s) failed")

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from lws_megatron.config import Config, config_name
+from lws_megatron.model.build import autocast
 from lws_megatron.training.data import Batch
 
 
@@ -63,7 +64,7 @@ def synthetic_batch(config: Config, micro: int, seed: int = 0) -> Batch:
             "loss_mask": torch.ones(micro, s)}
 
 
-def time_layers(chunk, config: Config, micro: int, device: torch.device, dtype: torch.dtype,
+def time_layers(chunk, config: Config, micro: int, device: torch.device,
                 repeats: int = 5) -> list[LayerTiming]:
     """Forward + backward seconds of one micro batch through each distinct layer shape."""
     s, d = config.model.seq_length, config.model.d_model
@@ -77,12 +78,13 @@ def time_layers(chunk, config: Config, micro: int, device: torch.device, dtype: 
         layers.setdefault(key, layer)
     timings = []
     for key, layer in layers.items():
-        x = torch.randn(s, micro, d, device=device, dtype=dtype, requires_grad=True)
+        x = torch.randn(s, micro, d, device=device, requires_grad=True)
         best = float("inf")
         for _ in range(repeats + 1):
             _synchronize(device)
             start = time.perf_counter()
-            out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
+            with autocast(config, device):
+                out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
             out.float().sum().backward()
             _synchronize(device)
             best = min(best, time.perf_counter() - start)
@@ -96,7 +98,6 @@ def bench_config(config: Config, path: str, steps: int, warmup: int,
     """Needs an initialised default process group of one rank (see launch/bench.py)."""
     from megatron.core import parallel_state as ps
 
-    from lws_megatron.model.build import params_dtype
     from lws_megatron.model.parallel import destroy_parallel, initialize_parallel
     from lws_megatron.training import step
     from lws_megatron.training.metrics import device_peak_flops, memory_gb
@@ -109,8 +110,7 @@ def bench_config(config: Config, path: str, steps: int, warmup: int,
         micro = config.train.micro_batch_size
         eager = replace(config, train=replace(config.train, compile="none"))
         chunks, engine, bf16 = build_engine(eager, device, ps.get_data_parallel_world_size())
-        layer_timings = (time_layers(chunks[0], config, micro, device, params_dtype(config, device))
-                         if time_each_layer else [])
+        layer_timings = time_layers(chunks[0], config, micro, device) if time_each_layer else []
         if config.train.compile == "layers":
             compile_layers(chunks)
         batches = [synthetic_batch(config, micro, seed) for seed in range(

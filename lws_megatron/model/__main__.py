@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core import parallel_state
 
     from lws_megatron.model import initialize_parallel
-    from lws_megatron.model.build import params_dtype, default_device
+    from lws_megatron.model.build import compute_dtype, default_device
 
     _single_process_env()
     initialize_parallel(config)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{args.config}: {config.summary().total_params / 1e6:.2f}M params, "
             f"tp={config.parallel.tp} pp={config.parallel.pp} dp={dp}, {device.type}, "
-            f"{params_dtype(config, device)}, {torch.get_num_threads()} threads"
+            f"{compute_dtype(config, device)}, {torch.get_num_threads()} threads"
         )
         print(
             f"step of {num_microbatches} x {micro} x {config.model.seq_length} tokens per DP rank: "

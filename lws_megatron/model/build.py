@@ -21,6 +21,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 
 from lws_megatron import shapes
 from lws_megatron.config import Config
+from lws_megatron.errors import UserError
 from lws_megatron.model import cuda_bridge
 from lws_megatron.model.parallel import check_parallel
 from lws_megatron.model.spec import LWSTransformerConfig, layer_spec, resolve_backend
@@ -33,12 +34,27 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def params_dtype(config: Config, device: torch.device) -> torch.dtype:
-    """`train.precision`: auto is bf16 on CUDA and fp32 elsewhere."""
+def compute_dtype(config: Config, device: torch.device) -> torch.dtype:
+    """`train.precision`: auto is bf16 on CUDA and fp32 elsewhere.
+
+    Weights, gradients and optimizer state stay fp32 (the master copy); bf16 is the autocast
+    dtype of the matrix multiplies and attention, as in PyTorch's mixed-precision recipe.
+    """
     precision = config.train.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type != "cuda":
+        raise UserError(
+            "train.precision=bf16 needs a CUDA device: Megatron's linear layers keep autocast "
+            "in their backward only on CUDA; use train.precision=fp32 (or auto) on CPU"
+        )
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def autocast(config: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward pass's mixed-precision context (a no-op for fp32)."""
+    dtype = compute_dtype(config, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def _drawn_later(tensor: torch.Tensor) -> torch.Tensor:
@@ -57,7 +73,6 @@ def transformer_config(
     layout = check_parallel(config)
     m = config.model
     layers = tuple(config.summary(config.parallel.tp).layers)
-    dtype = params_dtype(config, device)
     backend = resolve_backend(m.attention_backend, device)
     return LWSTransformerConfig(
         num_layers=m.num_layers,
@@ -87,9 +102,10 @@ def transformer_config(
         # virtual pipeline gloo then pairs an activation with a gradient. Megatron's unbatched
         # path orders sends and receives by rank parity and keeps the directions apart.
         batch_p2p_comm=False,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
+        # fp32 weights, and an fp32 residual stream between pipeline stages: bf16 comes from
+        # autocast around the forward (see `autocast`).
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
         use_cpu_initialization=device.type != "cuda",
         # Megatron's fused SwiGLU and vocab-parallel cross-entropy (compiled by its jit_fuser)
         # pay off on GPU; on CPU they would only add compile time to every process start.

@@ -14,6 +14,7 @@ import torch
 from megatron.core.utils import get_attr_wrapped_model
 
 from lws_megatron.config import Config
+from lws_megatron.model.build import autocast
 from lws_megatron.model.inputs import check_batch
 
 Batch = dict[str, torch.Tensor]  # tokens, labels: [b, s] int; loss_mask: [b, s]
@@ -40,7 +41,8 @@ def forward_step(
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         tokens = batch["tokens"] if gpt.pre_process else None
         labels = batch["labels"] if gpt.post_process else None
-        output = model(tokens, None, None, labels=labels)
+        with autocast(config, device):
+            output = model(tokens, None, None, labels=labels)
         return output, partial(loss_func, batch["loss_mask"] if gpt.post_process else None)
 
     return step

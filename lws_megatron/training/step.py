@@ -18,6 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from lws_megatron.config import Config
 from lws_megatron.model import check_batch, sync_model_parallel_grads
+from lws_megatron.model.build import autocast
 from lws_megatron.model.step import forward_step, loss_func
 from lws_megatron.training.data import Batch
 from lws_megatron.training.zero import uses_deepspeed_backward
@@ -117,7 +118,8 @@ def _deepspeed_step(config: Config, engine, batches: list[Batch], device, tokens
     for batch in batches:
         check_batch(batch["tokens"], config, batch["labels"])
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        output = engine(batch["tokens"], None, None, labels=batch["labels"])
+        with autocast(config, device):
+            output = engine(batch["tokens"], None, None, labels=batch["labels"])
         s, _, _ = loss_func(batch["loss_mask"], output)
         engine.backward(s * dp / tokens, scale_wrt_gas=False)
         engine.step()

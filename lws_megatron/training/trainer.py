@@ -219,21 +219,21 @@ def train(config: Config) -> dict[str, Any] | None:
 
 def build_engine(config: Config, device: torch.device, dp: int):
     """The model chunks of this rank, wrapped with AdamW in a DeepSpeed engine."""
-    from lws_megatron.model.build import build_model_chunks, params_dtype
+    from lws_megatron.model.build import build_model_chunks, compute_dtype
     from lws_megatron.training import param_groups, zero
 
     _seed_everything(config.train.seed)
     chunks = build_model_chunks(config, device=device)
     if config.train.compile == "layers":
         compile_layers(chunks)
-    bf16 = params_dtype(config, device) == torch.bfloat16
+    bf16 = compute_dtype(config, device) == torch.bfloat16
     module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
     optimizer = torch.optim.AdamW(
         param_groups.param_groups(module, config.optim.weight_decay, config.optim.no_decay),
         lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
         **({"fused": True} if device.type == "cuda" else {}),
     )
-    return chunks, zero.initialize_engine(config, module, optimizer, dp, bf16), bf16
+    return chunks, zero.initialize_engine(config, module, optimizer, dp), bf16
 
 
 def compile_layers(chunks) -> None:

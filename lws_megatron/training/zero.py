@@ -42,7 +42,7 @@ def uses_deepspeed_backward(config: Config) -> bool:
     return config.zero.stage >= 2
 
 
-def deepspeed_config(config: Config, dp: int, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(config: Config, dp: int) -> dict[str, Any]:
     t = config.train
     if uses_deepspeed_backward(config):
         micro, accumulation = t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dp)
@@ -59,7 +59,9 @@ def deepspeed_config(config: Config, dp: int, bf16: bool) -> dict[str, Any]:
         # clipping neither reports the norm nor counts pipeline-stage parameters right.
         "gradient_clipping": config.optim.clip_grad if config.zero.stage else 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        # Weights and gradients are fp32 (bf16 is autocast's), so DeepSpeed's bf16 optimizer,
+        # with its per-parameter host-synchronising checks, stays out of the step.
+        "bf16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -67,13 +69,13 @@ def deepspeed_config(config: Config, dp: int, bf16: bool) -> dict[str, Any]:
 
 
 def initialize_engine(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      dp: int, bf16: bool):
+                      dp: int):
     import deepspeed
 
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        config=deepspeed_config(config, dp, bf16),
+        config=deepspeed_config(config, dp),
         mpu=MegatronMPU,
         dist_init_required=False,
     )
