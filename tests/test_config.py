@@ -110,3 +110,8 @@ def test_variant_overrides_only_what_it_states(tmp_path):
     child = write(tmp_path, "base: ref.yaml\nmodel: {num_layers: 8}\n")
     config = load_config(child)
     assert (config.model.num_layers, config.model.d_model, config.lws.framed) == (8, 256, True)
+
+
+def test_override_strings_keep_their_text_whole():
+    config = load_config(PAPER / "crown-18l.yaml", ["run.dir=runs/crown's run #1"])
+    assert config.run.dir == "runs/crown's run #1"

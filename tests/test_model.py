@@ -156,24 +156,11 @@ def _refused_batches() -> dict[str, tuple[str, int]]:
     return out
 
 
-def _demo_step_time() -> float:
-    """Seconds for forward+backward of one micro-batch (4 x 256 tokens) of the demo config."""
-    from lws_megatron.model import destroy_parallel, initialize_parallel
-    from lws_megatron.model.__main__ import time_steps
-
-    config = load_config(DEMO)
-    initialize_parallel(config)
-    times = time_steps(config, steps=2, num_microbatches=1)
-    destroy_parallel()
-    return min(times)
-
-
 def _single_rank_checks() -> dict:
     return {
         "attention": _attention_errors(),
         "shipped": _shipped_configs(),
         "refused": _refused_batches(),
-        "demo_step_seconds": _demo_step_time(),
     }
 
 
@@ -214,12 +201,6 @@ def test_bad_batch_refused_before_compute(single_rank, case):
     message, forwards = single_rank["refused"][case]
     assert forwards == 0, f"{case}: the model ran before the batch was refused"
     assert ("model.seq_length" if case == "too_long" else "model.vocab_size") in message
-
-
-def test_demo_step_reports_its_time(single_rank):
-    seconds = single_rank["demo_step_seconds"]
-    print(f"\ndemo vanilla forward+backward of 4 x 256 tokens on CPU: {seconds:.3f} s")
-    assert 0 < seconds < 60
 
 
 # --- in this process: refusals before any process group ----------------------------------
