@@ -67,26 +67,12 @@ def time_seconds(value: str) -> int | None:
 
 def check(config: Config, nodes: int, per_node: int, unit: str, data_check: bool) -> Plan:
     """Refuse, with a UserError naming the values and the fix, what the allocation can't run."""
-    tp, pp = config.parallel.tp, config.parallel.pp
-    world = nodes * per_node
-    if world % (tp * pp):
-        raise UserError(
-            f"--nodes {nodes} x {per_node} {unit} per node = {world} processes can't hold "
-            f"parallel.tp={tp} x parallel.pp={pp}: ask for a multiple of {tp * pp} in all, "
-            f"or change parallel.tp/parallel.pp"
-        )
-    dp = world // (tp * pp)
-    t = config.train
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise UserError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} "
-            f"({world} processes / TP {tp} / PP {pp}); use a multiple of {t.micro_batch_size * dp}"
-        )
-    # What the runtime checks first on every rank: heads vs TP, the (planned) pipeline layout.
-    from lws_megatron.model.parallel import check_parallel
+    from lws_megatron.model.parallel import check_parallel, check_world
 
-    layout = check_parallel(config)
+    world = nodes * per_node
+    dp = check_world(config, world, f"--nodes {nodes} x {per_node} {unit} per node = {world} processes")
+    t = config.train
+    layout = check_parallel(config)  # what every rank checks first: heads vs TP, the layout
     if data_check:
         from lws_megatron.training.data import resolve_sources
 

@@ -51,16 +51,16 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_config(paths[0], overrides)
-    timings = None
+    options = {
+        "vpp": args.vpp, "dp": args.dp, "precision": args.precision,
+        "recompute": args.recompute,
+        "device_memory": parse_bytes(args.device_memory) if args.device_memory else None,
+    }
+    result = plan(config, **options)  # refuses bad sizes before any timing
     if args.profile:
         from lws_megatron.planner import profile
 
-        timings = profile.layer_timings(config)
-    result = plan(
-        config, vpp=args.vpp, dp=args.dp,
-        device_memory=parse_bytes(args.device_memory) if args.device_memory else None,
-        precision=args.precision, recompute=args.recompute, timings=timings,
-    )
+        result = plan(config, **options, timings=profile.layer_timings(config))
     measured = None
     if args.measure:
         from lws_megatron.planner import profile

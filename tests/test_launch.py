@@ -194,7 +194,7 @@ REFUSALS = {
         "--nodes 1 x 3 GPUs per node = 3 processes can't hold parallel.tp=2 x parallel.pp=1"),
     "pp-does-not-divide-world": (
         ["--nodes", "3", "--gpus-per-node", "1", "parallel.pp=2"],
-        "= 3 processes can't hold parallel.tp=1 x parallel.pp=2: ask for a multiple of 2"),
+        "= 3 processes can't hold parallel.tp=1 x parallel.pp=2: launch a multiple of 2"),
     "layout-does-not-fit": (
         ["--gpus-per-node", "2", "parallel.pp=2", "parallel.pipeline_layout=Et*1|t*2L"],
         "parallel.pipeline_layout='Et*1|t*2L' doesn't fit parallel.pp=2 and model.num_layers=4"),

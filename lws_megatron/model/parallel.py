@@ -66,6 +66,27 @@ def check_parallel(config: Config) -> str | None:
     return layout
 
 
+def check_world(config: Config, world: int, launched: str | None = None) -> int:
+    """The data-parallel size of `world` processes; UserError when TP x PP or the batch can't
+    split over them. `launched` says how the processes were asked for, for the message."""
+    tp, pp = config.parallel.tp, config.parallel.pp
+    launched = launched or f"{world} processes"
+    if world % (tp * pp):
+        raise UserError(
+            f"{launched} can't hold parallel.tp={tp} x parallel.pp={pp}: launch a multiple of "
+            f"{tp * pp} processes, or change parallel.tp/parallel.pp"
+        )
+    dp = world // (tp * pp)
+    t = config.train
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise UserError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp} ({launched} "
+            f"/ TP {tp} / PP {pp}); use a multiple of {t.micro_batch_size * dp}"
+        )
+    return dp
+
+
 def _example_layout(num_layers: int, pp: int) -> str:
     """A valid layout with the layers spread as evenly as they go (earlier stages get more)."""
     sizes = [num_layers // pp + (i < num_layers % pp) for i in range(pp)]
@@ -94,12 +115,7 @@ def initialize_parallel(config: Config) -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    world = dist.get_world_size()
-    if world % (tp * pp):
-        raise UserError(
-            f"{world} processes can't hold parallel.tp={tp} x parallel.pp={pp}; launch a "
-            f"multiple of {tp * pp} processes"
-        )
+    check_world(config, dist.get_world_size())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,

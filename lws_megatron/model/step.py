@@ -33,11 +33,12 @@ def forward_step(
 
     def step(data_iterator: Iterator[Batch] | None, model: torch.nn.Module):
         gpt = get_attr_wrapped_model(model, "pre_process", return_model_obj=True)
+        device = next(gpt.parameters()).device
         if not (gpt.pre_process or gpt.post_process):
-            return model(None, None, None), partial(loss_func, None)
+            with autocast(config, device):
+                return model(None, None, None), partial(loss_func, None)
         batch = next(data_iterator)
         check_batch(batch["tokens"], config, batch["labels"])
-        device = next(gpt.parameters()).device
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         tokens = batch["tokens"] if gpt.pre_process else None
         labels = batch["labels"] if gpt.post_process else None

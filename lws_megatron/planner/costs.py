@@ -1,4 +1,4 @@
-"""What each block of an LWS model costs a pipeline stage: compute, model-state and activation bytes.
+"""What each block of an LWS model costs a pipeline stage: compute, state and activation bytes.
 
 Pure arithmetic on the shape engine (no torch), so every rank of a training job derives the
 same numbers. A *block* is one transformer layer, the input embedding or the output head
@@ -28,22 +28,21 @@ LSE_BYTES = 4
 
 @dataclass(frozen=True)
 class Precision:
-    """Bytes per parameter (weights, gradients, optimizer state) and per activation element."""
+    """What the runtime stores in which dtype. Weights, gradients and Adam state stay fp32 in
+    both precisions (bf16 is autocast's, `model.build.autocast`); bf16 changes the saved
+    activations and adds autocast's bf16 weight copies, held through a forward."""
 
     name: str
-    weight: int
-    grad: int
-    optimizer: int
-    activation: int
+    activation: int  # per element of the matmul and attention inputs saved for backward
+    residual: int  # per element of the residual stream: fp32, as the fp32 embedding starts it
+    weight_copy: int  # per parameter: autocast's compute-dtype copies of the weights
 
 
 PRECISIONS = {
-    # Megatron-Core bf16 mixed precision: bf16 weights, fp32 main gradients, fp32 master
-    # weights and Adam moments.
-    "bf16": Precision("bf16", weight=2, grad=4, optimizer=12, activation=2),
-    # Plain fp32 (what the CPU runs): fp32 weights and gradients, Adam moments.
-    "fp32": Precision("fp32", weight=4, grad=4, optimizer=8, activation=4),
+    "bf16": Precision("bf16", activation=2, residual=4, weight_copy=2),
+    "fp32": Precision("fp32", activation=4, residual=4, weight_copy=0),
 }
+FP32 = 4
 
 
 @dataclass(frozen=True)
@@ -74,22 +73,18 @@ class CostModel:
     bytes_per_param: float
     unit: str
 
-    @property
-    def total_cost(self) -> float:
-        return sum(b.cost for b in self.layers) + self.embedding.cost + self.output.cost
-
 
 def state_bytes_per_param(precision: Precision, zero: int, dp: int) -> float:
-    """Weights + gradients + optimizer state per parameter after ZeRO sharding over DP.
+    """Model-state bytes per parameter after ZeRO sharding over DP.
 
-    ZeRO-1 (Megatron's distributed optimizer) shards the optimizer state, ZeRO-2 also the
-    gradients, ZeRO-3 also the weights.
+    fp32 weights, gradients and Adam's two moments (16 bytes). ZeRO-1 shards the optimizer
+    state, to which DeepSpeed's ZeRO optimizer adds its own fp32 copy of the weights; ZeRO-2
+    also shards the gradients, ZeRO-3 also the weights. Plus autocast's weight copies.
     """
-    return (
-        precision.weight / (dp if zero >= 3 else 1)
-        + precision.grad / (dp if zero >= 2 else 1)
-        + precision.optimizer / (dp if zero >= 1 else 1)
-    )
+    weights = FP32 / (dp if zero >= 3 else 1)
+    grads = FP32 / (dp if zero >= 2 else 1)
+    optimizer = (2 * FP32 + (FP32 if zero >= 1 else 0)) / (dp if zero >= 1 else 1)
+    return weights + grads + optimizer + precision.weight_copy
 
 
 def layer_activation_bytes(
@@ -100,21 +95,22 @@ def layer_activation_bytes(
 
     Korthikanti et al. (2022), adapted to this layer: flash attention (no s^2 terms), no
     dropout, RMSNorm, GQA and SwiGLU with the layer's own widths q = heads * d_head,
-    k = kv_heads * d_head, f = ffn. Per token, in activation elements: the two norms' inputs
-    and the QKV and FC1 inputs (4 d); QK-norm inputs (q + k); flash attention's q, k, v and
-    output (2 q + 2 k), the output also being the projection's input; SwiGLU's input (2 f)
-    and FC2's input (f); plus the fp32 log-sum-exp per query head. Without sequence
-    parallelism the d-wide tensors are whole on every TP rank. Full recomputation keeps
-    only the layer's input (d).
+    k = kv_heads * d_head, f = ffn. Per token: the two norms' inputs (2 d, residual stream);
+    in the activation dtype the QKV and FC1 inputs (2 d), QK-norm inputs (q + k), flash
+    attention's q, k, v and output (2 q + 2 k; the output is also the projection's input),
+    SwiGLU's input (2 f) and FC2's input (f); plus the fp32 log-sum-exp per query head.
+    Without sequence parallelism the d-wide tensors are whole on every TP rank. Full
+    recomputation keeps only the layer's input (d, residual stream).
     """
     tokens = micro_batch * dims.seq_length
-    e = precision.activation
+    d, e = dims.d_model, precision.activation
     if recompute == "full":
-        return tokens * e * dims.d_model
+        return tokens * precision.residual * d
     q = shape.num_query_heads * dims.d_head
     k = shape.num_kv_heads * dims.d_head
     attention = (3 if dims.qk_norm else 2) * (q + k)
-    per_token = e * (4 * dims.d_model + (attention + 3 * shape.ffn_hidden_size) / tp)
+    per_token = precision.residual * 2 * d + e * 2 * d
+    per_token += e * (attention + 3 * shape.ffn_hidden_size) / tp
     per_token += LSE_BYTES * shape.num_query_heads / tp
     return tokens * per_token
 
@@ -164,8 +160,10 @@ def cost_model(
         output=Block(
             cost=float(head_flops if timings is None else timings.output),
             params=head_params / tp + summary.final_norm_params,
+            # The final norm's input, the output layer's input, the fp32 softmax.
             activation_bytes=tokens * (
-                2 * dims.d_model * precision.activation + SOFTMAX_BYTES * vocab / tp
+                (precision.residual + precision.activation) * dims.d_model
+                + SOFTMAX_BYTES * vocab / tp
             ),
         ),
         bytes_per_param=state_bytes_per_param(precision, config.zero.stage, dp),

@@ -1,10 +1,12 @@
-"""Exact contiguous partitioning of layers into pipeline chunks, minimising the slowest rank.
+"""Contiguous partitioning of layers into pipeline chunks, minimising the slowest rank.
 
 The layers 0..N-1 are cut into C = pp * vpp contiguous chunks; chunk c runs on rank c % pp
 (Megatron's virtual-stage order), the first chunk also holds the embedding, the last the
 output head. The objective, compared lexicographically: the largest rank load, then the sum
 of squared rank loads (the tie-break: among optimal bottlenecks, the split closest to even).
-A rank's memory (sum over its chunks) must stay within the limit.
+A rank's memory (sum over its chunks) must stay within the limit. One chunk per rank is
+solved exactly by dynamic programming; several (interleaved) by branch and bound, exact
+unless it runs out of budget, which it then reports.
 
 Pure numpy; the planner builds the tables from a `CostModel`.
 """
@@ -141,7 +143,7 @@ def _search(t: Tables, limit: float | None, budget: int) -> Solution | None:
     memories) state once, pruned by the incumbent (the chunk-balanced split, improved by
     moving single boundaries) against a lower bound: the placed loads plus the least
     remaining load water-filled over the ranks that still have chunks, the last chunk's
-    head on its own rank. O(C N) per visit; the paper profiles at C <= 12 take well under a
+    head on its own rank. O(N pp) per visit; the paper profiles at C <= 12 take well under a
     second. Past `budget` visits the best split found is returned with `proven` False.
     """
     allowed = _allowed(t, limit)

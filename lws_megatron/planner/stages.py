@@ -21,7 +21,7 @@ from lws_megatron.planner.costs import (
 )
 from lws_megatron.planner.partition import INF, Tables, even_bounds, rank_totals, solve, tables
 
-_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
           "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
 
 
@@ -43,6 +43,8 @@ class Stage:
 
 @dataclass(frozen=True)
 class Split:
+    """One way to cut the layers: chunk boundaries, per-rank stages, Megatron's layout string."""
+
     bounds: tuple[int, ...]
     stages: tuple[Stage, ...]
     layout: str
@@ -178,8 +180,7 @@ def _check(config: Config, pp: int, vpp: int, dp: int) -> int:
             raise UserError(f"{key}={value}: must be at least 1")
     if pp > n:
         raise UserError(
-            f"PP={pp} is more than the model's {n} layers; every stage needs a layer: "
-            f"choose PP <= {n}"
+            f"PP={pp} is more than the model's {n} layers; choose PP <= {n}"
         )
     if config.zero.stage >= 2 and pp > 1:
         raise UserError(
@@ -228,7 +229,6 @@ def _memory_error(t: Tables, limit: float, vpp: int) -> UserError:
 def _split(t: Tables, bounds: tuple[int, ...]) -> Split:
     loads = rank_totals(t.load, bounds, t.pp)
     memory = rank_totals(t.memory, bounds, t.pp)
-    last = t.num_chunks - 1
     stages = tuple(
         Stage(
             rank=r,
@@ -236,7 +236,7 @@ def _split(t: Tables, bounds: tuple[int, ...]) -> Split:
                 tuple(range(bounds[c], bounds[c + 1])) for c in range(r, t.num_chunks, t.pp)
             ),
             embedding=r == 0,
-            output=r == last % t.pp,
+            output=r == t.pp - 1,
             cost=loads[r],
             memory_bytes=round(memory[r]),
         )

@@ -248,20 +248,9 @@ def compile_layers(chunks) -> None:
 
 
 def _check_and_plan(config: Config, world: int) -> str | None:
-    from lws_megatron.model.parallel import check_parallel
+    from lws_megatron.model.parallel import check_parallel, check_world
 
-    tp, pp = config.parallel.tp, config.parallel.pp
-    if world % (tp * pp):
-        raise UserError(f"{world} processes can't hold parallel.tp={tp} x parallel.pp={pp}; "
-                        f"launch a multiple of {tp * pp} processes")
-    dp = world // (tp * pp)
-    t = config.train
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise UserError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size={t.micro_batch_size} x data-parallel size {dp}; "
-            f"use a multiple of {t.micro_batch_size * dp}"
-        )
+    check_world(config, world)
     return check_parallel(config)
 
 
