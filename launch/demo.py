@@ -1,7 +1,7 @@
 """The whole method on the built-in demo: corpus, tokenizer, index, five runs, report.
 
     python launch/demo.py                 # ~10 minutes on 2 CPU cores
-    python launch/demo.py --quick         # a couple of minutes
+    python launch/demo.py --quick         # ~4 minutes
     python launch/demo.py --input my/*.jsonl --configs my/a.yaml my/b.yaml --output out
 
 Everything is built offline: the default corpus is Python's own documentation. Each config
@@ -26,8 +26,7 @@ from lws_megatron.errors import UserError, cli_entry
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIGS = [ROOT / "configs" / "demo" / f"{name}.yaml"
                 for name in ("baseline", "vanilla", "framed", "reverse", "crown")]
-QUICK = ["train.max_steps=30", "eval.interval=15", "eval.batches=4", "checkpoint.interval=0",
-         "train.log_interval=5"]
+QUICK = ["train.max_steps=24", "eval.interval=8", "eval.batches=4", "checkpoint.interval=0"]
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -53,7 +52,7 @@ def prepare_data(inputs: list[str], out: Path, vocab_size: int) -> tuple[str, st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="30 steps per run instead of 200")
+    parser.add_argument("--quick", action="store_true", help="24 steps per run instead of 72")
     parser.add_argument("--output", default="demo_out", help="everything goes here")
     parser.add_argument("--input", nargs="+", help="your own corpus (jsonl, jsonl.gz, txt)")
     parser.add_argument("--configs", nargs="+", help="your own configs (default configs/demo)")
