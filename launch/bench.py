@@ -30,12 +30,6 @@ def main(argv: list[str] | None = None) -> int:
 
 @cli_entry
 def run(args: argparse.Namespace) -> int:
-    import torch
-    import torch.distributed as dist
-
-    from lws_megatron.benchmark import bench_config, render
-    from lws_megatron.training.trainer import init_processes
-
     paths = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
     if not paths:
@@ -46,6 +40,13 @@ def run(args: argparse.Namespace) -> int:
         overrides = [f"train.micro_batch_size={args.micro_batch}",
                      f"train.global_batch_size={args.micro_batch}", *overrides]
     configs = [load_config(p, overrides) for p in paths]
+
+    import torch
+    import torch.distributed as dist
+
+    from lws_megatron.benchmark import bench_config, render
+    from lws_megatron.training.trainer import init_processes
+
     init_processes()
     if dist.get_world_size() != 1:
         raise UserError("launch/bench.py measures one device: run it as a single process")

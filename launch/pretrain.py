@@ -8,15 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 from lws_megatron.config import load_config
 from lws_megatron.errors import cli_entry
-
-
-# Megatron and DeepSpeed warn at import about optional CUDA packages a CPU run doesn't need.
-warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|deepspeed)\.")
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|deepspeed)\.")
 
 
 @cli_entry

@@ -225,8 +225,8 @@ def _apply_override(tree: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str):
-        value = raw  # a string keeps its text whole: YAML would cut "a #b" at the comment
+    if isinstance(value, str) and not raw.strip().startswith(("'", '"')):
+        value = raw.strip()  # an unquoted string keeps its text: YAML would cut "a #b" at " #"
     node = tree
     parts = key.split(".")
     for part in parts[:-1]:

@@ -26,7 +26,8 @@ def make_run(root: Path, profile: str, *, name: str = "", final_loss: float = 4.
     """
     run_dir = root / profile
     run_dir.mkdir(parents=True)
-    config = load_config(DEMO / f"{profile}.yaml", [f"run.dir={run_dir}", f"run.name={name!r}"])
+    config = load_config(DEMO / f"{profile}.yaml", [f"run.dir={run_dir}", f"run.name={name!r}",
+                                                     "train.log_interval=10", "eval.interval=50"])
     (run_dir / "config.yaml").write_text(dump_config(config))
     summary = config.summary()
     tokens_per_step = config.train.global_batch_size * config.model.seq_length

@@ -169,3 +169,14 @@ def test_bad_parallel_settings_fail_before_compute(tmp_path, tiny_data):
     assert "train.global_batch_size=6 is not a multiple" in proc.stderr
     _, proc = train(tmp_path, "pp3", 1, tiny_data, "parallel.pp=3", check=False)
     assert "1 processes can't hold parallel.tp=1 x parallel.pp=3" in proc.stderr
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_data):
+    """A learning rate of 1e20 blows the weights up after one step; every later loss is inf."""
+    run_dir, proc = train(tmp_path, "nan", 1, tiny_data, "optim.lr=1e20", "optim.clip_grad=0",
+                          "train.max_nonfinite_steps=3", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "3 steps in a row had a non-finite loss or gradient (step 4)" in proc.stderr
+    skipped = records(run_dir, "skipped_steps")
+    assert [skipped[s] for s in sorted(skipped)] == [0, 1, 2, 3]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
