@@ -136,38 +136,24 @@ class Config:
     @property
     def profile(self) -> shapes.Profile:
         lws = self.lws
-        return shapes.Profile(
-            ffn_knots=tuple(lws.ffn_knots),
-            attn_knots=tuple(lws.attn_knots),
-            framed=lws.framed,
-            frame_ffn=lws.frame_ffn,
-            frame_attn=lws.frame_attn,
-            gqa=lws.gqa,
-            kv_group_size=lws.kv_group_size,
-            num_kv_heads=lws.num_kv_heads,
-            ffn_multiple=lws.ffn_multiple,
-            tp_aware_rounding=lws.tp_aware_rounding,
-        )
+        return _project(shapes.Profile, lws, ffn_knots=tuple(lws.ffn_knots),
+                        attn_knots=tuple(lws.attn_knots))
 
     @property
     def dims(self) -> shapes.Dims:
-        m = self.model
-        return shapes.Dims(
-            num_layers=m.num_layers,
-            d_model=m.d_model,
-            d_head=m.d_head,
-            vocab_size=m.vocab_size,
-            seq_length=m.seq_length,
-            make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
-            tie_embeddings=m.tie_embeddings,
-            qk_norm=m.qk_norm,
-        )
+        return _project(shapes.Dims, self.model)
 
     def summary(self, tp: int | None = None) -> shapes.ModelSummary:
         return shapes.summarize(self.profile, self.dims, self.parallel.tp if tp is None else tp)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _project(cls: type, source: Any, **converted: Any) -> Any:
+    """The shape engine's view of a config section: its fields of the same names."""
+    values = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{**values, **converted})
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
