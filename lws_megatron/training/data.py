@@ -75,17 +75,9 @@ def resolve_sources(config: Config, verify: bool = True) -> Sources:
         if verify:
             verify_dataset(prefix, tokenizer_fingerprint=tokenizer.fingerprint,
                            tokenizer_path=config.data.tokenizer, vocab_size=config.model.vocab_size)
-        fingerprint.update(json_bytes(read_manifest(manifest_path(prefix)).splits.get("valid")))
+        valid = read_manifest(manifest_path(prefix)).splits.get("valid")
+        fingerprint.update(f"{valid.bin_sha256}:{valid.idx_sha256};".encode() if valid else b"-;")
     return Sources(prefixes, weights, tokenizer, fingerprint.hexdigest())
-
-
-def json_bytes(value) -> bytes:
-    import dataclasses
-    import json
-
-    if dataclasses.is_dataclass(value):
-        value = dataclasses.asdict(value)
-    return json.dumps(value, sort_keys=True, default=str).encode()
 
 
 class _MegatronTokenizer:
