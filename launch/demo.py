@@ -1,7 +1,7 @@
 """The whole method on the built-in demo: corpus, tokenizer, index, five runs, report.
 
-    python launch/demo.py                 # ~10 minutes on 2 CPU cores
-    python launch/demo.py --quick         # ~4 minutes
+    python launch/demo.py                 # 72 steps a run (12.2 minutes measured on 2 shared cores)
+    python launch/demo.py --quick         # 24 steps a run
     python launch/demo.py --input my/*.jsonl --configs my/a.yaml my/b.yaml --output out
 
 Everything is built offline: the default corpus is Python's own documentation. Each config
