@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, help="sequences per step (one micro batch)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--compile", choices=("none", "layers"),
-                        help="torch.compile each transformer layer (default: train.compile)")
+    parser.add_argument("--compile", choices=("none", "layers", "model"),
+                        help="torch.compile each layer or each model chunk whole "
+                             "(default: train.compile)")
     parser.add_argument("--no-layer-times", action="store_true", help="skip per-layer timings")
     parser.add_argument("--json", action="store_true", help="end with one line: a JSON list")
     return run(parser.parse_intermixed_args(argv))

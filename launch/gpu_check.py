@@ -4,8 +4,9 @@
 
 The fp32 reference runs in a child process that cannot see the GPU (so the model is built and
 run exactly as on a CPU machine) and hands over its weights, loss and gradients. The check
-passes when the bf16 loss agrees within bf16 tolerance, every gradient points the same way,
-and PyTorch's flash-attention kernel runs our attention layout. Exits 1 naming what failed.
+passes when the bf16 loss agrees within bf16 tolerance and every gradient points the same way,
+eager and compiled whole (train.compile=model, with no graph break on CUDA either), and
+PyTorch's flash-attention kernel runs our attention layout. Exits 1 naming what failed.
 """
 
 from __future__ import annotations
@@ -58,8 +59,28 @@ def reference(out: str, path: str, overrides: list[str]) -> None:
     torch.save({"state": model.state_dict(), "batch": batch, "loss": loss, "grads": grads}, out)
 
 
+def _compare(label: str, ref: dict, loss: float, grads: dict) -> list[str]:
+    failures = []
+    rel = abs(loss - ref["loss"]) / ref["loss"]
+    print(f"{label}: loss fp32 CPU {ref['loss']:.5f}, bf16 GPU {loss:.5f}, relative "
+          f"difference {rel:.2e}")
+    if rel > 1e-2:
+        failures.append(f"{label}: bf16 loss differs from fp32 by {rel:.2e} (> 1e-2)")
+    worst = min((F.cosine_similarity(g.flatten(), grads[n].flatten(), dim=0).item(), n)
+                for n, g in ref["grads"].items())
+    print(f"{label}: gradients' lowest cosine similarity {worst[0]:.4f} ({worst[1]})")
+    if worst[0] < 0.99:
+        failures.append(f"{label}: gradient of {worst[1]} has cosine similarity "
+                        f"{worst[0]:.4f} (< 0.99)")
+    return failures
+
+
 def check(path: str, overrides: list[str]) -> list[str]:
+    """The eager model and the whole-model compiled one (train.compile=model), each on bf16."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lws_megatron.model.compile import compile_chunks, compile_stats
+    from lws_megatron.model.parallel import destroy_parallel
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "reference.pt")
@@ -68,25 +89,28 @@ def check(path: str, overrides: list[str]) -> list[str]:
                        env=env, check=True)
         ref = torch.load(out, weights_only=False)
     device = torch.device("cuda")
-    config, model = _build(path, overrides, "bf16", device)
-    model.load_state_dict(ref["state"], strict=True)
-    loss, grads = _loss_and_grads(config, model, ref["batch"], device)
     failures = []
-    rel = abs(loss - ref["loss"]) / ref["loss"]
-    print(f"loss: fp32 CPU {ref['loss']:.5f}, bf16 GPU {loss:.5f}, relative difference {rel:.2e}")
-    if rel > 1e-2:
-        failures.append(f"bf16 loss differs from fp32 by {rel:.2e} (> 1e-2)")
-    worst = min((F.cosine_similarity(g.flatten(), grads[n].flatten(), dim=0).item(), n)
-                for n, g in ref["grads"].items())
-    print(f"gradients: lowest cosine similarity {worst[0]:.4f} ({worst[1]})")
-    if worst[0] < 0.99:
-        failures.append(f"gradient of {worst[1]} has cosine similarity {worst[0]:.4f} (< 0.99)")
-    try:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            _loss_and_grads(config, model, ref["batch"], device)
-        print("flash attention: the model's attention runs on the FLASH_ATTENTION backend")
-    except RuntimeError as err:
-        failures.append(f"flash attention refused our layout: {str(err).splitlines()[0]}")
+    for mode in ("none", "model"):
+        config, model = _build(path, [*overrides, f"train.compile={mode}"], "bf16", device)
+        model.load_state_dict(ref["state"], strict=True)
+        compile_chunks([model], mode)
+        loss, grads = _loss_and_grads(config, model, ref["batch"], device)
+        failures += _compare(f"compile={mode}", ref, loss, grads)
+        if mode == "none":
+            try:
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    _loss_and_grads(config, model, ref["batch"], device)
+                print("flash attention: the model's attention runs on the FLASH_ATTENTION backend")
+            except RuntimeError as err:
+                failures.append(f"flash attention refused our layout: {str(err).splitlines()[0]}")
+        else:
+            stats = compile_stats()
+            print(f"compile={mode}: {stats['compiled_graphs']} graph(s), "
+                  f"{stats['graph_breaks']} graph break(s)")
+            if stats["graph_breaks"]:
+                failures.append(f"compile={mode}: {stats['graph_breaks']} graph break(s) on CUDA")
+        del model
+        destroy_parallel()
     return failures
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -98,21 +98,20 @@ def bench_config(config: Config, path: str, steps: int, warmup: int,
     """Needs an initialised default process group of one rank (see launch/bench.py)."""
     from megatron.core import parallel_state as ps
 
+    from lws_megatron.model.compile import compile_chunks
     from lws_megatron.model.parallel import destroy_parallel, initialize_parallel
     from lws_megatron.training import step
     from lws_megatron.training.metrics import device_peak_flops, memory_gb
-    from lws_megatron.training.trainer import build_engine, compile_layers
+    from lws_megatron.training.trainer import build_engine
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
     initialize_parallel(config)
     try:
         micro = config.train.micro_batch_size
-        eager = replace(config, train=replace(config.train, compile="none"))
-        chunks, engine, bf16 = build_engine(eager, device, ps.get_data_parallel_world_size())
+        chunks, engine, bf16 = build_engine(config, device, ps.get_data_parallel_world_size())
         layer_timings = time_layers(chunks[0], config, micro, device) if time_each_layer else []
-        if config.train.compile == "layers":
-            compile_layers(chunks)
+        compile_chunks(chunks, config.train.compile)
         batches = [synthetic_batch(config, micro, seed) for seed in range(
             config.train.global_batch_size // micro)]
         if device.type == "cuda":

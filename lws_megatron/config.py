@@ -72,7 +72,7 @@ class TrainConfig:
     global_batch_size: int = 8
     seed: int = 1234
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: Literal["none", "layers"] = "none"  # torch.compile each transformer layer
+    compile: Literal["none", "layers", "model"] = "none"  # torch.compile per layer / whole chunk
     log_interval: int = 10
     max_nonfinite_steps: int = 5
 

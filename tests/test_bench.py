@@ -5,18 +5,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_measures_steps_and_every_layer_shape():
+@pytest.mark.parametrize("compile", ["none", "model"])
+def test_bench_measures_steps_and_every_layer_shape(compile):
     proc = subprocess.run(
         [sys.executable, "launch/bench.py", "tests/configs/tiny.yaml", "--steps", "2",
-         "--warmup", "1", "--micro-batch", "2", "--json"],
+         "--warmup", "1", "--micro-batch", "2", "--compile", compile, "--json"],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = json.loads(proc.stdout.strip().splitlines()[-1])  # libraries log above it
     assert result["config"] == "tiny" and result["device"] == "cpu"
     assert result["steps"] == 2 and result["micro_batch_size"] == 2
+    assert result["compile"] == compile
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
     assert result["step_time_min_s"] <= result["step_time_median_s"] <= result["step_time_max_s"]
     assert result["tokens_per_s"] == 2 * 32 / result["step_time_median_s"]

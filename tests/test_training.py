@@ -78,11 +78,16 @@ def test_micro_batch_2_x_4_matches_4_x_2(tmp_path, tiny_data, reference):
 @pytest.mark.parametrize("layout", [["parallel.tp=2"],
                                     ["parallel.pp=2", "parallel.pipeline_layout=Et*1|t*3L"]],
                          ids=["tp2", "pp2-uneven"])
-def test_model_parallel_layouts_match_the_reference(tmp_path, tiny_data, reference, layout):
-    run_dir, _ = train(tmp_path, "mp", 2, tiny_data, *layout)
+@pytest.mark.parametrize("compile", ["none", "model"])
+def test_model_parallel_layouts_match_the_reference(tmp_path, tiny_data, reference, layout,
+                                                    compile):
+    run_dir, _ = train(tmp_path, "mp", 2, tiny_data, f"train.compile={compile}", *layout)
     np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=0, atol=1e-4)
     val, ref_val = records(run_dir, "val_loss"), records(reference, "val_loss")
     np.testing.assert_allclose(list(val.values()), list(ref_val.values()), atol=1e-4)
+    if compile != "none":
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["graph_breaks"] == 0 and summary["compiled_graphs"] >= 2
 
 
 def test_data_parallel_zero_stages_agree(tmp_path, tiny_data, reference):

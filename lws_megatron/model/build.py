@@ -74,6 +74,7 @@ def transformer_config(
     m = config.model
     layers = tuple(config.summary(config.parallel.tp).layers)
     backend = resolve_backend(m.attention_backend, device)
+    eager_cuda = device.type == "cuda" and config.train.compile == "none"
     return LWSTransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.d_model,
@@ -108,9 +109,11 @@ def transformer_config(
         pipeline_dtype=torch.float32,
         use_cpu_initialization=device.type != "cuda",
         # Megatron's fused SwiGLU and vocab-parallel cross-entropy (compiled by its jit_fuser)
-        # pay off on GPU; on CPU they would only add compile time to every process start.
-        bias_activation_fusion=device.type == "cuda",
-        cross_entropy_loss_fusion=device.type == "cuda",
+        # pay off on an eager GPU model; on CPU they would only add compile time to every
+        # process start, and under train.compile Inductor fuses the plain ops itself, in the
+        # very graphs that tests/test_compile.py checks for breaks on CPU.
+        bias_activation_fusion=eager_cuda,
+        cross_entropy_loss_fusion=eager_cuda,
         cross_entropy_fusion_impl="native",
         transformer_impl="transformer_engine" if backend == "te" else "local",
     )

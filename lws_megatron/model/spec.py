@@ -18,6 +18,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -51,6 +52,20 @@ class LWSTransformerConfig(TransformerConfig):
             num_attention_heads=shape.num_query_heads,
             num_query_groups=shape.num_kv_heads,
         )
+
+
+class GroupedRowParallelLinear(RowParallelLinear):
+    """RowParallelLinear that hands its own TP group to the matmul.
+
+    Megatron-Core 0.16's forward passes `tp_group=None`, so rank 0 issues a deprecation warning
+    on every call; to torch.compile each warning is a graph break, and a compiled layer ran as
+    nine graphs instead of one.
+    """
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group") is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
 
 
 def transformer_engine_usable() -> bool:
@@ -87,5 +102,8 @@ def layer_spec(backend: Backend, *, qk_norm: bool) -> ModuleSpec:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
     attention = spec.submodules.self_attention
-    attention.submodules = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
+    attention.submodules = dataclasses.replace(
+        attention.submodules, core_attention=SDPAttention, linear_proj=GroupedRowParallelLinear)
+    mlp = spec.submodules.mlp
+    mlp.submodules = dataclasses.replace(mlp.submodules, linear_fc2=GroupedRowParallelLinear)
     return spec

@@ -29,6 +29,7 @@ class StepResult:
     loss: float
     grad_norm: float
     skipped: bool
+    stop_requested: bool = False  # some rank was asked to stop (a pre-emption signal)
 
 
 def _global_tokens(batches: list[Batch], device: torch.device) -> torch.Tensor:
@@ -37,12 +38,20 @@ def _global_tokens(batches: list[Batch], device: torch.device) -> torch.Tensor:
     return total
 
 
-def _mean_over_world(loss_sum: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Sum the loss held by the last stage's first TP rank of each DP rank over the world."""
+def _world_sums(loss_sum: torch.Tensor, tokens: torch.Tensor,
+                *flags: bool | torch.Tensor) -> torch.Tensor:
+    """[mean loss per token, flag sums...] over the world, in one all-reduce on the device.
+
+    The loss is held by the last stage's first TP rank of each DP rank; a flag counts the
+    ranks that raise it. Nothing here waits for the device: the step reads all its numbers at
+    once, with one host sync.
+    """
     holder = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-    value = loss_sum.detach().float() if holder else torch.zeros((), device=tokens.device)
-    dist.all_reduce(value)
-    return (value / tokens).item()
+    loss = loss_sum.detach().float() if holder else torch.zeros((), device=tokens.device)
+    values = torch.stack([loss, *(torch.as_tensor(f, dtype=torch.float32, device=tokens.device)
+                                  for f in flags)])
+    dist.all_reduce(values)
+    return torch.cat([values[:1] / tokens, values[1:]])
 
 
 def _schedule(config: Config, chunks, batches: list[Batch], device: torch.device,
@@ -80,37 +89,62 @@ def _grads(chunks) -> list[torch.Tensor]:
     return [p.grad for c in chunks for p in c.parameters() if p.grad is not None]
 
 
-def _local_grads_finite(chunks) -> bool:
-    """One fused norm over every gradient: finite iff no gradient holds an inf or a NaN."""
+def _local_nonfinite(chunks) -> torch.Tensor:
+    """1.0 if some local gradient holds an inf or a NaN (one fused norm, on the device)."""
     grads = _grads(chunks)
-    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+    if not grads:
+        return torch.zeros(())
+    return (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())).float()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    value = torch.tensor(float(flag), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def train_step(config: Config, engine, chunks, batches: list[Batch],
-               device: torch.device) -> StepResult:
+def train_step(config: Config, engine, chunks, batches: list[Batch], device: torch.device,
+               stop_requested: bool = False) -> StepResult:
+    """One optimizer step; `stop_requested` (this rank's pre-emption flag) rides along with the
+    loss, so the whole step waits for the device once."""
     tokens = _global_tokens(batches, device)
     dp = ps.get_data_parallel_world_size()
     if uses_deepspeed_backward(config):
-        return _deepspeed_step(config, engine, batches, device, tokens, dp)
+        return _deepspeed_step(config, engine, batches, device, tokens, dp, stop_requested)
     loss_sum = _schedule(config, chunks, batches, device, tokens, dp * len(batches), False)
-    loss = _mean_over_world(loss_sum, tokens)
-    if any_rank(not math.isfinite(loss) or not _local_grads_finite(chunks), device):
+    if config.zero.stage == 0:
+        return _plain_step(config, engine, chunks, loss_sum, tokens, dp, stop_requested)
+    loss, stops, nonfinite = _world_sums(loss_sum, tokens, stop_requested,
+                                         _local_nonfinite(chunks)).tolist()
+    if nonfinite or not math.isfinite(loss):
         engine.zero_grad()
-        return StepResult(loss, float("nan"), skipped=True)
+        return StepResult(loss, float("nan"), skipped=True, stop_requested=stops > 0)
     sync_model_parallel_grads(chunks)
     engine.allreduce_gradients()
-    norm = clip_grad_norm(chunks, config.optim.clip_grad) if config.zero.stage == 0 else None
     engine.step()
-    return StepResult(loss, _grad_norm(engine) if norm is None else norm, skipped=False)
+    return StepResult(loss, _grad_norm(engine), skipped=False, stop_requested=stops > 0)
 
 
-def _deepspeed_step(config: Config, engine, batches: list[Batch], device, tokens, dp) -> StepResult:
+def _plain_step(config: Config, engine, chunks, loss_sum, tokens, dp, stop_requested) -> StepResult:
+    """Without ZeRO: reduce, then read loss, stop flag and gradient norm in one sync.
+
+    A non-finite gradient anywhere makes the norm non-finite on every rank (the norm sums over
+    the model-parallel group after the DP reduction), so every rank skips the same step.
+    """
+    sync_model_parallel_grads(chunks)
+    if dp > 1:
+        # Alone, DeepSpeed's stage-0 reduction still flattens, scales and copies back every
+        # gradient: ~740 kernels a step on the 18-layer model, for nothing.
+        engine.allreduce_gradients()
+    norm_sq = _counted_norm_sq(chunks, tokens.device)
+    loss, stops, norm = torch.cat([_world_sums(loss_sum, tokens, stop_requested),
+                                   norm_sq.sqrt().reshape(1)]).tolist()
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        engine.zero_grad()
+        return StepResult(loss, float("nan"), skipped=True, stop_requested=stops > 0)
+    max_norm = config.optim.clip_grad
+    if max_norm > 0 and norm > max_norm:
+        torch._foreach_mul_(_grads(chunks), max_norm / (norm + 1e-6))
+    engine.step()
+    return StepResult(loss, norm, skipped=False, stop_requested=stops > 0)
+
+
+def _deepspeed_step(config: Config, engine, batches: list[Batch], device, tokens, dp,
+                    stop_requested: bool) -> StepResult:
     """ZeRO-2/3 (PP = 1): each micro batch through engine.backward; DeepSpeed skips a step whose
     gradients are not finite, and we count it from its skipped-step counter."""
     skipped_before = engine.skipped_steps
@@ -124,31 +158,26 @@ def _deepspeed_step(config: Config, engine, batches: list[Batch], device, tokens
         engine.backward(s * dp / tokens, scale_wrt_gas=False)
         engine.step()
         loss_sum += s.detach()
-    loss = _mean_over_world(loss_sum, tokens)
+    loss, stops = _world_sums(loss_sum, tokens, stop_requested).tolist()
     skipped = engine.skipped_steps > skipped_before
-    return StepResult(loss, float("nan") if skipped else _grad_norm(engine), skipped)
+    return StepResult(loss, float("nan") if skipped else _grad_norm(engine), skipped, stops > 0)
 
 
-def clip_grad_norm(chunks, max_norm: float) -> float:
-    """Global L2 norm of the gradients of the whole model, clipped to `max_norm` (0: no clip).
+def _counted_norm_sq(chunks, device: torch.device) -> torch.Tensor:
+    """Squared L2 norm of the whole model's gradients, on the device.
 
-    Without ZeRO, DeepSpeed's clipping would count every parameter of a later pipeline stage
-    as a duplicate; here each weight counts once: TP-split ones on every TP rank, replicated
-    ones on TP rank 0, and a tied output head only on the first stage.
+    DeepSpeed's stage-0 clipping would count every parameter of a later pipeline stage as a
+    duplicate; here each weight counts once: TP-split ones on every TP rank, replicated ones on
+    TP rank 0, and a tied output head only on the first stage.
     """
     tp_rank = ps.get_tensor_model_parallel_rank()
-    grads = _grads(chunks)
     counted = [p.grad for c in chunks for p in c.parameters()
                if p.grad is not None and not getattr(p, "shared", False)
                and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)]
-    device = grads[0].device if grads else torch.device("cpu")
     total = (torch.stack(torch._foreach_norm(counted)).float().pow(2).sum() if counted
              else torch.zeros((), device=device))
     dist.all_reduce(total, group=ps.get_model_parallel_group())
-    norm = total.sqrt().item()
-    if max_norm > 0 and norm > max_norm:
-        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
-    return norm
+    return total
 
 
 def _grad_norm(engine) -> float:
@@ -165,4 +194,4 @@ def evaluate(config: Config, chunks, batches: list[Batch], device: torch.device)
     loss_sum = _schedule(config, chunks, batches, device, tokens, 1.0, True)
     for chunk in chunks:
         chunk.train()
-    return _mean_over_world(loss_sum, tokens)
+    return _world_sums(loss_sum, tokens).item()

@@ -102,6 +102,7 @@ def train(config: Config) -> dict[str, Any] | None:
     """Train to `train.max_steps` (or a pre-emption signal). Returns the summary on rank 0."""
     from megatron.core import parallel_state as ps
 
+    from lws_megatron.model.compile import compile_chunks, compile_stats
     from lws_megatron.model.parallel import destroy_parallel, initialize_parallel
     from lws_megatron.training import data, schedule, step
     from lws_megatron.training.checkpoint import Checkpointer
@@ -118,6 +119,7 @@ def train(config: Config) -> dict[str, Any] | None:
         run_dir = Path(config.run.dir)
         sources = _agreed(lambda: data.resolve_sources(config, verify=rank == 0))
         chunks, engine, bf16 = build_engine(config, device, dp)
+        compile_chunks(chunks, config.train.compile)
         train_ds, valid_ds = data.build_datasets(config, sources, dp, run_dir / "data_cache")
         summary = config.summary()
         peak, peak_source = device_peak_flops(device)
@@ -164,7 +166,8 @@ def train(config: Config) -> dict[str, Any] | None:
             batches = data.step_batches(train_ds, step_index, t.global_batch_size,
                                         ps.get_data_parallel_rank(), dp, t.micro_batch_size)
             began = time.perf_counter()
-            result = step.train_step(config, engine, chunks, batches, device)
+            result = step.train_step(config, engine, chunks, batches, device,
+                                     stop_requested=preemption.requested)
             elapsed = time.perf_counter() - began
             step_index += 1
             skipped_total += result.skipped
@@ -187,7 +190,7 @@ def train(config: Config) -> dict[str, Any] | None:
                 writer.log({"step": step_index, "tokens": step_index * tokens_per_step,
                             "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50.0))})
             stop_unstable = consecutive_bad >= t.max_nonfinite_steps
-            preempted = step.any_rank(preemption.requested, device)
+            preempted = result.stop_requested
             due = (config.checkpoint.interval and step_index % config.checkpoint.interval == 0)
             if due or preempted or stop_unstable or step_index == t.max_steps:
                 if last_saved != step_index:
@@ -211,6 +214,12 @@ def train(config: Config) -> dict[str, Any] | None:
         if rank != 0:
             return None
         final = _summary(run_dir, step_index, tokens_per_step, time.time() - run_start, last_val)
+        if t.compile != "none":
+            final.update(compile_stats())
+            if final["graph_breaks"]:
+                print(f"train.compile={t.compile}: {final['graph_breaks']} graph break(s) on "
+                      "rank 0 (each splits the compiled region); TORCH_LOGS=graph_breaks "
+                      "shows where", flush=True)
         _write_json(run_dir / "summary.json", final)
         return final
     finally:
@@ -218,33 +227,20 @@ def train(config: Config) -> dict[str, Any] | None:
 
 
 def build_engine(config: Config, device: torch.device, dp: int):
-    """The model chunks of this rank, wrapped with AdamW in a DeepSpeed engine."""
+    """The model chunks of this rank, eager, wrapped with AdamW in a DeepSpeed engine."""
     from lws_megatron.model.build import build_model_chunks, compute_dtype
     from lws_megatron.training import param_groups, zero
 
     _seed_everything(config.train.seed)
     chunks = build_model_chunks(config, device=device)
-    if config.train.compile == "layers":
-        compile_layers(chunks)
     bf16 = compute_dtype(config, device) == torch.bfloat16
     module = chunks[0] if len(chunks) == 1 else torch.nn.ModuleList(chunks)
     optimizer = torch.optim.AdamW(
         param_groups.param_groups(module, config.optim.weight_decay, config.optim.no_decay),
         lr=config.optim.lr, betas=tuple(config.optim.betas), eps=config.optim.eps,
-        **({"fused": True} if device.type == "cuda" else {}),
+        fused=True,
     )
     return chunks, zero.initialize_engine(config, module, optimizer, dp), bf16
-
-
-def compile_layers(chunks) -> None:
-    """torch.compile each transformer layer on its own: Megatron's Python between layers stays
-    eager. Layers of one shape share a graph; LWS has many shapes, hence the larger cache."""
-    import torch._dynamo
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for chunk in chunks:
-        for layer in chunk.decoder.layers:
-            layer.compile()
 
 
 def _check_and_plan(config: Config, world: int) -> str | None:

@@ -55,7 +55,7 @@ def deepspeed_config(config: Config, dp: int) -> dict[str, Any]:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
-        # Without ZeRO the runtime clips itself (step.clip_grad_norm): DeepSpeed's stage-0
+        # Without ZeRO the runtime clips itself (step._plain_step): DeepSpeed's stage-0
         # clipping neither reports the norm nor counts pipeline-stage parameters right.
         "gradient_clipping": config.optim.clip_grad if config.zero.stage else 0.0,
         "zero_optimization": zero,

@@ -1,0 +1,55 @@
+"""torch.compile over Megatron-Core's modules, per layer or each model chunk whole.
+
+`layers` compiles each TransformerLayer alone: Megatron's Python between layers (embedding,
+output head, loss, pipeline hand-off) stays eager. `model` compiles the chunk's GPTModel
+forward, loss included, as one graph, so Inductor also fuses the final norm, the output head's
+cast and the vocabulary cross-entropy, and the step launches far fewer kernels. Both are free of
+graph breaks on our spec (tests/test_compile.py holds them to that).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+CompileMode = Literal["none", "layers", "model"]
+
+
+def compile_chunks(chunks, mode: CompileMode) -> None:
+    if mode == "none":
+        return
+    import torch._dynamo
+
+    # LWS layers of one shape share a graph, but there are up to one shape per layer.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # Megatron's rotary table is lru_cached; Dynamo traces through the cache, which is right
+    # here (a pure function of the sequence length), and warns once per process.
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+    for chunk in chunks:
+        prepare_for_compile(chunk)
+        if mode == "model":
+            chunk.compile()
+        else:
+            for layer in chunk.decoder.layers:
+                layer.compile()
+
+
+def prepare_for_compile(chunk) -> None:
+    """With TP > 1 a column-parallel linear all-reduces its input gradient asynchronously,
+    overlapped with the weight-gradient matmul; Dynamo cannot trace an async collective and
+    splits every such linear out of the graph. Switched off, Megatron reduces the same gradient
+    through `copy_to_tensor_model_parallel_region`, synchronously and inside the graph."""
+    for module in chunk.modules():
+        if isinstance(module, ColumnParallelLinear):
+            module.allreduce_dgrad = False
+
+
+def compile_stats() -> dict[str, int]:
+    """Graphs Dynamo built in this process and the graph breaks it hit: a break splits a
+    compiled region, and each piece costs its own launches and guards."""
+    from torch._dynamo.utils import counters
+
+    return {"compiled_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values())}

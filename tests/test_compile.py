@@ -1,0 +1,57 @@
+"""torch.compile over the model: whole graphs, no breaks, the same numbers as eager."""
+
+from pathlib import Path
+
+import torch
+from dist_utils import run_distributed
+
+from lws_megatron.model.compile import compile_stats
+
+TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+
+
+def test_compile_stats_count_a_graph_break():
+    def broken(x):
+        y = x * 2
+        print("a side effect Dynamo cannot trace")
+        return y + 1
+
+    before = compile_stats()
+    torch.compile(broken, backend="eager")(torch.ones(3))
+    after = compile_stats()
+    assert after["graph_breaks"] == before["graph_breaks"] + 1
+    assert after["compiled_graphs"] == before["compiled_graphs"] + 2
+
+
+def _explain_layer_and_model(path: str) -> dict[str, tuple[int, int]]:
+    """(graphs, breaks) Dynamo finds in one layer and in the whole chunk with its loss."""
+    import torch._dynamo
+
+    from lws_megatron.config import load_config
+    from lws_megatron.model import build_model, destroy_parallel, initialize_parallel
+    from lws_megatron.model.compile import prepare_for_compile
+
+    config = load_config(path, ["parallel.tp=2"])
+    initialize_parallel(config)
+    try:
+        model = build_model(config, device="cpu")
+        prepare_for_compile(model)
+        s, b = config.model.seq_length, 2
+        tokens = torch.randint(0, config.model.vocab_size, (b, s))
+        out = {}
+        for i, layer in enumerate(model.decoder.layers):
+            x = torch.randn(s, b, config.model.d_model, requires_grad=True)
+            e = torch._dynamo.explain(layer)(x, attention_mask=None,
+                                             rotary_pos_emb=model.rotary_pos_emb(s))
+            out[f"layer {i + 1}"] = (e.graph_count, e.graph_break_count)
+        e = torch._dynamo.explain(model)(tokens, None, None, labels=tokens)
+        out["model"] = (e.graph_count, e.graph_break_count)
+        return out
+    finally:
+        destroy_parallel()
+
+
+def test_layers_and_the_whole_model_are_single_graphs_on_every_tp_rank():
+    # Rank 0 is where Megatron's row-parallel linear used to warn, breaking each layer in nine.
+    for rank, found in enumerate(run_distributed(_explain_layer_and_model, 2, str(TINY))):
+        assert found and all(v == (1, 0) for v in found.values()), (rank, found)
