@@ -2,7 +2,8 @@
 
 Full training steps (forward, backward, optimizer) after a warm-up, on synthetic tokens:
 tokens per second, step time (median, min-max), MFU against the shape engine's FLOPs and the
-device's peak, peak memory; and each distinct layer shape timed alone.
+device's peak, peak memory; each distinct layer shape timed alone; with --profile, where the
+time of a step goes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.compile each layer or each model chunk whole "
                              "(default: train.compile)")
     parser.add_argument("--no-layer-times", action="store_true", help="skip per-layer timings")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile two more steps: top operators, device time, launches")
     parser.add_argument("--json", action="store_true", help="end with one line: a JSON list")
     return run(parser.parse_intermixed_args(argv))
 
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for path, config in zip(paths, configs):
         results.append(bench_config(config, path, args.steps, args.warmup,
-                                    not args.no_layer_times))
+                                    not args.no_layer_times, args.profile))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     print(json.dumps([r.to_dict() for r in results]) if args.json else render(results))

@@ -20,15 +20,11 @@ bench() {  # bench NAME "CONFIGS" [bench.py options]: one process per config, so
   for c in $configs; do
     timeout 240 python3 launch/bench.py "configs/paper/$c.yaml" --micro-batch 16 --steps 15 \
       --warmup 5 --json "$@" 2>"$out/$name-$c.err" | tail -1 > "$out/$name-$c.json"
-    python3 - "$out/$name-$c.json" <<'PY' || tail -5 "$out/$name-$c.err"
-import json, sys
-from lws_megatron.benchmark import BenchResult, LayerTiming, render
-rows = json.load(open(sys.argv[1]))
-print(render([BenchResult(**{**r, "layer_timings": [LayerTiming(**t) for t in r["layer_timings"]]})
-              for r in rows]))
-PY
+    python3 -c 'import json, sys; from lws_megatron.benchmark import BenchResult, render
+print(render([BenchResult.from_dict(r) for r in json.load(open(sys.argv[1]))]))' \
+      "$out/$name-$c.json" || tail -5 "$out/$name-$c.err"
   done
 }
-bench model "$model" --compile model --no-layer-times
+bench model "$model" --compile model --no-layer-times --profile
 bench eager "$eager" --compile none
 bench rest "$rest" --compile model --no-layer-times

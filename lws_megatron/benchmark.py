@@ -2,7 +2,8 @@
 
 A step is what `launch/pretrain.py` runs (Megatron forward/backward, DeepSpeed optimizer step,
 clipping, the global-token loss), on synthetic tokens so that no data is needed. Also times
-each distinct layer shape's forward + backward alone, which is what the stage planner weighs.
+each distinct layer shape's forward + backward alone, which is what the stage planner weighs,
+and, on request, profiles two steps: the operators that take the time and the launches.
 """
 
 from __future__ import annotations
@@ -28,6 +29,24 @@ class LayerTiming:
 
 
 @dataclass(frozen=True)
+class OpTime:
+    name: str
+    calls_per_step: float
+    ms_per_step: float
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """Where a step's time goes: device (GPU kernel) time against wall time, the kernels the
+    host launched, and the operators that took longest (self time, on the GPU where one ran)."""
+
+    wall_ms_per_step: float
+    busy_ms_per_step: float
+    launches_per_step: float
+    top: list[OpTime]
+
+
+@dataclass(frozen=True)
 class BenchResult:
     config: str
     device: str
@@ -46,9 +65,20 @@ class BenchResult:
     total_params: int
     compile: str
     layer_timings: list[LayerTiming]
+    profile: StepProfile | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "BenchResult":
+        profile = row.get("profile")
+        return cls(**{
+            **row,
+            "layer_timings": [LayerTiming(**t) for t in row["layer_timings"]],
+            "profile": profile and StepProfile(**{**profile,
+                                                  "top": [OpTime(**o) for o in profile["top"]]}),
+        })
 
 
 def _synchronize(device: torch.device) -> None:
@@ -93,8 +123,37 @@ def time_layers(chunk, config: Config, micro: int, device: torch.device,
     return timings
 
 
+_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def profile_steps(run_step, device: torch.device, steps: int = 2, top: int = 12) -> StepProfile:
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            run_step()
+        _synchronize(device)
+    wall = (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+
+    def self_us(e) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    ranked = sorted((e for e in events if self_us(e) > 0), key=self_us, reverse=True)
+    return StepProfile(
+        wall_ms_per_step=1000 * wall,
+        busy_ms_per_step=sum(self_us(e) for e in ranked) / 1000 / steps,
+        launches_per_step=sum(e.count for e in events if e.key in _LAUNCHES) / steps,
+        top=[OpTime(e.key, e.count / steps, self_us(e) / 1000 / steps) for e in ranked[:top]],
+    )
+
+
 def bench_config(config: Config, path: str, steps: int, warmup: int,
-                 time_each_layer: bool) -> BenchResult:
+                 time_each_layer: bool, profile: bool = False) -> BenchResult:
     """Needs an initialised default process group of one rank (see launch/bench.py)."""
     from megatron.core import parallel_state as ps
 
@@ -124,6 +183,9 @@ def bench_config(config: Config, path: str, steps: int, warmup: int,
             _synchronize(device)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
+        step_profile = profile_steps(
+            lambda: step.train_step(config, engine, chunks, batches, device), device) \
+            if profile else None
         summary = config.summary()
         tokens = config.train.global_batch_size * config.model.seq_length
         median = statistics.median(times)
@@ -146,6 +208,7 @@ def bench_config(config: Config, path: str, steps: int, warmup: int,
             total_params=summary.total_params,
             compile=config.train.compile,
             layer_timings=layer_timings,
+            profile=step_profile,
         )
     finally:
         destroy_parallel()
@@ -168,4 +231,13 @@ def render(results: list[BenchResult]) -> str:
             for t in r.layer_timings:
                 lines.append(f"  ffn {t.ffn_hidden_size:>5}  heads {t.num_query_heads:>2}/"
                              f"{t.num_kv_heads:<2} {1000 * t.seconds:8.2f} ms  layers {t.layers}")
+    for r in results:
+        if r.profile:
+            p = r.profile
+            where = "GPU kernels" if r.device != "cpu" else "operators (self time)"
+            lines.append(f"\n{r.config}: a profiled step takes {p.wall_ms_per_step:.1f} ms, "
+                         f"{where} {p.busy_ms_per_step:.1f} ms, {p.launches_per_step:,.0f} "
+                         "kernel launches")
+            for o in p.top:
+                lines.append(f"  {o.ms_per_step:8.2f} ms {o.calls_per_step:7.1f} x  {o.name[:90]}")
     return "\n".join(lines)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from lws_megatron.benchmark import BenchResult, render
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_measures_steps_and_every_layer_shape(compile):
     proc = subprocess.run(
         [sys.executable, "launch/bench.py", "tests/configs/tiny.yaml", "--steps", "2",
-         "--warmup", "1", "--micro-batch", "2", "--compile", compile, "--json"],
+         "--warmup", "1", "--micro-batch", "2", "--compile", compile, "--json",
+         *(["--profile"] if compile == "model" else [])],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = json.loads(proc.stdout.strip().splitlines()[-1])  # libraries log above it
@@ -24,6 +27,15 @@ def test_bench_measures_steps_and_every_layer_shape(compile):
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
     assert result["step_time_min_s"] <= result["step_time_median_s"] <= result["step_time_max_s"]
     assert result["tokens_per_s"] == 2 * 32 / result["step_time_median_s"]
+    if compile == "model":
+        profile = result["profile"]
+        assert profile["wall_ms_per_step"] > 0 and 0 < profile["busy_ms_per_step"]
+        assert profile["top"] and any(o["name"] == "aten::mm" for o in profile["top"])
+    else:
+        assert result["profile"] is None
+    # launch/gpu_session.sh renders the JSON rows back into the table
+    table = render([BenchResult.from_dict(result)])
+    assert "tiny" in table and ("a profiled step" in table) == (compile == "model")
     covered = sorted(i for t in result["layer_timings"] for i in t["layers"])
     assert covered == [0, 1, 2, 3] and all(t["seconds"] > 0 for t in result["layer_timings"])
 
