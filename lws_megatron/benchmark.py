@@ -234,10 +234,10 @@ def render(results: list[BenchResult]) -> str:
     for r in results:
         if r.profile:
             p = r.profile
-            where = "GPU kernels" if r.device != "cpu" else "operators (self time)"
-            lines.append(f"\n{r.config}: a profiled step takes {p.wall_ms_per_step:.1f} ms, "
-                         f"{where} {p.busy_ms_per_step:.1f} ms, {p.launches_per_step:,.0f} "
-                         "kernel launches")
+            busy = (f"GPU kernels {p.busy_ms_per_step:.1f} ms, {p.launches_per_step:,.0f} kernel "
+                    "launches" if r.device != "cpu"
+                    else f"operators (self time) {p.busy_ms_per_step:.1f} ms")
+            lines.append(f"\n{r.config}: a profiled step takes {p.wall_ms_per_step:.1f} ms, {busy}")
             for o in p.top:
                 lines.append(f"  {o.ms_per_step:8.2f} ms {o.calls_per_step:7.1f} x  {o.name[:90]}")
     return "\n".join(lines)
