@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from data_prep.files import write_bytes_atomic
+from data_prep.indexed import WrittenFiles
 from lws_megatron.errors import UserError
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -42,16 +43,10 @@ class TokenizerRecord:
 
 
 @dataclass(frozen=True)
-class SplitRecord:
-    """One .bin/.idx pair; `prefix` is relative to the manifest's directory."""
+class SplitRecord(WrittenFiles):
+    """One .bin/.idx pair as written; `prefix` is relative to the manifest's directory."""
 
     prefix: str
-    documents: int
-    tokens: int
-    bin_bytes: int
-    idx_bytes: int
-    bin_sha256: str
-    idx_sha256: str
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -315,15 +315,7 @@ def _output_paths(prefix: str) -> list[str]:
 
 
 def _split_record(prefix: str, split: str, files: WrittenFiles) -> SplitRecord:
-    return SplitRecord(
-        prefix=os.path.basename(split_prefix(prefix, split)),
-        documents=files.documents,
-        tokens=files.tokens,
-        bin_bytes=files.bin_bytes,
-        idx_bytes=files.idx_bytes,
-        bin_sha256=files.bin_sha256,
-        idx_sha256=files.idx_sha256,
-    )
+    return SplitRecord(**asdict(files), prefix=os.path.basename(split_prefix(prefix, split)))
 
 
 def _commit(prefix: str, writers: dict[str, IndexedWriter], manifest: Manifest) -> None:

@@ -87,10 +87,7 @@ def make_dataset(tmp_path: Path, docs: list[np.ndarray], vocab_size: int, dtype=
     writer.add(np.concatenate(docs), np.array([len(d) for d in docs]))
     files = writer.finish()
     writer.commit()
-    split = SplitRecord(
-        "ds_train" if name == "ds" else f"{name}_train", files.documents, files.tokens,
-        files.bin_bytes, files.idx_bytes, files.bin_sha256, files.idx_sha256,
-    )
+    split = SplitRecord(**dataclasses.asdict(files), prefix="ds_train" if name == "ds" else f"{name}_train")
     write_manifest(
         manifest_path(prefix),
         Manifest(
