@@ -66,6 +66,7 @@ class BenchResult:
     compile: str
     layer_timings: list[LayerTiming]
     profile: StepProfile | None = None
+    sdpa_kernel: str = "auto"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,17 +210,19 @@ def bench_config(config: Config, path: str, steps: int, warmup: int,
             compile=config.train.compile,
             layer_timings=layer_timings,
             profile=step_profile,
+            sdpa_kernel=config.model.sdpa_kernel,
         )
     finally:
         destroy_parallel()
 
 
 def render(results: list[BenchResult]) -> str:
-    lines = [f"{'config':<16} {'device':<24} {'prec':<5} {'tok/s':>10} {'MFU':>6} "
-             f"{'step ms (median, min-max)':>28} {'mem GB':>7}"]
+    lines = [f"{'config':<16} {'device':<24} {'prec':<5} {'compile':<7} {'sdpa':<9} "
+             f"{'tok/s':>10} {'MFU':>6} {'step ms (median, min-max)':>28} {'mem GB':>7}"]
     for r in results:
         lines.append(
-            f"{r.config:<16} {r.device[:24]:<24} {r.precision:<5} {r.tokens_per_s:>10,.0f} "
+            f"{r.config:<16} {r.device[:24]:<24} {r.precision:<5} {r.compile:<7} "
+            f"{r.sdpa_kernel:<9} {r.tokens_per_s:>10,.0f} "
             f"{100 * r.mfu:>5.1f}% {1000 * r.step_time_median_s:>10.1f} "
             f"({1000 * r.step_time_min_s:.1f}-{1000 * r.step_time_max_s:.1f}){'':>4} "
             f"{r.peak_memory_gb:>7.2f}"

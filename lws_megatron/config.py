@@ -41,6 +41,9 @@ class ModelConfig:
     rope_theta: float = 500000.0
     init_std: float = 0.02
     attention_backend: Literal["auto", "sdpa", "te"] = "auto"
+    # The sdpa backend's kernel: auto is PyTorch's order (flash first); cudnn and efficient
+    # need CUDA. A kernel choice, not a model change: checkpoints move freely between them.
+    sdpa_kernel: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
 
 
 @dataclass

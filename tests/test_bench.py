@@ -17,13 +17,14 @@ def test_bench_measures_steps_and_every_layer_shape(compile):
     proc = subprocess.run(
         [sys.executable, "launch/bench.py", "tests/configs/tiny.yaml", "--steps", "2",
          "--warmup", "1", "--micro-batch", "2", "--compile", compile, "--json",
-         *(["--profile"] if compile == "model" else [])],
+         *(["--profile", "model.sdpa_kernel=math"] if compile == "model" else [])],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = json.loads(proc.stdout.strip().splitlines()[-1])  # libraries log above it
     assert result["config"] == "tiny" and result["device"] == "cpu"
     assert result["steps"] == 2 and result["micro_batch_size"] == 2
     assert result["compile"] == compile
+    assert result["sdpa_kernel"] == ("math" if compile == "model" else "auto")
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
     assert result["step_time_min_s"] <= result["step_time_median_s"] <= result["step_time_max_s"]
     assert result["tokens_per_s"] == 2 * 32 / result["step_time_median_s"]
@@ -35,7 +36,9 @@ def test_bench_measures_steps_and_every_layer_shape(compile):
         assert result["profile"] is None
     # launch/gpu_session.sh renders the JSON rows back into the table
     table = render([BenchResult.from_dict(result)])
-    assert "tiny" in table and ("a profiled step" in table) == (compile == "model")
+    row = table.splitlines()[1].split()
+    assert row[:2] == ["tiny", "cpu"] and row[3:5] == [compile, result["sdpa_kernel"]]
+    assert ("a profiled step" in table) == (compile == "model")
     covered = sorted(i for t in result["layer_timings"] for i in t["layers"])
     assert covered == [0, 1, 2, 3] and all(t["seconds"] > 0 for t in result["layer_timings"])
 

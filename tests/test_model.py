@@ -28,6 +28,7 @@ SHIPPED = sorted(
     if not p.name.startswith("_")
 )
 DEMO = str(ROOT / "configs" / "demo" / "vanilla.yaml")
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
 
 def _with(config: Config, **parallel) -> Config:
@@ -63,8 +64,10 @@ def _attention_errors() -> dict[str, float]:
         attention = SDPAttention(config, 1, AttnMaskType.causal, "self", softmax_scale=scale)
         q = torch.randn(12, 3, heads, 16, generator=g)
         k, v = (torch.randn(12, 3, kv, 16, generator=g) for _ in range(2))
-        got = attention(q, k, v, None)
-        errors[name] = (got - _reference_attention(q, k, v, scale)).abs().max().item()
+        for kernel in ("auto", "flash", "math"):  # model.sdpa_kernel; the others need CUDA
+            attention.kernel = kernel
+            error = attention(q, k, v, None) - _reference_attention(q, k, v, scale)
+            errors[f"{name} {kernel}"] = error.abs().max().item()
     destroy_parallel()
     return errors
 
@@ -156,9 +159,41 @@ def _refused_batches() -> dict[str, tuple[str, int]]:
     return out
 
 
+def _pinned_kernels() -> dict:
+    """The tiny model with model.sdpa_kernel pinned: loss and gradients against auto, the
+    compiled graph, and the refusal of a CUDA-only kernel here."""
+    import torch._dynamo
+
+    from lws_megatron.model import build_model, destroy_parallel, initialize_parallel
+
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    out, reference = {}, None
+    for kernel in ("auto", "flash", "math", "cudnn"):
+        config = load_config(TINY, [f"model.sdpa_kernel={kernel}"])
+        initialize_parallel(config)
+        try:
+            model = build_model(config, device="cpu")
+        except UserError as err:
+            out[kernel] = str(err)
+            destroy_parallel()
+            continue
+        loss = model(tokens, None, None, labels=tokens).mean()
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        reference = reference or (loss.item(), grads)
+        out[kernel] = {"loss": abs(loss.item() - reference[0]),
+                       "grads": (grads - reference[1]).abs().max().item()}
+        if kernel == "flash":
+            e = torch._dynamo.explain(model)(tokens, None, None, labels=tokens)
+            out["flash graphs"] = (e.graph_count, e.graph_break_count)
+        destroy_parallel()
+    return out
+
+
 def _single_rank_checks() -> dict:
     return {
         "attention": _attention_errors(),
+        "kernels": _pinned_kernels(),
         "shipped": _shipped_configs(),
         "refused": _refused_batches(),
     }
@@ -177,6 +212,22 @@ def single_rank() -> dict:
 def test_sdpa_attention_matches_plain_reference(single_rank):
     for name, error in single_rank["attention"].items():
         assert error < 1e-5, f"{name}: SDPA differs from the reference by {error:.2e}"
+
+
+def test_a_pinned_sdpa_kernel_computes_the_same_model_in_one_graph(single_rank):
+    kernels = single_rank["kernels"]
+    for kernel in ("flash", "math"):
+        assert kernels[kernel]["loss"] < 1e-5 and kernels[kernel]["grads"] < 1e-5, kernels
+    assert kernels["flash graphs"] == (1, 0)  # sdpa_kernel traced into the graph, no break
+    assert kernels["cudnn"].startswith("model.sdpa_kernel=cudnn needs a CUDA device")
+
+
+def test_a_kernel_that_cannot_run_the_heads_is_refused_naming_them():
+    from lws_megatron.model.attention import check_kernel
+
+    with pytest.raises(UserError, match="sdpa_kernel=flash cannot run attention with 6 query "
+                                        "and 4 KV heads of size 16 in float32 on cpu"):
+        check_kernel("flash", {(6, 2), (6, 4)}, 16, 32, torch.device("cpu"), torch.float32)
 
 
 def test_te_attention_matches_sdpa_where_both_run():

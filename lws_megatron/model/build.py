@@ -23,6 +23,7 @@ from lws_megatron import shapes
 from lws_megatron.config import Config
 from lws_megatron.errors import UserError
 from lws_megatron.model import cuda_bridge
+from lws_megatron.model.attention import check_kernel
 from lws_megatron.model.parallel import check_parallel
 from lws_megatron.model.spec import LWSTransformerConfig, layer_spec, resolve_backend
 
@@ -74,6 +75,10 @@ def transformer_config(
     m = config.model
     layers = tuple(config.summary(config.parallel.tp).layers)
     backend = resolve_backend(m.attention_backend, device)
+    if backend == "te" and m.sdpa_kernel != "auto":
+        raise UserError(f"model.sdpa_kernel={m.sdpa_kernel} picks a kernel of the sdpa attention "
+                        "backend, but Transformer Engine runs this model; set "
+                        "model.attention_backend=sdpa or model.sdpa_kernel=auto")
     eager_cuda = device.type == "cuda" and config.train.compile == "none"
     return LWSTransformerConfig(
         num_layers=m.num_layers,
@@ -84,6 +89,7 @@ def transformer_config(
         num_attention_heads=layers[0].num_query_heads,
         num_query_groups=layers[0].num_kv_heads,
         layer_shapes=layers,
+        sdpa_kernel=m.sdpa_kernel,
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_eps,
         qk_layernorm=m.qk_norm,
@@ -142,6 +148,11 @@ def build_model(
         post_process = parallel_state.is_pipeline_last_stage(False, vp_stage=vp_stage)
     backend = "te" if tconfig.transformer_impl == "transformer_engine" else "sdpa"
     meta = device.type == "meta"
+    if backend == "sdpa" and not meta:
+        tp = config.parallel.tp
+        heads = {(s.num_query_heads // tp, s.num_kv_heads // tp) for s in tconfig.layer_shapes}
+        check_kernel(config.model.sdpa_kernel, heads, config.model.d_head,
+                     config.model.seq_length, device, compute_dtype(config, device))
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = GPTModel(
             config=tconfig,

@@ -34,6 +34,7 @@ class LWSTransformerConfig(TransformerConfig):
     """A TransformerConfig whose layers differ in FFN width and head counts."""
 
     layer_shapes: tuple[LayerShape, ...] = ()
+    sdpa_kernel: str = "auto"  # model.sdpa_kernel, read by SDPAttention
 
     def __post_init__(self) -> None:
         super().__post_init__()
