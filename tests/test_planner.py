@@ -1,5 +1,6 @@
 """The pipeline planner: exact against brute force, memory limits, refusals, paper profiles, CLI."""
 
+import dataclasses
 import itertools
 import json
 import random
@@ -267,6 +268,14 @@ def test_profile_calibration_cached(tmp_path, monkeypatch):
     assert all(key.startswith(profile.device_name()) for key in json.loads(cache.read_text()))
     monkeypatch.setattr(profile, "_fastest_times", lambda *a: pytest.fail("re-measured"))
     assert profile.layer_timings(tiny, repeats=1, cache=cache) == timings
+    monkeypatch.undo()
+    # another attention kernel is another measurement, not the cached one
+    math_kernel = dataclasses.replace(
+        tiny, model=dataclasses.replace(tiny.model, sdpa_kernel="math"))
+    profile.layer_timings(math_kernel, repeats=1, cache=cache)
+    keys = json.loads(cache.read_text())
+    blocks = len(timings.layers) + 2  # every layer shape, the embedding, the head
+    assert sum("|sdpa=math|" in k for k in keys) == sum("|sdpa=auto|" in k for k in keys) == blocks
     measured = plan(tiny, pp=2, timings=timings)
     assert measured.unit == "s/micro-batch"
     monkeypatch.undo()

@@ -6,8 +6,9 @@ attention, SwiGLU, no biases), the input embedding, and the head (final norm, ou
 cross-entropy): enough to time the shapes, not a training model. Every timing is forward +
 backward of one micro batch (train.micro_batch_size x model.seq_length), the fastest of
 `repeats` runs after a warm-up (interference from other work only ever adds time), with
-fp32 weights under bf16 autocast on CUDA as training runs; a whole layer is timed whatever
-the TP size, since tensor parallelism scales every layer alike.
+fp32 weights under bf16 autocast on CUDA as training runs, and attention on the kernel the
+model will run (model.sdpa_kernel); a whole layer is timed whatever the TP size, since tensor
+parallelism scales every layer alike.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lws_megatron.config import Config
+from lws_megatron.model.attention import attend
 from lws_megatron.planner.costs import Timings
 from lws_megatron.shapes import LayerShape, padded_vocab_size
 
@@ -56,6 +58,7 @@ def layer_timings(config: Config, *, repeats: int = 5, cache: Path | None = None
     prefix = (
         f"{device_name()}|{_precision()}|d_model={dims.d_model}|d_head={dims.d_head}|"
         f"seq={dims.seq_length}|micro_batch={train.micro_batch_size}|qk_norm={dims.qk_norm}|"
+        f"sdpa={config.model.sdpa_kernel}|"
     )
     vocab = padded_vocab_size(dims, config.parallel.tp)
     shapes = sorted(set(config.summary().layers), key=str)
@@ -124,9 +127,11 @@ def _fastest_times(chunks: dict, repeats: int) -> dict:
 
 
 class _Layer(nn.Module):
-    def __init__(self, shape: LayerShape, d: int, d_head: int, qk_norm: bool, eps: float):
+    def __init__(self, shape: LayerShape, d: int, d_head: int, qk_norm: bool, eps: float,
+                 kernel: str):
         super().__init__()
         self.heads, self.kv, self.d_head = shape.num_query_heads, shape.num_kv_heads, d_head
+        self.kernel = kernel
         self.norm1, self.norm2 = nn.RMSNorm(d, eps=eps), nn.RMSNorm(d, eps=eps)
         self.qkv = nn.Linear(d, (self.heads + 2 * self.kv) * d_head, bias=False)
         self.q_norm = nn.RMSNorm(d_head, eps=eps) if qk_norm else nn.Identity()
@@ -143,7 +148,7 @@ class _Layer(nn.Module):
         q = _rope(self.q_norm(q.view(b, s, self.heads, self.d_head)), cos, sin)
         k = _rope(self.k_norm(k.view(b, s, self.kv, self.d_head)), cos, sin)
         v = v.view(b, s, self.kv, self.d_head).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        o = attend(q, k, v, kernel=self.kernel)
         x = x + self.proj(o.transpose(1, 2).reshape(b, s, -1))
         gate, up = self.fc1(self.norm2(x)).chunk(2, dim=-1)
         return x + self.fc2(F.silu(gate) * up)
@@ -165,7 +170,8 @@ class _Chunk:
         b, s = config.train.micro_batch_size, m.seq_length
         self.embedding = nn.Embedding(vocab, m.d_model) if embedding else None
         self.layers = nn.ModuleList(
-            _Layer(shape, m.d_model, m.d_head, m.qk_norm, m.norm_eps) for shape in shapes
+            _Layer(shape, m.d_model, m.d_head, m.qk_norm, m.norm_eps, m.sdpa_kernel)
+            for shape in shapes
         )
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps) if output else None
         self.head = nn.Linear(m.d_model, vocab, bias=False) if output else None
