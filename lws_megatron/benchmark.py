@@ -67,6 +67,8 @@ class BenchResult:
     layer_timings: list[LayerTiming]
     profile: StepProfile | None = None
     sdpa_kernel: str = "auto"
+    compiled_graphs: int = 0  # more than one graph per chunk: a break or a recompile
+    graph_breaks: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,7 +160,7 @@ def bench_config(config: Config, path: str, steps: int, warmup: int,
     """Needs an initialised default process group of one rank (see launch/bench.py)."""
     from megatron.core import parallel_state as ps
 
-    from lws_megatron.model.compile import compile_chunks
+    from lws_megatron.model.compile import compile_chunks, compile_stats
     from lws_megatron.model.parallel import destroy_parallel, initialize_parallel
     from lws_megatron.training import step
     from lws_megatron.training.metrics import device_peak_flops, memory_gb
@@ -171,6 +173,7 @@ def bench_config(config: Config, path: str, steps: int, warmup: int,
         micro = config.train.micro_batch_size
         chunks, engine, bf16 = build_engine(config, device, ps.get_data_parallel_world_size())
         layer_timings = time_layers(chunks[0], config, micro, device) if time_each_layer else []
+        before = compile_stats()
         compile_chunks(chunks, config.train.compile)
         batches = [synthetic_batch(config, micro, seed) for seed in range(
             config.train.global_batch_size // micro)]
@@ -187,6 +190,7 @@ def bench_config(config: Config, path: str, steps: int, warmup: int,
         step_profile = profile_steps(
             lambda: step.train_step(config, engine, chunks, batches, device), device) \
             if profile else None
+        compiled = {k: v - before[k] for k, v in compile_stats().items()}
         summary = config.summary()
         tokens = config.train.global_batch_size * config.model.seq_length
         median = statistics.median(times)
@@ -211,6 +215,7 @@ def bench_config(config: Config, path: str, steps: int, warmup: int,
             layer_timings=layer_timings,
             profile=step_profile,
             sdpa_kernel=config.model.sdpa_kernel,
+            **compiled,
         )
     finally:
         destroy_parallel()
@@ -218,14 +223,16 @@ def bench_config(config: Config, path: str, steps: int, warmup: int,
 
 def render(results: list[BenchResult]) -> str:
     lines = [f"{'config':<16} {'device':<24} {'prec':<5} {'compile':<7} {'sdpa':<9} "
-             f"{'tok/s':>10} {'MFU':>6} {'step ms (median, min-max)':>28} {'mem GB':>7}"]
+             f"{'tok/s':>10} {'MFU':>6} {'step ms (median, min-max)':>28} {'mem GB':>7} "
+             "graphs/breaks"]
     for r in results:
+        graphs = f"{r.compiled_graphs}/{r.graph_breaks}" if r.compile != "none" else "-"
         lines.append(
             f"{r.config:<16} {r.device[:24]:<24} {r.precision:<5} {r.compile:<7} "
             f"{r.sdpa_kernel:<9} {r.tokens_per_s:>10,.0f} "
             f"{100 * r.mfu:>5.1f}% {1000 * r.step_time_median_s:>10.1f} "
             f"({1000 * r.step_time_min_s:.1f}-{1000 * r.step_time_max_s:.1f}){'':>4} "
-            f"{r.peak_memory_gb:>7.2f}"
+            f"{r.peak_memory_gb:>7.2f} {graphs}"
         )
     for r in results:
         if r.layer_timings:

@@ -25,6 +25,9 @@ def test_bench_measures_steps_and_every_layer_shape(compile):
     assert result["steps"] == 2 and result["micro_batch_size"] == 2
     assert result["compile"] == compile
     assert result["sdpa_kernel"] == ("math" if compile == "model" else "auto")
+    # one compiled graph for the one chunk, kept through every step: no break, no recompile
+    assert (result["compiled_graphs"], result["graph_breaks"]) == \
+        ((1, 0) if compile == "model" else (0, 0))
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
     assert result["step_time_min_s"] <= result["step_time_median_s"] <= result["step_time_max_s"]
     assert result["tokens_per_s"] == 2 * 32 / result["step_time_median_s"]
