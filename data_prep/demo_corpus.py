@@ -24,7 +24,8 @@ import sysconfig
 import warnings
 from typing import Iterator, Sequence
 
-from data_prep.files import atomic_output, refuse_existing
+from data_prep.files import refuse_existing
+from lws_megatron.fileio import atomic_output
 from lws_megatron.errors import UserError, cli_entry
 
 CORPUS_FILE = "pydocs.jsonl"

@@ -29,7 +29,7 @@ with warnings.catch_warnings():
         get_idx_path,
     )
 
-from data_prep.files import partial_path, remove_quietly
+from lws_megatron.fileio import partial_path, remove_quietly
 from lws_megatron.errors import UserError
 
 UINT16_VOCAB_LIMIT = 1 << 16

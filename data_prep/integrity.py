@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.files import sha256_file
+from lws_megatron.fileio import sha256_file
 from data_prep.indexed import IndexFile, get_bin_path, get_idx_path, read_index, read_tokens, token_dtype
 from data_prep.manifest import SPLITS, Manifest, SplitRecord, manifest_path, read_manifest, split_prefix
 from lws_megatron.errors import UserError

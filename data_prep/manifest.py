@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from data_prep.files import write_bytes_atomic
+from lws_megatron.fileio import write_bytes_atomic
 from data_prep.indexed import WrittenFiles
 from lws_megatron.errors import UserError
 

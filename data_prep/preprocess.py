@@ -39,7 +39,8 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from data_prep.files import ensure_parent, refuse_existing, remove_quietly
+from data_prep.files import ensure_parent, refuse_existing
+from lws_megatron.fileio import remove_quietly
 from data_prep.indexed import IndexedWriter, WrittenFiles, get_bin_path, get_idx_path, token_dtype
 from data_prep.manifest import (
     SPLITS,

@@ -32,7 +32,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from data_prep.files import ensure_parent, refuse_existing, write_bytes_atomic
+from data_prep.files import ensure_parent, refuse_existing
+from lws_megatron.fileio import write_bytes_atomic
 from data_prep.readers import (
     InputStats,
     ReaderOptions,
