@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from lws_megatron.benchmark import bench_config, render
-    from lws_megatron.training.trainer import init_processes
+    from lws_megatron.training.distributed import init_processes
 
     init_processes()
     if dist.get_world_size() != 1:

@@ -19,19 +19,25 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from lws_megatron.benchmark import synthetic_batch
 from lws_megatron.config import load_config
+from lws_megatron.device import autocast
+from lws_megatron.errors import UserError
+from lws_megatron.model import build_model
+from lws_megatron.model.compile import compile_chunks, compile_stats
+from lws_megatron.training import distributed
+from lws_megatron.training.train_module import model_args
 
 DEFAULT = "configs/paper/crown-18l.yaml"
 
 
-def _loss_and_grads(config, model, batch, device):
-    from lws_megatron.model.build import autocast
-
+def _loss_and_grads(dtype, model, batch, device):
     tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
     model.zero_grad(set_to_none=True)
-    with autocast(config, device):
+    with autocast(device, dtype):
         per_token = model(tokens, None, None, labels=labels)
     loss = per_token.float().mean()
     loss.backward()
@@ -41,23 +47,20 @@ def _loss_and_grads(config, model, batch, device):
 
 
 def _build(path: str, overrides: list[str], precision: str, device: torch.device):
-    from lws_megatron.model.build import build_model
-    from lws_megatron.model.parallel import initialize_parallel
-    from lws_megatron.training.trainer import init_processes
-
+    """(config, compute dtype, model) inside fresh model-parallel groups of one process."""
     config = load_config(path, [f"train.precision={precision}", *overrides])
-    init_processes()
-    initialize_parallel(config)
-    return config, build_model(config, device=device)
+    distributed.init_processes()
+    plan = distributed.resolve_plan(config, dist.get_world_size())
+    distributed.initialize_model_parallel(plan, config.train.seed)
+    args = model_args(config, plan, device)
+    return config, args.dtype, build_model(args, seed=config.train.seed, device=device)
 
 
 def reference(out: str, path: str, overrides: list[str]) -> None:
     """fp32 on the CPU: weights, batch, loss and gradients into `out`."""
-    from lws_megatron.benchmark import synthetic_batch
-
-    config, model = _build(path, overrides, "fp32", torch.device("cpu"))
+    config, dtype, model = _build(path, overrides, "fp32", torch.device("cpu"))
     batch = synthetic_batch(config, micro=2)
-    loss, grads = _loss_and_grads(config, model, batch, torch.device("cpu"))
+    loss, grads = _loss_and_grads(dtype, model, batch, torch.device("cpu"))
     torch.save({"state": model.state_dict(), "batch": batch, "loss": loss, "grads": grads}, out)
 
 
@@ -80,31 +83,28 @@ def _compare(label: str, ref: dict, loss: float, grads: dict) -> list[str]:
 def check(path: str, overrides: list[str]) -> list[str]:
     """bf16 on CUDA: eager on PyTorch's own SDPA choice, on each pinned fused kernel
     (model.sdpa_kernel), and compiled whole (train.compile=model)."""
-    from lws_megatron.errors import UserError
-    from lws_megatron.model.compile import compile_chunks, compile_stats
-    from lws_megatron.model.parallel import destroy_parallel
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "reference.pt")
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
         subprocess.run([sys.executable, __file__, "--reference", out, path, *overrides],
                        env=env, check=True)
-        ref = torch.load(out, weights_only=False)
+        ref = torch.load(out, weights_only=True)
     device = torch.device("cuda")
     failures = []
     for mode, kernel in (("none", "auto"), ("none", "flash"), ("none", "cudnn"), ("model", "auto")):
         label = f"compile={mode} sdpa_kernel={kernel}"
         try:
-            config, model = _build(
+            config, dtype, model = _build(
                 path, [*overrides, f"train.compile={mode}", f"model.sdpa_kernel={kernel}"],
                 "bf16", device)
         except UserError as err:  # a kernel this card or PyTorch build lacks: not a failure
             print(f"{label}: unavailable: {err}")
-            destroy_parallel()
+            distributed.destroy_model_parallel()
             continue
         model.load_state_dict(ref["state"], strict=True)
         compile_chunks([model], mode)
-        loss, grads = _loss_and_grads(config, model, ref["batch"], device)
+        loss, grads = _loss_and_grads(dtype, model, ref["batch"], device)
         failures += _compare(label, ref, loss, grads)
         if mode != "none":
             stats = compile_stats()
@@ -113,7 +113,7 @@ def check(path: str, overrides: list[str]) -> list[str]:
             if stats["graph_breaks"]:
                 failures.append(f"{label}: {stats['graph_breaks']} graph break(s) on CUDA")
         del model
-        destroy_parallel()
+        distributed.destroy_model_parallel()
     return failures
 
 

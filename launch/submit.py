@@ -25,11 +25,12 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from lws_megatron.config import Config, dump_config, load_config
 from lws_megatron.errors import UserError, cli_entry
+from lws_megatron.training.data import resolve_sources
+from lws_megatron.training.distributed import ParallelPlan, resolve_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "launch" / "slurm" / "pretrain.sbatch"
@@ -37,15 +38,6 @@ MARKER = "# ---- launch:"
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 _NAMES = re.compile(r"^[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*$")
 _TIME = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)$")
-
-
-@dataclass
-class Plan:
-    world: int
-    per_node: int
-    dp: int
-    layout: str | None
-    micro_batches: int
 
 
 def time_seconds(value: str) -> int | None:
@@ -65,19 +57,16 @@ def time_seconds(value: str) -> int | None:
     return a * 60
 
 
-def check(config: Config, nodes: int, per_node: int, unit: str, data_check: bool) -> Plan:
-    """Refuse, with a UserError naming the values and the fix, what the allocation can't run."""
-    from lws_megatron.model.parallel import check_parallel, check_world
-
+def check(config: Config, nodes: int, per_node: int, unit: str,
+          data_check: bool) -> ParallelPlan:
+    """Refuse, with a UserError naming the values and the fix, what the allocation can't run:
+    the same plan every rank resolves first (heads vs TP, the layout, the batch split)."""
     world = nodes * per_node
-    dp = check_world(config, world, f"--nodes {nodes} x {per_node} {unit} per node = {world} processes")
-    t = config.train
-    layout = check_parallel(config)  # what every rank checks first: heads vs TP, the layout
+    plan = resolve_plan(config, world,
+                        f"--nodes {nodes} x {per_node} {unit} per node = {world} processes")
     if data_check:
-        from lws_megatron.training.data import resolve_sources
-
         resolve_sources(config, verify=False)
-    return Plan(world, per_node, dp, layout, t.global_batch_size // (t.micro_batch_size * dp))
+    return plan
 
 
 def sbatch_value(option: str, value: str) -> str:

@@ -14,9 +14,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from torch.profiler import ProfilerActivity, profile
+
 from lws_megatron.config import Config, config_name
-from lws_megatron.model.build import autocast
+from lws_megatron.device import autocast, default_device, synchronize
+from lws_megatron.model.compile import compile_stats
+from lws_megatron.training import distributed
 from lws_megatron.training.data import Batch
+from lws_megatron.training.metrics import device_peak_flops, memory_gb
+from lws_megatron.training.train_module import TrainModule
 
 
 @dataclass(frozen=True)
@@ -84,11 +90,6 @@ class BenchResult:
         })
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def synthetic_batch(config: Config, micro: int, seed: int = 0) -> Batch:
     generator = torch.Generator().manual_seed(seed)
     s = config.model.seq_length
@@ -97,7 +98,7 @@ def synthetic_batch(config: Config, micro: int, seed: int = 0) -> Batch:
             "loss_mask": torch.ones(micro, s)}
 
 
-def time_layers(chunk, config: Config, micro: int, device: torch.device,
+def time_layers(chunk, config: Config, micro: int, device: torch.device, dtype: torch.dtype,
                 repeats: int = 5) -> list[LayerTiming]:
     """Forward + backward seconds of one micro batch through each distinct layer shape."""
     s, d = config.model.seq_length, config.model.d_model
@@ -114,12 +115,12 @@ def time_layers(chunk, config: Config, micro: int, device: torch.device,
         x = torch.randn(s, micro, d, device=device, requires_grad=True)
         best = float("inf")
         for _ in range(repeats + 1):
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
-            with autocast(config, device):
+            with autocast(device, dtype):
                 out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
             out.float().sum().backward()
-            _synchronize(device)
+            synchronize(device)
             best = min(best, time.perf_counter() - start)
         timings.append(LayerTiming(*key, layers=by_shape[key], seconds=best))
         layer.zero_grad(set_to_none=True)
@@ -130,16 +131,14 @@ _LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLau
 
 
 def profile_steps(run_step, device: torch.device, steps: int = 2, top: int = 12) -> StepProfile:
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(steps):
             run_step()
-        _synchronize(device)
+        synchronize(device)
     wall = (time.perf_counter() - start) / steps
     events = prof.key_averages()
 
@@ -158,67 +157,59 @@ def profile_steps(run_step, device: torch.device, steps: int = 2, top: int = 12)
 def bench_config(config: Config, path: str, steps: int, warmup: int,
                  time_each_layer: bool, profile: bool = False) -> BenchResult:
     """Needs an initialised default process group of one rank (see launch/bench.py)."""
-    from megatron.core import parallel_state as ps
-
-    from lws_megatron.model.compile import compile_chunks, compile_stats
-    from lws_megatron.model.parallel import destroy_parallel, initialize_parallel
-    from lws_megatron.training import step
-    from lws_megatron.training.metrics import device_peak_flops, memory_gb
-    from lws_megatron.training.trainer import build_engine
-
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    initialize_parallel(config)
-    try:
-        micro = config.train.micro_batch_size
-        chunks, engine, bf16 = build_engine(config, device, ps.get_data_parallel_world_size())
-        layer_timings = time_layers(chunks[0], config, micro, device) if time_each_layer else []
+    device = default_device()
+    with distributed.model_parallel(config) as plan:
+        module = TrainModule(config, plan, device)
+        layer_timings = (time_layers(module.chunks[0], config, plan.micro_batch_size, device,
+                                     module.args.dtype) if time_each_layer else [])
         before = compile_stats()
-        compile_chunks(chunks, config.train.compile)
-        batches = [synthetic_batch(config, micro, seed) for seed in range(
-            config.train.global_batch_size // micro)]
+        module.compile()
+        batches = [synthetic_batch(config, plan.micro_batch_size, seed)
+                   for seed in range(plan.micro_batches)]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for i in range(warmup + steps):
-            _synchronize(device)
-            start = time.perf_counter()
-            step.train_step(config, engine, chunks, batches, device)
-            _synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        step_profile = profile_steps(
-            lambda: step.train_step(config, engine, chunks, batches, device), device) \
-            if profile else None
+        times = _timed_steps(module, batches, warmup, steps)
+        step_profile = (profile_steps(lambda: module.train_batch(batches), device) if profile
+                        else None)
         compiled = {k: v - before[k] for k, v in compile_stats().items()}
-        summary = config.summary()
-        tokens = config.train.global_batch_size * config.model.seq_length
-        median = statistics.median(times)
-        peak, _ = device_peak_flops(device)
-        return BenchResult(
-            config=config_name(path),
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            precision="bf16" if bf16 else "fp32",
-            micro_batch_size=micro,
-            seq_length=config.model.seq_length,
-            steps=steps,
-            tokens_per_s=tokens / median,
-            step_time_median_s=median,
-            step_time_min_s=min(times),
-            step_time_max_s=max(times),
-            mfu=tokens / median * summary.flops_per_token / peak if peak else 0.0,
-            peak_flops=peak,
-            peak_memory_gb=memory_gb(device),
-            flops_per_token=summary.flops_per_token,
-            total_params=summary.total_params,
-            compile=config.train.compile,
-            layer_timings=layer_timings,
-            profile=step_profile,
-            sdpa_kernel=config.model.sdpa_kernel,
-            **compiled,
-        )
-    finally:
-        destroy_parallel()
+    summary = config.summary()
+    tokens = config.train.global_batch_size * config.model.seq_length
+    median = statistics.median(times)
+    peak, _ = device_peak_flops(device)
+    return BenchResult(
+        config=config_name(path),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        precision="bf16" if module.bf16 else "fp32",
+        micro_batch_size=plan.micro_batch_size,
+        seq_length=config.model.seq_length,
+        steps=steps,
+        tokens_per_s=tokens / median,
+        step_time_median_s=median,
+        step_time_min_s=min(times),
+        step_time_max_s=max(times),
+        mfu=tokens / median * summary.flops_per_token / peak if peak else 0.0,
+        peak_flops=peak,
+        peak_memory_gb=memory_gb(device),
+        flops_per_token=summary.flops_per_token,
+        total_params=summary.total_params,
+        compile=config.train.compile,
+        layer_timings=layer_timings,
+        profile=step_profile,
+        sdpa_kernel=config.model.sdpa_kernel,
+        **compiled,
+    )
+
+
+def _timed_steps(module: TrainModule, batches: list[Batch], warmup: int, steps: int) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        synchronize(module.device)
+        start = time.perf_counter()
+        module.train_batch(batches)
+        synchronize(module.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def render(results: list[BenchResult]) -> str:

@@ -78,6 +78,8 @@ class TrainConfig:
     compile: Literal["none", "layers", "model"] = "none"  # torch.compile per layer / whole chunk
     log_interval: int = 10
     max_nonfinite_steps: int = 5
+    # Optional callbacks by name (lws_megatron/training/callbacks), e.g. [step_time_watchdog].
+    callbacks: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         planned, even = profile.time_splits(
             config, [result.planned.bounds, result.even.bounds], result.pp
         )
-        measured = {"device": profile.device_name(), "planned_seconds": planned,
+        measured = {"device": profile.device_name(profile.default_device()), "planned_seconds": planned,
                     "even_seconds": even}
     if args.json:
         report = {"config": config_name(paths[0]), **result.to_json()}

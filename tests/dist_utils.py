@@ -10,6 +10,7 @@ seconds is killed. Each process gets `threads` torch threads, so that N ranks sh
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import tempfile
@@ -17,7 +18,7 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -116,3 +117,15 @@ def _worker(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def built_model(config, device: str = "cpu") -> Iterator[torch.nn.Module]:
+    """The one model chunk of `config` inside Megatron's groups over the joined default group."""
+    from lws_megatron.model import build_model
+    from lws_megatron.training.distributed import model_parallel
+    from lws_megatron.training.train_module import model_args
+
+    with model_parallel(config) as plan:
+        args = model_args(config, plan, torch.device(device))
+        yield build_model(args, seed=config.train.seed, device=device)

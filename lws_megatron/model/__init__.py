@@ -1,14 +1,16 @@
 """The LWS model on Megatron-Core: GPTModel with per-layer sizes, TP and PP on CPU and GPU.
 
-Typical use on every rank (launched by torchrun, or inside an initialised process group):
+The model package builds modules from `ModelArgs` (model section, layer shapes, TP, layout,
+compute dtype) and a device only. On every rank, inside Megatron's model-parallel state
+(`lws_megatron.training.distributed`):
 
-    initialize_parallel(config)              # checks TP/PP against the model, builds groups
-    chunks = build_model_chunks(config)      # this rank's GPTModel chunk(s), weights drawn
-    step = forward_step(config)              # forward_step_func for Megatron's schedules
-    ... get_forward_backward_func()(forward_step_func=step, model=chunks, ...)
+    args = ModelArgs.from_config(config, layout=plan.layout)
+    chunks = build_model_chunks(args, seed=config.train.seed)   # this rank's chunk(s)
+    ... forward/backward (lws_megatron.training.forward)
     sync_model_parallel_grads(chunks)        # QK-norm over TP, tied embedding over PP
 """
 
+from lws_megatron.model.args import ModelArgs
 from lws_megatron.model.attention import SDPAttention
 from lws_megatron.model.build import (
     build_model,
@@ -20,22 +22,19 @@ from lws_megatron.model.build import (
 )
 from lws_megatron.model.grads import sync_model_parallel_grads
 from lws_megatron.model.inputs import check_batch
-from lws_megatron.model.parallel import check_parallel, destroy_parallel, initialize_parallel
-from lws_megatron.model.step import forward_step, loss_func
+from lws_megatron.model.parallel import check_layout, virtual_pipeline_size
 
 __all__ = [
+    "ModelArgs",
     "SDPAttention",
     "build_model",
     "build_model_chunks",
     "check_batch",
-    "check_parallel",
-    "destroy_parallel",
-    "forward_step",
+    "check_layout",
     "global_named_parameters",
     "init_weights",
-    "initialize_parallel",
-    "loss_func",
     "sync_model_parallel_grads",
     "trainable_parameter_count",
     "transformer_config",
+    "virtual_pipeline_size",
 ]

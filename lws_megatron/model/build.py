@@ -19,43 +19,12 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 
-from lws_megatron import shapes
-from lws_megatron.config import Config
+from lws_megatron.device import default_device
 from lws_megatron.errors import UserError
 from lws_megatron.model import cuda_bridge
+from lws_megatron.model.args import ModelArgs
 from lws_megatron.model.attention import check_kernel
-from lws_megatron.model.parallel import check_parallel
 from lws_megatron.model.spec import LWSTransformerConfig, layer_spec, resolve_backend
-
-
-def default_device() -> torch.device:
-    """This rank's CUDA device if there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def compute_dtype(config: Config, device: torch.device) -> torch.dtype:
-    """`train.precision`: auto is bf16 on CUDA and fp32 elsewhere.
-
-    Weights, gradients and optimizer state stay fp32 (the master copy); bf16 is the autocast
-    dtype of the matrix multiplies and attention, as in PyTorch's mixed-precision recipe.
-    """
-    precision = config.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16" and device.type != "cuda":
-        raise UserError(
-            "train.precision=bf16 needs a CUDA device: Megatron's linear layers keep autocast "
-            "in their backward only on CUDA; use train.precision=fp32 (or auto) on CPU"
-        )
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def autocast(config: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    """The forward pass's mixed-precision context (a no-op for fp32)."""
-    dtype = compute_dtype(config, device)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def _drawn_later(tensor: torch.Tensor) -> torch.Tensor:
@@ -64,22 +33,16 @@ def _drawn_later(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def transformer_config(
-    config: Config, *, device: torch.device | str | None = None
+    args: ModelArgs, *, device: torch.device | str | None = None
 ) -> LWSTransformerConfig:
-    """Megatron's TransformerConfig for `config` at its parallel.tp / parallel.pp split.
-
-    The TP rule and the pipeline layout are checked first (UserError), before anything is built.
-    """
+    """Megatron's TransformerConfig for the model of `args` at its TP / PP split."""
     device = torch.device(device) if device is not None else default_device()
-    layout = check_parallel(config)
-    m = config.model
-    layers = tuple(config.summary(config.parallel.tp).layers)
+    m, layers = args.model, args.layers
     backend = resolve_backend(m.attention_backend, device)
     if backend == "te" and m.sdpa_kernel != "auto":
         raise UserError(f"model.sdpa_kernel={m.sdpa_kernel} picks a kernel of the sdpa attention "
                         "backend, but Transformer Engine runs this model; set "
                         "model.attention_backend=sdpa or model.sdpa_kernel=auto")
-    eager_cuda = device.type == "cuda" and config.train.compile == "none"
     return LWSTransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.d_model,
@@ -102,32 +65,33 @@ def transformer_config(
         init_method=_drawn_later,
         output_layer_init_method=_drawn_later,
         embedding_init_method=_drawn_later,
-        tensor_model_parallel_size=config.parallel.tp,
-        pipeline_model_parallel_size=config.parallel.pp,
-        pipeline_model_parallel_layout=layout,
+        tensor_model_parallel_size=args.tp,
+        pipeline_model_parallel_size=args.pp,
+        pipeline_model_parallel_layout=args.layout,
         # Batched p2p posts both directions' sends to one peer together; with PP=2 and a
         # virtual pipeline gloo then pairs an activation with a gradient. Megatron's unbatched
         # path orders sends and receives by rank parity and keeps the directions apart.
         batch_p2p_comm=False,
         # fp32 weights, and an fp32 residual stream between pipeline stages: bf16 comes from
-        # autocast around the forward (see `autocast`).
+        # autocast around the forward (`lws_megatron.device.autocast`).
         params_dtype=torch.float32,
         pipeline_dtype=torch.float32,
         use_cpu_initialization=device.type != "cuda",
         # Megatron's fused SwiGLU and vocab-parallel cross-entropy (compiled by its jit_fuser)
         # pay off on an eager GPU model; on CPU they would only add compile time to every
         # process start, and under train.compile Inductor fuses the plain ops itself, in the
-        # very graphs that tests/test_compile.py checks for breaks on CPU.
-        bias_activation_fusion=eager_cuda,
-        cross_entropy_loss_fusion=eager_cuda,
+        # very graphs that the compile tests check for breaks on CPU.
+        bias_activation_fusion=args.fused_kernels and device.type == "cuda",
+        cross_entropy_loss_fusion=args.fused_kernels and device.type == "cuda",
         cross_entropy_fusion_impl="native",
         transformer_impl="transformer_engine" if backend == "te" else "local",
     )
 
 
 def build_model(
-    config: Config,
+    args: ModelArgs,
     *,
+    seed: int,
     vp_stage: int | None = None,
     pre_process: bool | None = None,
     post_process: bool | None = None,
@@ -135,13 +99,14 @@ def build_model(
 ) -> GPTModel:
     """One model chunk of this rank: its pipeline stage's layers, at their LWS sizes.
 
-    Needs Megatron's model-parallel state (`initialize_parallel`). `pre_process` and
+    Needs Megatron's model-parallel state (`training.distributed`). `pre_process` and
     `post_process` default to whether this chunk holds the embedding / the output head.
-    `device="meta"` builds without allocating weights (for counting parameters).
+    `device="meta"` builds without allocating weights (for counting parameters). Weights are
+    drawn from `seed` (see `init_weights`).
     """
     device = torch.device(device) if device is not None else default_device()
     cuda_bridge.install()
-    tconfig = transformer_config(config, device=device)
+    tconfig = transformer_config(args, device=device)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(False, vp_stage=vp_stage)
     if post_process is None:
@@ -149,21 +114,20 @@ def build_model(
     backend = "te" if tconfig.transformer_impl == "transformer_engine" else "sdpa"
     meta = device.type == "meta"
     if backend == "sdpa" and not meta:
-        tp = config.parallel.tp
-        heads = {(s.num_query_heads // tp, s.num_kv_heads // tp) for s in tconfig.layer_shapes}
-        check_kernel(config.model.sdpa_kernel, heads, config.model.d_head,
-                     config.model.seq_length, device, compute_dtype(config, device))
+        heads = {(s.num_query_heads // args.tp, s.num_kv_heads // args.tp) for s in args.layers}
+        check_kernel(args.model.sdpa_kernel, heads, args.model.d_head, args.model.seq_length,
+                     device, args.dtype)
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = GPTModel(
             config=tconfig,
-            transformer_layer_spec=layer_spec(backend, qk_norm=config.model.qk_norm),
-            vocab_size=shapes.padded_vocab_size(config.dims, config.parallel.tp),
-            max_sequence_length=config.model.seq_length,
+            transformer_layer_spec=layer_spec(backend, qk_norm=args.model.qk_norm),
+            vocab_size=args.padded_vocab_size,
+            max_sequence_length=args.model.seq_length,
             pre_process=pre_process,
             post_process=post_process,
-            share_embeddings_and_output_weights=config.model.tie_embeddings,
+            share_embeddings_and_output_weights=args.model.tie_embeddings,
             position_embedding_type="rope",
-            rotary_base=config.model.rope_theta,
+            rotary_base=args.model.rope_theta,
             vp_stage=vp_stage,
         )
     if meta:
@@ -171,18 +135,18 @@ def build_model(
     # Megatron leaves torch's norms on the default device in fp32; Megatron-LM moves and casts
     # the whole model after the build (model.cuda(), Float16Module) just like this.
     model.to(device=device, dtype=tconfig.params_dtype)
-    init_weights(model, config.train.seed)
+    init_weights(model, seed)
     return model
 
 
 def build_model_chunks(
-    config: Config, *, device: torch.device | str | None = None
+    args: ModelArgs, *, seed: int, device: torch.device | str | None = None
 ) -> list[GPTModel]:
     """All model chunks of this rank: one, or one per virtual pipeline stage of the layout."""
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     if vpp is None:
-        return [build_model(config, device=device)]
-    return [build_model(config, vp_stage=i, device=device) for i in range(vpp)]
+        return [build_model(args, seed=seed, device=device)]
+    return [build_model(args, seed=seed, vp_stage=i, device=device) for i in range(vpp)]
 
 
 def global_named_parameters(model: GPTModel) -> Iterator[tuple[str, torch.nn.Parameter]]:

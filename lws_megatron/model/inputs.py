@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from lws_megatron.config import Config
 from lws_megatron.errors import UserError
 
 
-def check_batch(tokens: torch.Tensor, config: Config, labels: torch.Tensor | None = None) -> None:
+def check_batch(tokens: torch.Tensor, vocab_size: int, seq_length: int,
+                labels: torch.Tensor | None = None) -> None:
     """Refuse token ids outside the vocabulary and sequences longer than the model's.
 
     Megatron would index past the embedding (a crash or silent garbage on GPU) or run RoPE past
@@ -22,7 +22,7 @@ def check_batch(tokens: torch.Tensor, config: Config, labels: torch.Tensor | Non
                 f"batch {name}: expected integer ids of shape [batch, sequence], got "
                 f"{ids.dtype} of shape {list(ids.shape)}"
             )
-        seq, limit = ids.shape[1], config.model.seq_length
+        seq, limit = ids.shape[1], seq_length
         if seq > limit:
             raise UserError(
                 f"batch {name}: a sequence of {seq} tokens is longer than model.seq_length="
@@ -30,7 +30,7 @@ def check_batch(tokens: torch.Tensor, config: Config, labels: torch.Tensor | Non
             )
         if ids.numel() == 0:
             continue
-        low, high, vocab = int(ids.min()), int(ids.max()), config.model.vocab_size
+        low, high, vocab = int(ids.min()), int(ids.max()), vocab_size
         if low < 0 or high >= vocab:
             bad = low if low < 0 else high
             raise UserError(

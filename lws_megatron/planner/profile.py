@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -24,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lws_megatron.config import Config
+from lws_megatron.fileio import ensure_dir, write_text_atomic
+from lws_megatron.device import default_device, device_name, synchronize
 from lws_megatron.model.attention import attend
 from lws_megatron.planner.costs import Timings
 from lws_megatron.shapes import LayerShape, padded_vocab_size
@@ -34,29 +35,12 @@ CACHE_FILE = (
 )
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def device_name() -> str:
-    """What the cache is keyed by: the GPU model, or the CPU model and torch's thread count."""
-    if device().type == "cuda":
-        return torch.cuda.get_device_name()
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                 if ln.startswith("model name")]
-        model = names[0] if names else model
-    return f"cpu {model} x{torch.get_num_threads()} threads"
-
-
 def layer_timings(config: Config, *, repeats: int = 5, cache: Path | None = None) -> Timings:
     """Seconds per distinct layer shape, the embedding and the head, cached per device and shape."""
     cache = cache or CACHE_FILE
     dims, train = config.dims, config.train
     prefix = (
-        f"{device_name()}|{_precision()}|d_model={dims.d_model}|d_head={dims.d_head}|"
+        f"{device_name(default_device())}|{_precision()}|d_model={dims.d_model}|d_head={dims.d_head}|"
         f"seq={dims.seq_length}|micro_batch={train.micro_batch_size}|qk_norm={dims.qk_norm}|"
         f"sdpa={config.model.sdpa_kernel}|"
     )
@@ -76,10 +60,8 @@ def layer_timings(config: Config, *, repeats: int = 5, cache: Path | None = None
         }
         times = _fastest_times(chunks, repeats)
         known.update({keys[block]: times[block] for block in missing})
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
-        tmp.replace(cache)
+        ensure_dir(cache.parent)
+        write_text_atomic(cache, json.dumps(known, indent=1, sort_keys=True))
     return Timings(
         layers={s: known[keys[s]] for s in shapes},
         embedding=known[keys["embedding"]],
@@ -113,7 +95,7 @@ def time_splits(
 
 
 def _precision() -> str:
-    return "autocast-bf16" if device().type == "cuda" else "fp32"
+    return "autocast-bf16" if default_device().type == "cuda" else "fp32"
 
 
 def _fastest_times(chunks: dict, repeats: int) -> dict:
@@ -165,7 +147,7 @@ class _Chunk:
 
     def __init__(self, config: Config, shapes: list[LayerShape], *, embedding: bool,
                  output: bool):
-        m, dev = config.model, device()
+        m, dev = config.model, default_device()
         vocab = padded_vocab_size(config.dims, config.parallel.tp)
         b, s = config.train.micro_batch_size, m.seq_length
         self.embedding = nn.Embedding(vocab, m.d_model) if embedding else None
@@ -186,8 +168,8 @@ class _Chunk:
         self.grad = torch.randn_like(self.hidden)
 
     def step(self) -> None:
-        with torch.autocast(device().type, dtype=torch.bfloat16,
-                            enabled=device().type == "cuda"):
+        with torch.autocast(default_device().type, dtype=torch.bfloat16,
+                            enabled=default_device().type == "cuda"):
             if self.embedding is not None:
                 x = self.embedding(self.tokens)
             else:
@@ -203,13 +185,8 @@ class _Chunk:
             x.backward(self.grad.to(x.dtype))
 
     def timed_step(self) -> float:
-        _sync()
+        synchronize(default_device())
         start = time.perf_counter()
         self.step()
-        _sync()
+        synchronize(default_device())
         return time.perf_counter() - start
-
-
-def _sync() -> None:
-    if device().type == "cuda":
-        torch.cuda.synchronize()

@@ -24,24 +24,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 
 from lws_megatron.errors import UserError
+from lws_megatron.fileio import write_text_atomic
 
 _PREFIX = "step_"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def rng_state() -> dict[str, Any]:
-    from megatron.core import tensor_parallel
-
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -54,8 +45,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -93,10 +82,10 @@ class Checkpointer:
         dist.barrier()
         if rank == 0:
             meta = {"step": step, "state": state, "fingerprint": self.fingerprint}
-            _atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
+            write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _atomic_write(self.root / "latest", name + "\n")
+            write_text_atomic(self.root / "latest", name + "\n")
             self._prune()
         dist.barrier()
         return final

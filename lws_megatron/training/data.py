@@ -17,12 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from data_prep.integrity import verify_dataset
 from data_prep.manifest import manifest_path, read_manifest, split_prefix
 from data_prep.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron.config import Config
 from lws_megatron.errors import UserError
+from lws_megatron.training.distributed import ParallelPlan
 
 
 Batch = dict[str, torch.Tensor]  # tokens, labels: [b, s] int64; loss_mask: [b, s] float
@@ -93,11 +97,6 @@ class _MegatronTokenizer:
 
 def build_datasets(config: Config, sources: Sources, dp: int, cache_dir: Path):
     """(train, valid) GPTDatasets sized for the whole run and the fixed validation set."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
     train = [split_prefix(p, "train") for p in sources.prefixes]
     valid = [split_prefix(p, "valid") for p in sources.prefixes]
     has_valid = all(Path(v + ".idx").is_file() for v in valid)
@@ -147,9 +146,17 @@ def micro_batches(dataset, start: int, count: int, micro: int) -> list[Batch]:
     return out
 
 
-def step_batches(dataset, step: int, global_batch: int, dp_rank: int, dp: int,
-                 micro: int) -> list[Batch]:
+def step_batches(dataset, step: int, plan: ParallelPlan, dp_rank: int) -> list[Batch]:
     """This data-parallel rank's micro batches of the global batch of `step`."""
-    share = global_batch // dp
-    return micro_batches(dataset, step * global_batch + dp_rank * share, share, micro)
+    share = plan.global_batch_size // plan.dp
+    return micro_batches(dataset, step * plan.global_batch_size + dp_rank * share, share,
+                         plan.micro_batch_size)
 
+
+def validation_batches(config: Config, dataset, plan: ParallelPlan) -> list[Batch]:
+    """This data-parallel rank's share of the fixed validation set (none without one)."""
+    if dataset is None:
+        return []
+    share = eval_samples(config, 1)
+    return micro_batches(dataset, ps.get_data_parallel_rank() * share, share,
+                         plan.micro_batch_size)

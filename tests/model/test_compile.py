@@ -3,11 +3,11 @@
 from pathlib import Path
 
 import torch
-from dist_utils import run_distributed
+from dist_utils import built_model, run_distributed
 
 from lws_megatron.model.compile import compile_stats
 
-TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def test_compile_stats_count_a_graph_break():
@@ -28,13 +28,10 @@ def _explain_layer_and_model(path: str) -> dict[str, tuple[int, int]]:
     import torch._dynamo
 
     from lws_megatron.config import load_config
-    from lws_megatron.model import build_model, destroy_parallel, initialize_parallel
     from lws_megatron.model.compile import prepare_for_compile
 
     config = load_config(path, ["parallel.tp=2"])
-    initialize_parallel(config)
-    try:
-        model = build_model(config, device="cpu")
+    with built_model(config) as model:
         prepare_for_compile(model)
         s, b = config.model.seq_length, 2
         tokens = torch.randint(0, config.model.vocab_size, (b, s))
@@ -47,8 +44,6 @@ def _explain_layer_and_model(path: str) -> dict[str, tuple[int, int]]:
         e = torch._dynamo.explain(model)(tokens, None, None, labels=tokens)
         out["model"] = (e.graph_count, e.graph_break_count)
         return out
-    finally:
-        destroy_parallel()
 
 
 def test_layers_and_the_whole_model_are_single_graphs_on_every_tp_rank():

@@ -21,7 +21,7 @@ from lws_megatron.planner.costs import (
 from lws_megatron.planner.partition import solve, tables
 from lws_megatron.planner.stages import layout_string
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPER = ["baseline-12l", "baseline-18l", "vanilla-18l", "framed-18l", "reverse-18l", "crown-18l"]
 DEMO = str(ROOT / "configs/demo/vanilla.yaml")
 VANILLA = str(ROOT / "configs/paper/vanilla-18l.yaml")
@@ -265,7 +265,7 @@ def test_profile_calibration_cached(tmp_path, monkeypatch):
     timings = profile.layer_timings(tiny, repeats=1, cache=cache)
     assert set(timings.layers) == set(tiny.summary().layers)
     assert all(t > 0 for t in [*timings.layers.values(), timings.embedding, timings.output])
-    assert all(key.startswith(profile.device_name()) for key in json.loads(cache.read_text()))
+    assert all(key.startswith(profile.device_name(profile.default_device())) for key in json.loads(cache.read_text()))
     monkeypatch.setattr(profile, "_fastest_times", lambda *a: pytest.fail("re-measured"))
     assert profile.layer_timings(tiny, repeats=1, cache=cache) == timings
     monkeypatch.undo()

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import run_distributed
+from dist_utils import built_model, run_distributed
 from lws_megatron.config import Config, load_config
 from lws_megatron.errors import UserError
+from lws_megatron.training.distributed import model_parallel, resolve_plan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(
     str(p.relative_to(ROOT))
     for family in ("paper", "openelm", "demo")
@@ -51,9 +50,13 @@ def _attention_errors() -> dict[str, float]:
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from lws_megatron.model import SDPAttention, destroy_parallel, initialize_parallel
+    from lws_megatron.model import SDPAttention
 
-    initialize_parallel(load_config(DEMO))  # TP=1 groups, which SDPAttention reads
+    with model_parallel(load_config(DEMO)):  # TP=1 groups, which SDPAttention reads
+        return _attention_errors_in_groups(SDPAttention, AttnMaskType, TransformerConfig)
+
+
+def _attention_errors_in_groups(SDPAttention, AttnMaskType, TransformerConfig) -> dict:
     errors = {}
     g = torch.Generator().manual_seed(0)
     for name, heads, kv, scale in (("gqa", 6, 2, None), ("mha", 4, 4, None), ("scaled", 4, 2, 0.3)):
@@ -68,7 +71,6 @@ def _attention_errors() -> dict[str, float]:
             attention.kernel = kernel
             error = attention(q, k, v, None) - _reference_attention(q, k, v, scale)
             errors[f"{name} {kernel}"] = error.abs().max().item()
-    destroy_parallel()
     return errors
 
 
@@ -78,9 +80,15 @@ def _te_attention_error() -> float:
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from lws_megatron.model import SDPAttention, destroy_parallel, initialize_parallel
+    from lws_megatron.model import SDPAttention
 
-    initialize_parallel(load_config(DEMO))
+    with model_parallel(load_config(DEMO)):
+        return _te_error_in_groups(SDPAttention, TEDotProductAttention, AttnMaskType,
+                                   TransformerConfig)
+
+
+def _te_error_in_groups(SDPAttention, TEDotProductAttention, AttnMaskType,
+                        TransformerConfig) -> float:
     config = TransformerConfig(
         num_layers=1, hidden_size=96, num_attention_heads=6, num_query_groups=2,
         kv_channels=16, attention_dropout=0.0, bf16=True, params_dtype=torch.bfloat16,
@@ -89,9 +97,7 @@ def _te_attention_error() -> float:
     sdpa = SDPAttention(config, 1, AttnMaskType.causal, "self")
     q = torch.randn(64, 2, 6, 16, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(64, 2, 2, 16, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    error = (te(q, k, v, None).float() - sdpa(q, k, v, None).float()).abs().max().item()
-    destroy_parallel()
-    return error
+    return (te(q, k, v, None).float() - sdpa(q, k, v, None).float()).abs().max().item()
 
 
 def _shapes_by_layer(model) -> list[tuple[int, int, int]]:
@@ -108,36 +114,37 @@ def _shapes_by_layer(model) -> list[tuple[int, int, int]]:
 def _shipped_configs() -> dict[str, dict]:
     """Each shipped config built on the meta device: parameter count and per-layer shapes."""
     from lws_megatron.describe import describe_json
-    from lws_megatron.model import build_model, destroy_parallel, initialize_parallel
     from lws_megatron.model import trainable_parameter_count
 
     out = {}
     for path in SHIPPED:
         config = load_config(ROOT / path)
-        initialize_parallel(config)
-        model = build_model(config, device="meta")
-        described = describe_json(path, config, 1)
-        out[path] = {
-            "built": trainable_parameter_count([model]),
-            "described": described["total_params"],
-            "layers": _shapes_by_layer(model),
-            "expected_layers": [
-                (x["ffn_hidden_size"], x["num_query_heads"], x["num_kv_heads"])
-                for x in described["layers"]
-            ],
-            "devices": {p.device.type for p in model.parameters()},
-        }
-        destroy_parallel()
+        with built_model(config, "meta") as model:
+            described = describe_json(path, config, 1)
+            out[path] = {
+                "built": trainable_parameter_count([model]),
+                "described": described["total_params"],
+                "layers": _shapes_by_layer(model),
+                "expected_layers": [
+                    (x["ffn_hidden_size"], x["num_query_heads"], x["num_kv_heads"])
+                    for x in described["layers"]
+                ],
+                "devices": {p.device.type for p in model.parameters()},
+            }
     return out
 
 
 def _refused_batches() -> dict[str, tuple[str, int]]:
     """Bad batches through forward_step on the demo model: the error, and forwards that ran."""
-    from lws_megatron.model import build_model, destroy_parallel, forward_step, initialize_parallel
+    from lws_megatron.model import ModelArgs
+    from lws_megatron.training.forward import forward_step
 
     config = load_config(DEMO)
-    initialize_parallel(config)
-    model = build_model(config, device="cpu")
+    with built_model(config) as model:
+        return _refusals(config, model, forward_step(ModelArgs.from_config(config, layout=None)))
+
+
+def _refusals(config, model, step) -> dict[str, tuple[str, int]]:
     forwards = []
     model.register_forward_pre_hook(lambda *_: forwards.append(1))
     b, s, vocab = 2, config.model.seq_length, config.model.vocab_size
@@ -151,43 +158,42 @@ def _refused_batches() -> dict[str, tuple[str, int]]:
         labels = tokens if tokens.shape != ok.shape else ok
         batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(labels.shape)}
         try:
-            forward_step(config)(iter([batch]), model)
+            step(iter([batch]), model)
             out[name] = ("no error", len(forwards))
         except UserError as err:
             out[name] = (str(err), len(forwards))
-    destroy_parallel()
     return out
 
 
 def _pinned_kernels() -> dict:
     """The tiny model with model.sdpa_kernel pinned: loss and gradients against auto, the
     compiled graph, and the refusal of a CUDA-only kernel here."""
-    import torch._dynamo
-
-    from lws_megatron.model import build_model, destroy_parallel, initialize_parallel
-
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     out, reference = {}, None
     for kernel in ("auto", "flash", "math", "cudnn"):
         config = load_config(TINY, [f"model.sdpa_kernel={kernel}"])
-        initialize_parallel(config)
         try:
-            model = build_model(config, device="cpu")
+            with built_model(config) as model:
+                reference = _kernel_run(model, kernel, tokens, out, reference)
         except UserError as err:
             out[kernel] = str(err)
-            destroy_parallel()
-            continue
-        loss = model(tokens, None, None, labels=tokens).mean()
-        loss.backward()
-        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
-        reference = reference or (loss.item(), grads)
-        out[kernel] = {"loss": abs(loss.item() - reference[0]),
-                       "grads": (grads - reference[1]).abs().max().item()}
-        if kernel == "flash":
-            e = torch._dynamo.explain(model)(tokens, None, None, labels=tokens)
-            out["flash graphs"] = (e.graph_count, e.graph_break_count)
-        destroy_parallel()
     return out
+
+
+def _kernel_run(model, kernel: str, tokens, out: dict, reference):
+    """One kernel's loss and gradients into `out`, against the first kernel's (the reference)."""
+    import torch._dynamo
+
+    loss = model(tokens, None, None, labels=tokens).mean()
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    reference = reference or (loss.item(), grads)
+    out[kernel] = {"loss": abs(loss.item() - reference[0]),
+                   "grads": (grads - reference[1]).abs().max().item()}
+    if kernel == "flash":
+        e = torch._dynamo.explain(model)(tokens, None, None, labels=tokens)
+        out["flash graphs"] = (e.graph_count, e.graph_break_count)
+    return reference
 
 
 def _single_rank_checks() -> dict:
@@ -258,20 +264,18 @@ def test_bad_batch_refused_before_compute(single_rank, case):
 
 
 def test_tp_the_heads_cannot_take_is_refused_before_process_groups():
-    from lws_megatron.model import initialize_parallel, transformer_config
+    from lws_megatron.model import ModelArgs
 
     config = _with(load_config(DEMO), tp=4)  # fixed_kv keeps 2 KV heads in every layer
-    for call in (lambda: initialize_parallel(config), lambda: transformer_config(config)):
+    for call in (lambda: resolve_plan(config, 4), lambda: ModelArgs.from_config(config, layout=None)):
         with pytest.raises(UserError, match=r"layer 0 .*TP=4"):
             call()
     assert not dist.is_initialized()
 
 
 def test_uneven_split_without_layout_is_refused():
-    from lws_megatron.model import check_parallel
-
     with pytest.raises(UserError, match=r"num_layers=10 .*pp=3.*'Et\*4\|t\*3\|t\*3L'"):
-        check_parallel(_with(load_config(DEMO), pp=3))
+        resolve_plan(_with(load_config(DEMO), pp=3), 3)
 
 
 @pytest.mark.parametrize(
@@ -280,31 +284,22 @@ def test_uneven_split_without_layout_is_refused():
     ids=["count", "no-E", "no-L", "stages"],
 )
 def test_bad_layout_is_refused(layout):
-    from lws_megatron.model import check_parallel
-
     with pytest.raises(UserError, match="parallel.pipeline_layout"):
-        check_parallel(_with(load_config(DEMO), pp=2, pipeline_layout=layout))
+        resolve_plan(_with(load_config(DEMO), pp=2, pipeline_layout=layout), 2)
 
 
 def test_explicit_layout_is_taken_as_given():
-    from lws_megatron.model import check_parallel
-
     config = load_config(DEMO)
-    assert check_parallel(_with(config, pp=2, pipeline_layout="Et*3|t*7L")) == "Et*3|t*7L"
-    assert check_parallel(_with(config, pp=2)) is None  # Megatron's even split
+    assert resolve_plan(_with(config, pp=2, pipeline_layout="Et*3|t*7L"), 2).layout == "Et*3|t*7L"
+    assert resolve_plan(_with(config, pp=2), 2).layout is None  # Megatron's even split
 
 
 def test_auto_layout_asks_the_planner(monkeypatch):
-    from lws_megatron.model import check_parallel
+    from lws_megatron.training import distributed
 
     config = _with(load_config(DEMO), pp=2, pipeline_layout="auto")
-    planner = types.ModuleType("lws_megatron.planner")
-    planner.plan_layout = lambda c: "Et*4|t*6L" if c is config else ""
-    monkeypatch.setitem(sys.modules, "lws_megatron.planner", planner)
-    assert check_parallel(config) == "Et*4|t*6L"
-    monkeypatch.setitem(sys.modules, "lws_megatron.planner", None)  # an install without it
-    with pytest.raises(UserError, match="planner"):
-        check_parallel(config)
+    monkeypatch.setattr(distributed, "plan_layout", lambda c: "Et*4|t*6L" if c is config else "")
+    assert resolve_plan(config, 2).layout == "Et*4|t*6L"
 
 
 def test_check_batch():
@@ -312,7 +307,7 @@ def test_check_batch():
 
     config = load_config(DEMO)
     s, vocab = config.model.seq_length, config.model.vocab_size
-    check_batch(torch.randint(0, vocab, (2, s)), config, torch.randint(0, vocab, (2, s)))
+    check_batch(torch.randint(0, vocab, (2, s)), vocab, s, torch.randint(0, vocab, (2, s)))
     for tokens, match in (
         (torch.zeros(2, s + 1, dtype=torch.long), "longer than model.seq_length"),
         (torch.full((2, s), vocab), f"token id {vocab} .*model.vocab_size"),
@@ -320,9 +315,9 @@ def test_check_batch():
         (torch.zeros(2, s), "integer ids"),
     ):
         with pytest.raises(UserError, match=match):
-            check_batch(tokens, config)
+            check_batch(tokens, vocab, s)
     with pytest.raises(UserError, match="labels"):
-        check_batch(torch.zeros(2, s, dtype=torch.long), config, torch.full((2, s), vocab))
+        check_batch(torch.zeros(2, s, dtype=torch.long), vocab, s, torch.full((2, s), vocab))
 
 
 def test_attention_backend_choice():

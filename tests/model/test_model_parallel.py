@@ -95,22 +95,25 @@ def _train_step(config: Config) -> dict:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from lws_megatron.model import (
-        build_model_chunks,
-        destroy_parallel,
-        forward_step,
-        global_named_parameters,
-        initialize_parallel,
-        sync_model_parallel_grads,
-    )
+    from lws_megatron.training.distributed import model_parallel
 
-    initialize_parallel(config)
-    chunks = build_model_chunks(config, device="cpu")
+    with model_parallel(config) as plan:
+        return _train_step_in_groups(config, plan, get_forward_backward_func, parallel_state)
+
+
+def _train_step_in_groups(config, plan, get_forward_backward_func, parallel_state) -> dict | None:
+    from lws_megatron.model import build_model_chunks, global_named_parameters
+    from lws_megatron.model import sync_model_parallel_grads
+    from lws_megatron.training.forward import forward_step
+    from lws_megatron.training.train_module import model_args
+
+    args = model_args(config, plan, torch.device("cpu"))
+    chunks = build_model_chunks(args, seed=config.train.seed, device="cpu")
     weights = {name: _full(p, p) for c in chunks for name, p in global_named_parameters(c)}
     batches = _batches(config)
     iterators = [iter(batches) for _ in chunks]
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step(config),
+        forward_step_func=forward_step(args),
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=MICRO_BATCHES,
@@ -126,7 +129,6 @@ def _train_step(config: Config) -> dict:
         loss = float(total[0] / total[1])
     keep = parallel_state.get_tensor_model_parallel_rank() == 0
     keep = keep and parallel_state.get_data_parallel_rank() == 0
-    destroy_parallel()
     return {"loss": loss, "weights": weights, "grads": grads} if keep else None
 
 

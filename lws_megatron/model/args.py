@@ -1,0 +1,43 @@
+"""What the model package builds from: the model section, per-layer shapes and the split.
+
+Nothing about the run (seed, precision policy, compile mode, batch sizes) reaches the builders
+except as these few resolved values, so the model can be built the same way by training, the
+benchmark, the planner's calibration and the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lws_megatron import shapes
+from lws_megatron.config import Config, ModelConfig
+from lws_megatron.model.parallel import check_layout
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    model: ModelConfig
+    layers: tuple[shapes.LayerShape, ...]  # every layer's shape, in global layer order
+    padded_vocab_size: int
+    tp: int = 1
+    pp: int = 1
+    layout: str | None = None  # Megatron's pipeline_model_parallel_layout; None: even split
+    dtype: torch.dtype = torch.float32  # compute dtype (autocast); weights stay fp32
+    fused_kernels: bool = False  # Megatron's jit-fused SwiGLU and cross-entropy
+
+    @classmethod
+    def from_config(cls, config: Config, *, layout: str | None, tp: int | None = None,
+                    dtype: torch.dtype = torch.float32, fused_kernels: bool = False) -> ModelArgs:
+        """The model of `config` at `tp` (default parallel.tp) and a resolved `layout`."""
+        tp = config.parallel.tp if tp is None else tp
+        pp = config.parallel.pp
+        return cls(
+            model=config.model,
+            layers=tuple(config.summary(tp).layers),
+            padded_vocab_size=shapes.padded_vocab_size(config.dims, tp),
+            tp=tp, pp=pp,
+            layout=check_layout(config.model.num_layers, pp, layout),
+            dtype=dtype, fused_kernels=fused_kernels,
+        )

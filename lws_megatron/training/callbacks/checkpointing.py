@@ -1,0 +1,24 @@
+"""Save a checkpoint every `checkpoint.interval` steps, at the end, and before any stop."""
+
+from __future__ import annotations
+
+from lws_megatron.training.callbacks.base import Callback, registered
+
+
+@registered("checkpointing", default=True)
+class Checkpointing(Callback):
+    priority = 90  # last: the others decide whether the run stops after this step
+
+    def on_train_start(self, trainer) -> None:
+        self.last_saved = trainer.resumed_step
+
+    def on_step_end(self, trainer, result, seconds) -> None:
+        interval = trainer.config.checkpoint.interval
+        due = interval and trainer.step % interval == 0
+        final = trainer.step == trainer.config.train.max_steps
+        if not (due or final or trainer.stopping) or self.last_saved == trainer.step:
+            return
+        path = trainer.checkpointer.save(trainer.module.engine, trainer.step,
+                                         {"skipped_steps": trainer.skipped_steps})
+        self.last_saved = trainer.step
+        trainer.say(f"saved checkpoint {path}")
