@@ -12,7 +12,9 @@ from __future__ import annotations
 import warnings
 from typing import Literal
 
+import torch._dynamo
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from torch._dynamo.utils import counters
 
 CompileMode = Literal["none", "layers", "model"]
 
@@ -20,8 +22,6 @@ CompileMode = Literal["none", "layers", "model"]
 def compile_chunks(chunks, mode: CompileMode) -> None:
     if mode == "none":
         return
-    import torch._dynamo
-
     # LWS layers of one shape share a graph, but there are up to one shape per layer.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     # Megatron's rotary table is lru_cached; Dynamo traces through the cache, which is right
@@ -49,7 +49,5 @@ def prepare_for_compile(chunk) -> None:
 def compile_stats() -> dict[str, int]:
     """Graphs Dynamo built in this process and the graph breaks it hit: a break splits a
     compiled region, and each piece costs its own launches and guards."""
-    from torch._dynamo.utils import counters
-
     return {"compiled_graphs": counters["stats"]["unique_graphs"],
             "graph_breaks": sum(counters["graph_break"].values())}

@@ -14,6 +14,7 @@ import types
 from typing import Any, Callable
 
 import torch
+from megatron.core.models.common.language_module.language_module import LanguageModule
 
 
 class _CpuCuda:
@@ -72,8 +73,6 @@ def install() -> None:
         importlib.import_module(name).torch = _CPU_TORCH
     # LanguageModule.setup_embeddings_and_output_layer copies a tied embedding split over
     # pipeline stages with `weight.data.cuda()` before the all-reduce that equalises it.
-    from megatron.core.models.common.language_module.language_module import LanguageModule
-
     LanguageModule.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(
         LanguageModule.setup_embeddings_and_output_layer
     )

@@ -137,14 +137,13 @@ def _solve_stages(t: Tables, limit: float | None) -> tuple[int, ...] | None:
 def _search(t: Tables, limit: float | None, budget: int) -> Solution | None:
     """Several chunks per rank (interleaved schedule): branch and bound, exact within `budget`.
 
-    Rank loads add up over chunks far apart in depth, so no prefix DP applies; with many
-    chunks per rank the problem contains PARTITION, so no polynomial exact method is expected.
-    Depth-first over the chunk boundaries, each distinct (chunk, boundary, rank loads, rank
-    memories) state once, pruned by the incumbent (the chunk-balanced split, improved by
-    moving single boundaries) against a lower bound: the placed loads plus the least
-    remaining load water-filled over the ranks that still have chunks, the last chunk's
-    head on its own rank. O(N pp) per visit; the paper profiles at C <= 12 take well under a
-    second. Past `budget` visits the best split found is returned with `proven` False.
+    Rank loads add up over chunks far apart in depth, so no prefix DP applies (with many chunks
+    per rank the problem contains PARTITION). Depth-first over the chunk boundaries, each
+    distinct (chunk, boundary, rank loads, rank memories) state once, pruned by the incumbent
+    (the chunk-balanced split, improved by moving single boundaries) against a lower bound:
+    placed loads plus the least remaining load water-filled over the ranks that still have
+    chunks. The paper profiles at C <= 12 take well under a second. Past `budget` visits the
+    best split found is returned with `proven` False.
     """
     allowed = _allowed(t, limit)
     w, mem = allowed.tolist(), t.memory.tolist()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import deepspeed
 import torch
 from megatron.core import parallel_state as ps
 
@@ -70,8 +71,6 @@ def deepspeed_config(config: Config, dp: int) -> dict[str, Any]:
 
 def initialize_engine(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                       dp: int):
-    import deepspeed
-
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

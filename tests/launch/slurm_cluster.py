@@ -95,7 +95,7 @@ class SlurmCluster:
         key.chmod(0o400)
         user = "root"
         self.conf.write_text("\n".join([
-            "# A one-node test cluster written by tests/slurm_cluster.py",
+            "# A one-node test cluster written by tests/launch/slurm_cluster.py",
             "ClusterName=lwstest",
             f"SlurmctldHost={NODE}(127.0.0.1)",
             f"SlurmctldPort={free_port()}",

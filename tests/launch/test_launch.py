@@ -1,5 +1,5 @@
 """Launchers for real clusters, run for real: mpirun, two torchrun launchers on loopback, and a
-one-node SLURM cluster (tests/slurm_cluster.py) running the project's sbatch and launch/submit.py,
+one-node SLURM cluster (tests/launch/slurm_cluster.py) running the project's sbatch and launch/submit.py,
 pre-emption and requeue included.
 
 The 2-process torchrun run of the tiny config is the reference: an MPI launch, two single-process
@@ -25,7 +25,7 @@ from slurm_cluster import free_port, slurm_cluster  # noqa: F401  (the fixture)
 
 from lws_megatron.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 CROWN = ROOT / "configs" / "demo" / "crown.yaml"
 SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
