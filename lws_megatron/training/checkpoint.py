@@ -1,21 +1,28 @@
-"""Atomic, rotating checkpoints that restore a run exactly.
+"""Checkpoints that restore a run exactly, are never lost, and load without running code.
 
 Layout under `run.dir/checkpoints/`:
-  step_00000100/meta.json      the step, data position and the model/layout fingerprint
+  step_00000100/meta.json      step, run state, model/layout fingerprint, every file's sha256
   step_00000100/pp{P}/...      DeepSpeed engine state of pipeline stage P (weights, ZeRO shards)
-  step_00000100/rng/rank{R}.pt every rank's RNG states
-  latest                       the name of the newest complete checkpoint
+  step_00000100/rng/rank{R}.pt every rank's RNG states (tensors and numbers only)
+  latest                       the name of the newest complete checkpoint (for people and tools)
 
-Everything is written under `step_N.tmp/` and renamed by rank 0 once every rank is done, so a
-crash while saving leaves the previous checkpoint and `latest` untouched. DeepSpeed names files
-by tensor-parallel rank, so each pipeline stage writes into a directory of its own.
+A save writes `step_N.tmp/`, hashes what was written, and is renamed into place by rank 0 once
+every rank is done; only then are older checkpoints pruned, so a crash or a full disk while
+saving leaves the previous checkpoints untouched (and the partial one is removed). A resume
+takes the newest checkpoint whose files match their recorded hashes; a damaged one is set aside
+as `step_N.damaged` with a warning and the one before it is used. Every file is read with
+`torch.load(weights_only=True)`: tensors, numbers and, for DeepSpeed's optimizer state, three
+plain DeepSpeed classes; anything else is refused. DeepSpeed names files by tensor-parallel rank,
+so each pipeline stage writes into a directory of its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,19 +30,51 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from lws_megatron.errors import UserError
-from lws_megatron.fileio import write_text_atomic
+from lws_megatron.fileio import os_errors, sha256_file, write_text_atomic
+from lws_megatron.training.distributed import agreed
 
-_PREFIX = "step_"
+_NAME = re.compile(r"^step_(\d{8})$")
+FORMAT = 2  # meta.json with file hashes, weights-only files
+# What DeepSpeed's ZeRO optimizer state holds besides tensors: an enum, a dataclass of two
+# ints and the (static) loss scaler; none runs code when rebuilt.
+_DEEPSPEED_GLOBALS = [ZeroStageEnum, fragment_address, LossScaler]
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = None) -> Any:
+    """torch.load that only rebuilds tensors, numbers and DeepSpeed's plain state classes."""
+    with torch.serialization.safe_globals(_DEEPSPEED_GLOBALS):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            reason = str(err).strip().splitlines()[0][:200]
+            raise UserError(f"{path}: refused to load: it holds objects that could run code "
+                            f"({reason}); load checkpoints only from sources you trust, or "
+                            "resume from another checkpoint") from None
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading through `safe_load` (its own unpickles)."""
+
+    def load(self, path: str, map_location=None):
+        return safe_load(path, map_location)
 
 
 def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from, as tensors and numbers (loadable weights-only)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(internal), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
@@ -45,52 +84,95 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached"]))
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def checkpoint_step(path: Path) -> int | None:
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match and (path / "meta.json").is_file() else None
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, keep: int, fingerprint: dict[str, Any]):
         self.root = run_dir / "checkpoints"
-        self.keep = keep
+        self.keep = max(1, keep)
         self.fingerprint = fingerprint
 
-    def latest(self) -> Path | None:
-        marker = self.root / "latest"
-        if not marker.is_file():
-            return None
-        path = self.root / marker.read_text().strip()
-        return path if (path / "meta.json").is_file() else None
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if checkpoint_step(p) is not None]
+        return sorted(found, key=checkpoint_step, reverse=True)
+
+    def remove_partial(self) -> None:
+        """Rank 0, before a run: what a crashed or disk-full save left is never a checkpoint."""
+        for stale in self.root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def save(self, engine, step: int, state: dict[str, Any]) -> Path:
         """Collective: every rank calls it. `state` is the run state to restore (data position,
         counters); it must be the same on every rank."""
-        rank = dist.get_rank()
-        name = f"{_PREFIX}{step:08d}"
+        rank, name = dist.get_rank(), f"step_{step:08d}"
         tmp, final = self.root / f"{name}.tmp", self.root / name
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
+            with os_errors(tmp):
+                (tmp / "rng").mkdir(parents=True)
         dist.barrier()
-        engine.save_checkpoint(str(tmp / f"pp{ps.get_pipeline_model_parallel_rank()}"),
-                               tag="state", save_latest=False)
-        torch.save(rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
-        dist.barrier()
+        try:
+            agreed(lambda: self._write(engine, tmp))  # a full disk anywhere fails every rank
+        except UserError:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        files = _gathered({rel: {"bytes": (tmp / rel).stat().st_size,
+                                 "sha256": sha256_file(tmp / rel)}
+                           for rel in _my_share(_files(tmp))})
         if rank == 0:
-            meta = {"step": step, "state": state, "fingerprint": self.fingerprint}
-            write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            write_text_atomic(self.root / "latest", name + "\n")
-            self._prune()
+            meta = {"format": FORMAT, "step": step, "state": state,
+                    "fingerprint": self.fingerprint, "files": dict(sorted(files.items()))}
+            with os_errors(tmp):
+                write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                write_text_atomic(self.root / "latest", name + "\n")
+            self._prune(step)
         dist.barrier()
         return final
 
-    def load(self, engine, path: Path) -> dict[str, Any]:
+    def _write(self, engine, tmp: Path) -> None:
+        with os_errors(tmp):
+            engine.save_checkpoint(str(tmp / f"pp{ps.get_pipeline_model_parallel_rank()}"),
+                                   tag="state", save_latest=False)
+            torch.save(rng_state(), tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
+
+    def resume(self, engine) -> dict[str, Any] | None:
+        """Collective: restore the newest intact checkpoint; None when the run has none."""
+        for path in self.complete():
+            problem = _verify(path)
+            if problem is None:
+                return agreed(lambda: self._load(engine, path))
+            if dist.get_rank() == 0:
+                damaged = path.with_name(path.name + ".damaged")
+                shutil.rmtree(damaged, ignore_errors=True)
+                os.replace(path, damaged)
+                print(f"warning: {path} is damaged ({problem}); set aside as {damaged.name}, "
+                      "resuming from the checkpoint before it", flush=True)
+            dist.barrier()
+        if any(self.root.glob("step_*.damaged")):
+            raise UserError(f"no intact checkpoint left in {self.root} (the damaged ones are set "
+                            "aside as step_*.damaged); restore one, or start a new run.dir")
+        return None
+
+    def _load(self, engine, path: Path) -> dict[str, Any]:
         """Restore weights, optimizer, RNG; return the saved run state. Refuses other layouts."""
         meta = json.loads((path / "meta.json").read_text())
         self._check_fingerprint(path, meta["fingerprint"])
@@ -100,8 +182,8 @@ class Checkpointer:
         )
         if loaded is None:
             raise UserError(f"{path}: checkpoint files are missing for this rank; it is incomplete")
-        set_rng_state(torch.load(path / "rng" / f"rank{dist.get_rank():05d}.pt", weights_only=False))
-        return {"step": meta["step"], **meta["state"]}
+        set_rng_state(safe_load(path / "rng" / f"rank{dist.get_rank():05d}.pt"))
+        return {"step": meta["step"], "path": str(path), **meta["state"]}
 
     def _check_fingerprint(self, path: Path, saved: dict[str, Any]) -> None:
         different = [k for k in sorted(set(saved) | set(self.fingerprint))
@@ -114,13 +196,54 @@ class Checkpointer:
                 "with the same model and parallel settings, or start a fresh run.dir"
             )
 
-    def _prune(self) -> None:
-        """Keep the newest `keep` checkpoints; drop leftovers of saves that crashed."""
-        for stale in self.root.glob(f"{_PREFIX}*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        done = sorted(self.root.glob(f"{_PREFIX}*"))
-        for old in done[: max(0, len(done) - self.keep)]:
+    def _prune(self, saved: int) -> None:
+        """Keep the newest `keep` checkpoints, never one newer than the save just completed."""
+        older = [p for p in self.complete() if checkpoint_step(p) < saved]
+        for old in older[self.keep - 1:]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _my_share(items: list[str]) -> list[str]:
+    """Round-robin share of a list that every rank sees alike (files on the shared filesystem)."""
+    return items[dist.get_rank()::dist.get_world_size()]
+
+
+def _verify(path: Path) -> str | None:
+    """Collective: every recorded file there, with its recorded size and hash, or what is not."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except ValueError:
+        meta = {"format": FORMAT, "files": {"meta.json": {"bytes": -1, "sha256": ""}}}
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} was written by an earlier lws-megatron, whose checkpoints load "
+                        "by unpickling; it is not loaded: start a new run.dir")
+    files = meta.get("files", {})
+    problems = []
+    for rel in _my_share(sorted(files)):
+        target, want = path / rel, files[rel]
+        if not target.is_file():
+            problems.append(f"{rel} is missing")
+        elif target.stat().st_size != want["bytes"]:
+            problems.append(f"{rel} has {target.stat().st_size} bytes, {want['bytes']} written")
+        elif sha256_file(target) != want["sha256"]:
+            problems.append(f"{rel} does not match its recorded sha256")
+    gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, problems)
+    found = [p for rank in gathered for p in rank]
+    if not files:
+        found.append("it records no files")
+    return "; ".join(found[:3]) or None
+
+
+def _gathered(part: dict) -> dict:
+    """Every rank's dict merged, on every rank."""
+    parts: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
 
 
 def _short(value: Any) -> str:

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from lws_megatron.training.run_dir import trim_metrics
+
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, from the vendors' data sheets.
 _GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -46,18 +48,22 @@ def memory_gb(device: torch.device) -> float:
 class MetricsWriter:
     """Written by global rank 0 only; every line is flushed so a killed run keeps its history."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True,
+                 purge_after: int = 0):
+        """`purge_after`: the step a run resumed at; records of later steps (logged by the run
+        before it stopped) are dropped, since this run logs them again."""
         self.enabled = enabled
         self.start = time.time()
         self._file = None
         self._tb = None
         if enabled:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            trim_metrics(run_dir, purge_after)
             self._file = open(run_dir / "metrics.jsonl", "a")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"),
+                                         purge_step=purge_after + 1 if purge_after else None)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -27,6 +27,7 @@ from lws_megatron.training import data, distributed, schedule
 from lws_megatron.training.callbacks import build_callbacks
 from lws_megatron.training.checkpoint import Checkpointer
 from lws_megatron.training.metrics import MetricsWriter, device_peak_flops
+from lws_megatron.training.run_dir import RunLock, refuse_foreign_records
 from lws_megatron.training.train_module import TrainModule
 
 
@@ -63,6 +64,18 @@ class Trainer:
         self.config, self.plan, self.device, self.callbacks = config, plan, device, callbacks
         self.rank = dist.get_rank()
         self.run_dir = Path(config.run.dir)
+        self.lock = RunLock(self.run_dir)
+        note = distributed.agreed(lambda: self.lock.acquire() if self.rank == 0 else None)
+        if note:
+            self.say(note)
+        try:
+            self._setup(config, plan, device)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, config: Config, plan: distributed.ParallelPlan,
+               device: torch.device) -> None:
         summary = config.summary()
         self.flops_per_token, self.total_params = summary.flops_per_token, summary.total_params
         self.tokens_per_step = plan.global_batch_size * config.model.seq_length
@@ -76,6 +89,8 @@ class Trainer:
         self.valid_batches = data.validation_batches(config, valid_ds, plan)
         self.checkpointer = Checkpointer(self.run_dir, config.checkpoint.keep,
                                          fingerprint(config, plan))
+        if self.rank == 0:
+            self.checkpointer.remove_partial()
         self.step = self.resumed_step = self.skipped_steps = 0
         self.lr = 0.0
         self.stop_signal = False  # this rank was signalled; rides with the next step's loss
@@ -84,7 +99,8 @@ class Trainer:
         self.last_val_loss: float | None = None
         self._resume()
         self._write_records()
-        self.writer = MetricsWriter(self.run_dir, enabled=self.rank == 0)
+        self.writer = MetricsWriter(self.run_dir, enabled=self.rank == 0,
+                                    purge_after=self.resumed_step)
 
     @property
     def stopping(self) -> bool:
@@ -100,6 +116,15 @@ class Trainer:
             print(line, flush=True)
 
     def fit(self) -> dict[str, Any] | None:
+        try:
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def _fit(self) -> dict[str, Any] | None:
+        if self.resumed_step == self.config.train.max_steps:
+            done = self.run_dir / "summary.json"
+            return json.loads(done.read_text()) if self.rank == 0 and done.is_file() else None
         started = time.time()
         for callback in self.callbacks:
             callback.on_train_start(self)
@@ -129,13 +154,23 @@ class Trainer:
         return self._write_summary(time.time() - started) if self.rank == 0 else None
 
     def _resume(self) -> None:
-        latest = self.checkpointer.latest() if self.config.checkpoint.resume else None
-        if latest is None:
+        """Continue from the newest intact checkpoint; never start over another run's records."""
+        resume = self.config.checkpoint.resume
+        distributed.agreed(lambda: refuse_foreign_records(
+            self.run_dir, resume, bool(self.checkpointer.complete())))
+        state = self.checkpointer.resume(self.module.engine) if resume else None
+        if state is None:
+            distributed.agreed(lambda: refuse_foreign_records(self.run_dir, resume, False))
             return
-        state = distributed.agreed(lambda: self.checkpointer.load(self.module.engine, latest))
         self.step = self.resumed_step = state["step"]
         self.skipped_steps = state["skipped_steps"]
-        self.say(f"resumed from {latest} at step {self.step}")
+        max_steps = self.config.train.max_steps
+        if self.step > max_steps:
+            raise UserError(
+                f"{self.run_dir} resumed at step {self.step}, past train.max_steps={max_steps}; "
+                f"set train.max_steps above {self.step} to train on")
+        self.say(f"resumed from {state['path']} at step {self.step}"
+                 + (": the run is already complete" if self.step == max_steps else ""))
 
     def _write_records(self) -> None:
         if self.rank != 0:

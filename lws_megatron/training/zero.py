@@ -9,6 +9,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from lws_megatron.config import Config
+from lws_megatron.training.checkpoint import SafeCheckpointEngine
 
 
 class MegatronMPU:
@@ -78,4 +79,6 @@ def initialize_engine(config: Config, model: torch.nn.Module, optimizer: torch.o
         mpu=MegatronMPU,
         dist_init_required=False,
     )
+    # DeepSpeed's own engine unpickles whatever a checkpoint file holds.
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
     return engine

@@ -1,0 +1,174 @@
+"""The checkpointer on a real DeepSpeed engine (one gloo rank): exact round trips, pruning that
+never loses the newest, damaged checkpoints set aside, files that would run code refused, and a
+full disk that leaves nothing behind."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pickle
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+MARKER_NAME = "CODE_RAN"
+
+
+class _Payload:
+    """Unpickling this runs a command: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _module():
+    """The tiny model's train module (ZeRO-1: DeepSpeed writes optimizer shards too)."""
+    from lws_megatron.config import load_config
+    from lws_megatron.training.distributed import resolve_plan
+    from lws_megatron.training.train_module import TrainModule
+
+    config = load_config(TINY, ["zero.stage=1"])
+    return TrainModule(config, resolve_plan(config, 1), torch.device("cpu"))
+
+
+def _weights(module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.chunks[0].state_dict().items() if v is not None}
+
+
+def _checkpointer(run_dir: str, keep: int = 2):
+    from lws_megatron.training.checkpoint import Checkpointer
+
+    return Checkpointer(Path(run_dir), keep, {"model": "tiny"})
+
+
+def _round_trip(run_dir: str) -> dict:
+    from lws_megatron.config import load_config
+    from lws_megatron.training.distributed import model_parallel
+
+    with model_parallel(load_config(TINY, ["zero.stage=1"])):
+        module = _module()
+        ck = _checkpointer(run_dir)
+        saved = _weights(module)
+        ck.save(module.engine, 3, {"skipped_steps": 1})
+        draws = (random.random(), torch.rand(3))
+        for p in module.chunks[0].parameters():
+            p.data.add_(1.0)
+        state = ck.resume(module.engine)
+        after = (random.random(), torch.rand(3))
+        restored = _weights(module)
+    return {
+        "state": state, "draws_equal": draws[0] == after[0] and torch.equal(draws[1], after[1]),
+        "weights_equal": all(torch.equal(saved[k], restored[k]) for k in saved),
+    }
+
+
+def test_a_checkpoint_restores_weights_rng_and_run_state(tmp_path):
+    (out,) = run_distributed(_round_trip, 1, str(tmp_path))
+    assert out["weights_equal"] and out["draws_equal"]
+    assert out["state"]["step"] == 3 and out["state"]["skipped_steps"] == 1
+    meta = json.loads((tmp_path / "checkpoints" / "step_00000003" / "meta.json").read_text())
+    assert meta["files"] and all(len(f["sha256"]) == 64 for f in meta["files"].values())
+
+
+def _save_steps(run_dir: str, steps: list[int], keep: int, fail_at: int | None = None) -> str:
+    """Save at `steps`; at `fail_at` the disk is full. Returns the error line, if any."""
+    from lws_megatron.config import load_config
+    from lws_megatron.errors import UserError
+    from lws_megatron.training.distributed import model_parallel
+
+    with model_parallel(load_config(TINY, ["zero.stage=1"])):
+        module = _module()
+        ck = _checkpointer(run_dir, keep)
+        for step in steps:
+            if step == fail_at:
+                def full(*args, **kwargs):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), args[0])
+                module.engine.save_checkpoint = full
+            try:
+                ck.save(module.engine, step, {"skipped_steps": 0})
+            except UserError as err:
+                return str(err)
+    return ""
+
+
+def _names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_pruning_keeps_the_newest_and_never_the_just_saved_one(tmp_path):
+    (error,) = run_distributed(_save_steps, 1, str(tmp_path), [1, 2, 3, 4], 2)
+    assert error == ""
+    assert _names(tmp_path) == ["latest", "step_00000003", "step_00000004"]
+    # A checkpoint numbered above the one being saved (from before a fall-back) is not pruned
+    # in its place: the save just completed survives.
+    (error,) = run_distributed(_save_steps, 1, str(tmp_path), [2], 1)
+    assert "step_00000002" in _names(tmp_path)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_a_full_disk_fails_in_one_line_and_leaves_no_partial_checkpoint(tmp_path):
+    (error,) = run_distributed(_save_steps, 1, str(tmp_path), [1, 2], 2, 2)
+    assert "No space left on device" in error and "free space" in error
+    assert _names(tmp_path) == ["latest", "step_00000001"]
+
+
+def _resume(run_dir: str) -> dict:
+    from lws_megatron.config import load_config
+    from lws_megatron.errors import UserError
+    from lws_megatron.training.distributed import model_parallel
+
+    with model_parallel(load_config(TINY, ["zero.stage=1"])):
+        module = _module()
+        try:
+            state = _checkpointer(run_dir).resume(module.engine)
+            return {"step": state and state["step"]}
+        except UserError as err:
+            return {"error": str(err)}
+
+
+def _damage(checkpoint: Path, rel: str, data: bytes | None = None, rehash: bool = False) -> None:
+    target = checkpoint / rel
+    target.write_bytes(data if data is not None else target.read_bytes()[:100])
+    if rehash:  # a crafted file whose author also rewrote the recorded hash
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        meta["files"][rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_damaged_latest_is_set_aside_and_the_one_before_resumed(tmp_path, capfd):
+    run_distributed(_save_steps, 1, str(tmp_path), [1, 2], 3)
+    _damage(tmp_path / "checkpoints" / "step_00000002", "pp0/state/mp_rank_00_model_states.pt")
+    (out,) = run_distributed(_resume, 1, str(tmp_path))
+    assert out == {"step": 1}
+    assert "step_00000002.damaged" in _names(tmp_path)
+    assert "pp0/state/mp_rank_00_model_states.pt has 100 bytes" in capfd.readouterr().out
+
+
+def test_only_damaged_checkpoints_left_is_an_error_not_a_fresh_start(tmp_path):
+    run_distributed(_save_steps, 1, str(tmp_path), [1], 3)
+    _damage(tmp_path / "checkpoints" / "step_00000001", "rng/rank00000.pt")
+    (out,) = run_distributed(_resume, 1, str(tmp_path))
+    assert "no intact checkpoint left" in out["error"]
+
+
+@pytest.mark.parametrize("rel", ["rng/rank00000.pt", "pp0/state/mp_rank_00_model_states.pt",
+                                 "pp0/state/zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, rel):
+    run_distributed(_save_steps, 1, str(tmp_path), [1], 3)
+    marker = tmp_path / MARKER_NAME
+    _damage(tmp_path / "checkpoints" / "step_00000001", rel,
+            pickle.dumps({"state": _Payload(str(marker))}), rehash=True)
+    (out,) = run_distributed(_resume, 1, str(tmp_path))
+    assert "refused to load: it holds objects that could run code" in out["error"]
+    assert rel.split("/")[-1] in out["error"]
+    assert not marker.exists()
