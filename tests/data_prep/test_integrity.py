@@ -84,9 +84,9 @@ def test_files_must_match_the_manifest(good_dataset, tok):
     tokens = np.frombuffer(data.read_bytes(), dtype=np.uint16).copy()
     tokens[3] = 5 if tokens[3] != 5 else 6
     data.write_bytes(tokens.tobytes())
-    verify_dataset(good_dataset)
-    with pytest.raises(UserError, match="differs from the one the manifest recorded"):
-        verify_dataset(good_dataset, full=True)
+    verify_dataset(good_dataset, hash_bin=False)
+    with pytest.raises(UserError, match="_train.bin differs from the one the manifest recorded"):
+        verify_dataset(good_dataset)
     with pytest.raises(UserError, match="not with the tokenizer given"):
         verify_dataset(good_dataset, tokenizer_fingerprint="f" * 64)
     with pytest.raises(UserError, match="only 10 embeddings"):
@@ -95,7 +95,7 @@ def test_files_must_match_the_manifest(good_dataset, tok):
     split = dataclasses.replace(manifest.splits["train"], idx_sha256="0" * 64)
     write_manifest(manifest_path(good_dataset),
                    dataclasses.replace(manifest, splits={"train": split}))
-    with pytest.raises(UserError, match="differs from the one the manifest recorded"):
+    with pytest.raises(UserError, match="_train.idx differs from the one the manifest recorded"):
         verify_dataset(good_dataset + "_train")
     with pytest.raises(UserError, match="has no valid split"):
         verify_dataset(good_dataset + "_valid")

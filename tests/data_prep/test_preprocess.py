@@ -50,7 +50,7 @@ def test_round_trip_matches_tokenizer_encoding(tmp_path, tok_path, tok, fmt, run
     assert {n for n in os.listdir(tmp_path) if n.startswith("out")} == {
         "out.manifest.json", "out_train.bin", "out_train.idx"
     }
-    assert verify_dataset(prefix, tokenizer_fingerprint=tok.fingerprint, full=True) == manifest
+    assert verify_dataset(prefix, tokenizer_fingerprint=tok.fingerprint) == manifest
 
 
 @pytest.mark.parametrize("vocab_size, dtype", [(65_536, "uint16"), (65_537, "int32")])
