@@ -68,7 +68,7 @@ class ModelConfig:
     d_model: int = _within(768, AT_LEAST_ONE)
     d_head: int = _within(64, AT_LEAST_ONE)
     vocab_size: int = _within(50280, AT_LEAST_ONE)
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = 128  # >= 1: the shape engine checks it, like lws.*
     seq_length: int = _within(1024, AT_LEAST_ONE)
     tie_embeddings: bool = False
     qk_norm: bool = True
@@ -83,6 +83,8 @@ class ModelConfig:
 
 @dataclass
 class LWSConfig:
+    """The shape engine's inputs; it checks their ranges (shapes._check_profile, layer_shapes)."""
+
     ffn_knots: list[float] = field(default_factory=lambda: [4.0])
     attn_knots: list[float] = field(default_factory=lambda: [1.0])
     framed: bool = False
