@@ -4,6 +4,7 @@ that cannot be written. Each is one line naming the file, and nothing half-writt
 import errno
 import gzip
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,11 @@ from data_prep import tokenizer as tokenizer_cli
 from data_prep.integrity import verify_dataset
 from data_prep.tokenizer import train_tokenizer
 from lws_megatron import fileio
+from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
+from lws_megatron.training.data import resolve_sources
 
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 ELF_HEAD = b"\x7fELF\x02\x01\x01\x00" + bytes(8) + b"\x02\x00>\x00\n\n" + bytes(range(256)) * 4
 
 
@@ -76,6 +80,18 @@ def test_tokens_overwritten_in_place_fail_inspect_and_the_training_check(good_da
     assert err.startswith("error: ") and "out_train.bin differs" in err and err.count("\n") == 1
     assert inspect_cli.main([good_dataset, "--samples", "0", "--skip-bin-hash"]) == 0
     assert "checks passed" in capsys.readouterr().out
+
+
+def test_training_refuses_tokens_changed_in_place(tmp_path, tiny_data):
+    source = Path(tiny_data["prefix"])
+    for path in source.parent.glob(source.name + "*"):
+        shutil.copy(path, tmp_path / path.name)
+    prefix = str(tmp_path / source.name)
+    overwrite_tokens_in_place(prefix)
+    config = load_config(TINY, [f"data.path=[{prefix}]",
+                                f"data.tokenizer={tiny_data['tokenizer']}"])
+    with pytest.raises(UserError, match=r"data_train.bin differs from the one the manifest"):
+        resolve_sources(config)
 
 
 def test_outputs_under_a_regular_file_are_one_line_errors(tmp_path, tok_path, write_jsonl,
