@@ -25,7 +25,7 @@ import warnings
 from typing import Iterator, Sequence
 
 from data_prep.files import refuse_existing
-from lws_megatron.fileio import atomic_output
+from lws_megatron.fileio import atomic_output, ensure_dir
 from lws_megatron.errors import UserError, cli_entry
 
 CORPUS_FILE = "pydocs.jsonl"
@@ -112,7 +112,7 @@ def build_demo_corpus(output_dir: str, *, overwrite: bool = False) -> str:
     """Write DIR/pydocs.jsonl atomically and return its path."""
     path = os.path.join(output_dir, CORPUS_FILE)
     refuse_existing([path], overwrite, "demo corpus")
-    os.makedirs(output_dir, exist_ok=True)
+    ensure_dir(output_dir)
     with _gc_paused(), atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for doc in demo_documents(sysconfig.get_paths()["stdlib"]):
             f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")

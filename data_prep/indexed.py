@@ -10,6 +10,7 @@ Every file is written under a `.partial` name and renamed by `commit()`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -29,7 +30,7 @@ with warnings.catch_warnings():
         get_idx_path,
     )
 
-from lws_megatron.fileio import partial_path, remove_quietly
+from lws_megatron.fileio import os_errors, partial_path, remove_quietly
 from lws_megatron.errors import UserError
 
 UINT16_VOCAB_LIMIT = 1 << 16
@@ -84,22 +85,28 @@ class IndexedWriter:
         self.documents = 0
         self.tokens = 0
         self._lengths_path = partial_path(prefix + ".lengths")
-        self._bin_file = open(partial_path(get_bin_path(prefix)), "wb")
+        bin_path = partial_path(get_bin_path(prefix))
+        with os_errors(get_bin_path(prefix)), contextlib.ExitStack() as undo:
+            self._bin_file = undo.enter_context(open(bin_path, "wb"))
+            undo.callback(remove_quietly, bin_path)
+            self._lengths = open(self._lengths_path, "w+b")
+            undo.pop_all()
         self._bin = _HashingWriter(self._bin_file)
-        self._lengths = open(self._lengths_path, "w+b")
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as their concatenated ids and their lengths."""
-        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype))
-        self._lengths.write(np.ascontiguousarray(lengths, dtype=np.int32))
+        with os_errors(get_bin_path(self.prefix)):
+            self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype))
+            self._lengths.write(np.ascontiguousarray(lengths, dtype=np.int32))
         self.documents += len(lengths)
         self.tokens += len(tokens)
 
     def finish(self) -> WrittenFiles:
         """Close the data file and write the index, both still under their .partial names."""
-        self._bin_file.close()
+        with os_errors(get_bin_path(self.prefix)):
+            self._bin_file.close()
         idx_path = partial_path(get_idx_path(self.prefix))
-        with open(idx_path, "wb") as stream:
+        with os_errors(get_idx_path(self.prefix)), open(idx_path, "wb") as stream:
             idx = _HashingWriter(stream)
             self._write_index(idx)
         self._lengths.close()
@@ -115,11 +122,14 @@ class IndexedWriter:
 
     def commit(self) -> None:
         for final in (get_bin_path(self.prefix), get_idx_path(self.prefix)):
-            os.replace(partial_path(final), final)
+            with os_errors(final):
+                os.replace(partial_path(final), final)
 
     def discard(self) -> None:
+        """Remove every partial file, also after a failed write (closing may fail again)."""
         for stream in (self._bin_file, self._lengths):
-            stream.close()
+            with contextlib.suppress(OSError):
+                stream.close()
         for path in (get_bin_path(self.prefix), get_idx_path(self.prefix), self.prefix + ".lengths"):
             remove_quietly(partial_path(path))
 

@@ -194,8 +194,10 @@ def preprocess(
 
     splits = SPLITS if valid_fraction > 0 else SPLITS[:1]
     stats = [InputStats(path) for path in paths]
-    writers = {split: IndexedWriter(split_prefix(output_prefix, split), dtype) for split in splits}
+    writers: dict[str, IndexedWriter] = {}
     try:
+        for split in splits:
+            writers[split] = IndexedWriter(split_prefix(output_prefix, split), dtype)
         zero_token = _tokenize(
             _batches(paths, stats, options, valid_fraction),
             tokenizer,

@@ -4,12 +4,14 @@ Documents come out as valid UTF-8 bytes, the form sentencepiece encodes without 
 Input is read in large chunks and hashed on the way, so memory stays flat and the manifest
 gets each file's sha256 without a second pass. Bad input is either repaired and counted
 (invalid UTF-8, empty documents, lines without the JSON key when asked to skip them) or
-refused with the file, the line and the fix.
+refused with the file, the line and the fix; a file whose first block holds NUL bytes or is
+mostly invalid UTF-8 is binary (or in another encoding) and refused whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import glob
 import hashlib
 import json
@@ -22,6 +24,8 @@ from typing import Iterable, Iterator, Sequence
 from lws_megatron.errors import UserError
 
 CHUNK_BYTES = 1 << 22
+SNIFF_BYTES = 1 << 16  # the first block, checked for binary content
+MAX_INVALID_UTF8_SHARE = 0.1  # above this, a file is not text with a few bad bytes to repair
 TEXT_DOCS = ("line", "block")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _TEXT_SUFFIXES = (".txt", ".text")
@@ -109,7 +113,7 @@ def read_documents(path: str, options: ReaderOptions, stats: InputStats) -> Iter
     chunks = _raw_chunks(path, stats)
     if gzipped:
         chunks = _gunzip(chunks, path)
-    lines = _lines(chunks)
+    lines = _lines(_text_only(chunks, path))
     if kind == "jsonl":
         texts = _jsonl_texts(lines, path, options, stats)
     elif options.text_docs == "line":
@@ -161,6 +165,34 @@ def _gunzip(chunks: Iterable[bytes], path: str) -> Iterator[bytes]:
             f"{path} is truncated: the gzip stream ends before its end marker "
             "(an interrupted download or copy?); re-create or re-download the file"
         )
+
+
+def _text_only(chunks: Iterable[bytes], path: str) -> Iterator[bytes]:
+    """Pass the stream on once its first block reads as UTF-8 text: a binary file named .txt
+    would otherwise be split at its newline bytes into junk documents."""
+    chunks = iter(chunks)
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) >= SNIFF_BYTES:
+            break
+    block = head[:SNIFF_BYTES]
+    if b"\0" in block:
+        raise UserError(
+            f"{path} holds NUL bytes in its first {len(block):,} bytes: binary, not UTF-8 text "
+            "(UTF-16 text? convert it with iconv -t UTF-8); pass text or .jsonl files only"
+        )
+    decoded = codecs.getincrementaldecoder("utf-8")("replace").decode(block, final=False)
+    invalid = decoded.count("\ufffd") - block.count(_UTF8_REPLACEMENT)
+    if invalid > MAX_INVALID_UTF8_SHARE * len(block):
+        raise UserError(
+            f"{path} is not UTF-8 text: {invalid:,} invalid UTF-8 sequences in its first "
+            f"{len(block):,} bytes (binary, or another encoding?); convert it to UTF-8 "
+            "(e.g. iconv -f LATIN1 -t UTF-8) or leave it out"
+        )
+    if head:
+        yield head
+    yield from chunks
 
 
 def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:

@@ -140,6 +140,7 @@ def train_tokenizer(
     paths = expand_inputs(inputs)
     model_path, vocab_path = output_prefix + ".model", output_prefix + ".vocab"
     refuse_existing([model_path, vocab_path], overwrite, "tokenizer output")
+    ensure_parent(model_path)  # before training: an unwritable output fails in seconds
     model = io.BytesIO()
     lines = _KeepError(_training_lines(paths, options))
     spm.set_random_generator_seed(TRAINING_SEED)
@@ -172,7 +173,6 @@ def train_tokenizer(
         if lines.error is not None:
             raise lines.error from None
         raise UserError(f"sentencepiece cannot train on {', '.join(paths)}: {_sentencepiece_reason(err)}") from None
-    ensure_parent(model_path)
     write_bytes_atomic(model_path, model.getvalue())
     tokenizer = load_tokenizer(model_path)
     write_bytes_atomic(vocab_path, _vocab_listing(tokenizer.processor).encode("utf-8"))

@@ -13,7 +13,8 @@ lines), runs `sbatch` on it and prints the command and the job id. `--dry-run` w
 nothing: it prints the batch script and the exact launch line.
 
 Nothing from the config or the command line is pasted unquoted into a shell: overrides only reach
-the job through the resolved config file, and every path or name in the script is quoted.
+the job through the resolved config file, every path or name in the script is quoted, and the
+comment naming the config file shows it escaped (repr), so a line break in it stays in the comment.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from lws_megatron.config import Config, dump_config, load_config
 from lws_megatron.errors import UserError, cli_entry
+from lws_megatron.fileio import ensure_dir, write_text_atomic
 from lws_megatron.training.data import resolve_sources
 from lws_megatron.training.distributed import ParallelPlan, resolve_plan
 
@@ -110,7 +112,7 @@ def render(args: argparse.Namespace, config_path: Path, log_dir: Path, per_node:
         options["--exclusive"] = None
     lines = [
         "#!/bin/bash",
-        f"# Written by launch/submit.py for {args.config}; the config, resolved, is "
+        f"# Written by launch/submit.py for {args.config!r}; the config, resolved, is "
         f"{config_path.name} beside this file.",
         "# Submit again as it is with: sbatch THIS_FILE",
     ]
@@ -138,12 +140,6 @@ def launch_line(script: str, nodes: int) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"the batch script's dry run failed: {proc.stderr.strip()}")
     return proc.stdout.strip()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -198,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.warning} s ahead of the limit; ask for more time or a smaller --warning"
             )
     config = load_config(args.config, args.overrides)
-    args.job_name = args.job_name or f"lws-{config.run.name or Path(args.config).stem}"
+    default_name = re.sub(r"[^A-Za-z0-9_.+-]", "-", config.run.name or Path(args.config).stem)
+    args.job_name = args.job_name or f"lws-{default_name}"
     checks = (("--job-name", args.job_name, _NAME), ("--partition", args.partition, _NAMES),
               ("--account", args.account, _NAME), ("--qos", args.qos, _NAME))
     for option, value, pattern in checks:
@@ -225,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         print("# submit with: " + shlex.join(["sbatch", str(script_path)]))
         return 0
 
-    log_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(config_path, dump_config(config))
-    write_atomic(script_path, script)
+    ensure_dir(log_dir)
+    write_text_atomic(config_path, dump_config(config))
+    write_text_atomic(script_path, script)
     print(f"wrote {config_path} and {script_path}")
     print("$ " + shlex.join(sbatch), flush=True)
     proc = subprocess.run(sbatch, capture_output=True, text=True)

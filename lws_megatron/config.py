@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,40 @@ from lws_megatron import shapes
 from lws_megatron.errors import UserError
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key allows (each item, for a list key); `_validate` enforces it."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return (f"in {'(' if self.low_open else '['}{self.low}, "
+                f"{self.high}{')' if self.high_open else ']'}")
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+FRACTION = Range(0, 1)
+
+
+def _within(default: Any, allowed: Range) -> Any:
+    """A config field whose values must lie in `allowed`."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"range": allowed})
+    return field(default=default, metadata={"range": allowed})
+
+
 @dataclass
 class RunConfig:
     name: str = ""
@@ -29,17 +64,17 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    num_layers: int = 12
-    d_model: int = 768
-    d_head: int = 64
-    vocab_size: int = 50280
-    make_vocab_size_divisible_by: int = 128
-    seq_length: int = 1024
+    num_layers: int = _within(12, AT_LEAST_ONE)
+    d_model: int = _within(768, AT_LEAST_ONE)
+    d_head: int = _within(64, AT_LEAST_ONE)
+    vocab_size: int = _within(50280, AT_LEAST_ONE)
+    make_vocab_size_divisible_by: int = 128  # >= 1: the shape engine checks it, like lws.*
+    seq_length: int = _within(1024, AT_LEAST_ONE)
     tie_embeddings: bool = False
     qk_norm: bool = True
-    norm_eps: float = 1e-6
-    rope_theta: float = 500000.0
-    init_std: float = 0.02
+    norm_eps: float = _within(1e-6, POSITIVE)
+    rope_theta: float = _within(500000.0, POSITIVE)
+    init_std: float = _within(0.02, POSITIVE)
     attention_backend: Literal["auto", "sdpa", "te"] = "auto"
     # The sdpa backend's kernel: auto is PyTorch's order (flash first); cudnn and efficient
     # need CUDA. A kernel choice, not a model change: checkpoints move freely between them.
@@ -48,6 +83,8 @@ class ModelConfig:
 
 @dataclass
 class LWSConfig:
+    """The shape engine's inputs; it checks their ranges (shapes._check_profile, layer_shapes)."""
+
     ffn_knots: list[float] = field(default_factory=lambda: [4.0])
     attn_knots: list[float] = field(default_factory=lambda: [1.0])
     framed: bool = False
@@ -65,43 +102,43 @@ class DataConfig:
     # Dataset prefixes written by data_prep, optionally weighted: ["0.7", "a", "0.3", "b"].
     path: list[str] = field(default_factory=list)
     tokenizer: str = ""
-    num_workers: int = 0
+    num_workers: int = _within(0, NON_NEGATIVE)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100
-    micro_batch_size: int = 4
-    global_batch_size: int = 8
-    seed: int = 1234
+    max_steps: int = _within(100, AT_LEAST_ONE)
+    micro_batch_size: int = _within(4, AT_LEAST_ONE)
+    global_batch_size: int = _within(8, AT_LEAST_ONE)
+    seed: int = _within(1234, Range(0, 2**32 - 1))  # numpy's seed range
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: Literal["none", "layers", "model"] = "none"  # torch.compile per layer / whole chunk
-    log_interval: int = 10
-    max_nonfinite_steps: int = 5
+    log_interval: int = _within(10, AT_LEAST_ONE)
+    max_nonfinite_steps: int = _within(5, AT_LEAST_ONE)
     # Optional callbacks by name (lws_megatron/training/callbacks), e.g. [step_time_watchdog].
     callbacks: list[str] = field(default_factory=list)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 6e-4
-    min_lr: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.01
+    lr: float = _within(6e-4, POSITIVE)
+    min_lr: float = _within(0.0, NON_NEGATIVE)
+    betas: list[float] = _within([0.9, 0.95], Range(0, 1, high_open=True))
+    eps: float = _within(1e-8, POSITIVE)
+    weight_decay: float = _within(0.01, NON_NEGATIVE)
     no_decay: list[Literal["norms", "biases", "embeddings"]] = field(
         default_factory=lambda: ["norms", "biases", "embeddings"]
     )
-    clip_grad: float = 1.0
+    clip_grad: float = _within(1.0, NON_NEGATIVE)  # 0: no clipping
     schedule: Literal["constant", "cosine", "wsd"] = "constant"
-    warmup_steps: int = 0
-    decay_fraction: float = 0.2
+    warmup_steps: int = _within(0, NON_NEGATIVE)
+    decay_fraction: float = _within(0.2, FRACTION)
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
+    tp: int = _within(1, AT_LEAST_ONE)
+    pp: int = _within(1, AT_LEAST_ONE)
     # A Megatron pipeline_model_parallel_layout ("Et*3|t*5|t*6|t*4L"), "auto" for the planner,
     # or empty for Megatron's even split.
     pipeline_layout: str = ""
@@ -114,15 +151,15 @@ class ZeroConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0
-    keep: int = 3
+    interval: int = _within(0, NON_NEGATIVE)
+    keep: int = _within(3, AT_LEAST_ONE)
     resume: bool = True
 
 
 @dataclass
 class EvalConfig:
-    interval: int = 0
-    batches: int = 8
+    interval: int = _within(0, NON_NEGATIVE)
+    batches: int = 8  # at least 1 when eval.interval > 0
 
 
 @dataclass
@@ -270,9 +307,13 @@ def _coerce(value: Any, kind: Any, source: str, key: str) -> Any:
         return _coerce(value, next(o for o in options if o is not type(None)), source, key)
     if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
-            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+            number = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         except ValueError:
             pass
+        else:
+            if not math.isfinite(number):
+                raise UserError(f"{source}: {key}={value!r} must be a finite number")
+            return number
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -283,19 +324,15 @@ def _coerce(value: Any, kind: Any, source: str, key: str) -> Any:
 
 
 def _validate(config: Config, source: str) -> None:
-    def positive(section: str, key: str) -> None:
-        value = getattr(getattr(config, section), key)
-        if value <= 0:
-            raise UserError(f"{source}: {section}.{key}={value} must be > 0")
-
-    for key in ("num_layers", "d_model", "d_head", "vocab_size", "seq_length", "init_std"):
-        positive("model", key)
-    for key in ("micro_batch_size", "global_batch_size", "max_steps", "log_interval"):
-        positive("train", key)
-    for key in ("tp", "pp"):
-        positive("parallel", key)
-    positive("optim", "lr")
-    m, t = config.model, config.train
+    _check_ranges(config, source)
+    m, t, o = config.model, config.train, config.optim
+    if o.min_lr > o.lr:
+        raise UserError(f"{source}: optim.min_lr={o.min_lr} must not exceed optim.lr={o.lr}")
+    if config.eval.interval and config.eval.batches < 1:
+        raise UserError(
+            f"{source}: eval.batches={config.eval.batches} must be >= 1 while "
+            f"eval.interval={config.eval.interval} > 0; set eval.interval=0 to turn eval off"
+        )
     if m.d_model % m.d_head:
         raise UserError(f"{source}: model.d_head={m.d_head} must divide model.d_model={m.d_model}")
     if t.global_batch_size % t.micro_batch_size:
@@ -303,10 +340,8 @@ def _validate(config: Config, source: str) -> None:
             f"{source}: train.global_batch_size={t.global_batch_size} must be a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}"
         )
-    if len(config.optim.betas) != 2:
-        raise UserError(f"{source}: optim.betas needs two values, got {config.optim.betas}")
-    if not 0 <= config.optim.decay_fraction <= 1:
-        raise UserError(f"{source}: optim.decay_fraction must lie in [0, 1]")
+    if len(o.betas) != 2:
+        raise UserError(f"{source}: optim.betas needs two values, got {o.betas}")
     if config.zero.stage >= 2 and config.parallel.pp > 1:
         raise UserError(
             f"{source}: zero.stage={config.zero.stage} needs parallel.pp=1: ZeRO-2/3 partition "
@@ -323,3 +358,18 @@ def _validate(config: Config, source: str) -> None:
         config.summary()
     except UserError as err:
         raise UserError(f"{source}: {err}") from None
+
+
+def _check_ranges(config: Config, source: str) -> None:
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for f in dataclasses.fields(values):
+            allowed = f.metadata.get("range")
+            value = getattr(values, f.name)
+            items = value if isinstance(value, list) else [value]
+            if allowed is not None and not all(v in allowed for v in items):
+                each = "each value " if isinstance(value, list) else ""
+                raise UserError(
+                    f"{source}: {section.name}.{f.name}={value} is out of range: "
+                    f"{each}must be {allowed}"
+                )

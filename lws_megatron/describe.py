@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from lws_megatron import budget, shapes
 from lws_megatron.config import Config, config_name, load_config
 from lws_megatron.errors import UserError, cli_entry
+from lws_megatron.fileio import atomic_output, ensure_dir
 
 
 def describe_json(name: str, config: Config, tp: int) -> dict:
@@ -96,12 +98,20 @@ def plot_profiles(
 
     `colors` maps a config name to its colour, so that a report can keep one colour per
     profile across figures (attention light, FFN solid); `ncols` wraps many panels into rows.
+    Missing parent directories are created; the file appears whole or not at all.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backend_bases import FigureCanvasBase
     from matplotlib.ticker import MaxNLocator
+
+    image_format = Path(path).suffix.lstrip(".").lower() or matplotlib.rcParams["savefig.format"]
+    if image_format not in FigureCanvasBase.get_supported_filetypes():
+        raise UserError(f"{path}: cannot write .{image_format} images; "
+                        "name a .png, .svg or .pdf file")
+    ensure_dir(Path(path).parent)
 
     n = len(reports)
     cols = min(ncols or n, n)
@@ -135,8 +145,11 @@ def plot_profiles(
     axes[0][0].legend(loc="upper left", fontsize=7, title="labels: FFN width  query/KV heads",
                       title_fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=150, format=image_format)
+    finally:
+        plt.close(fig)
 
 
 def _ffn_share(report: dict, layer: dict) -> float:
@@ -163,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = [item for item in args.items if "=" in item]
     if not paths:
         raise UserError("give at least one config file, e.g. configs/paper/crown-18l.yaml")
+    if args.tp is not None and args.tp < 1:
+        raise UserError(f"--tp {args.tp}: the tensor-parallel size must be at least 1")
     reports = []
     for path in paths:
         try:
@@ -181,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _describe_one(path: str, overrides: list[str], args: argparse.Namespace) -> dict:
     config = load_config(path, overrides)
-    tp = args.tp or config.parallel.tp
+    tp = config.parallel.tp if args.tp is None else args.tp
     if args.match_params or args.match_flops:
         metric = "params" if args.match_params else "flops"
         target = budget.parse_amount(args.match_params or args.match_flops)

@@ -54,7 +54,7 @@ def write_json_atomic(path: str | os.PathLike, value: Any) -> None:
 
 
 def remove_quietly(path: str | os.PathLike) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         os.remove(path)
 
 
@@ -72,6 +72,8 @@ _FIXES = {
     errno.EROFS: "the filesystem is read-only; write elsewhere",
     errno.EACCES: "you may not write there; fix its permissions or write elsewhere",
     errno.EPERM: "you may not write there; fix its permissions or write elsewhere",
+    errno.ENOTDIR: "a part of that path is a file, not a directory; choose another path",
+    errno.EISDIR: "name a file, not a directory",
 }
 
 
@@ -84,11 +86,16 @@ def os_errors(path: str | os.PathLike) -> Iterator[None]:
     except OSError as err:
         if err.errno not in _FIXES:
             raise
-        where = err.filename or os.fspath(path)
+        # the user's name for the file: a rename's target, never our .partial name
+        where = os.fspath(err.filename2 or err.filename or path).removesuffix(PARTIAL_SUFFIX)
         raise UserError(f"{where}: {os.strerror(err.errno)}; {_FIXES[err.errno]}") from None
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:
     with os_errors(path):
-        Path(path).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise UserError(f"{os.fspath(path)} exists but is not a directory; "
+                            "move it away or choose another path") from None
     return Path(path)

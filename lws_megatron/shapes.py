@@ -132,10 +132,10 @@ def layer_shapes(profile: Profile, dims: Dims, tp: int = 1) -> list[LayerShape]:
     shapes = []
     for i, (b, a) in enumerate(zip(beta, alpha)):
         ffn_width, q_width = b * dims.d_model, a * dims.d_model
-        if ffn_width <= 0 or q_width <= 0:
+        if not (0 < ffn_width < math.inf and 0 < q_width < math.inf):
             raise UserError(
-                f"layer {i}: multipliers ffn={b:g}, attn={a:g} give a non-positive size; "
-                "all knots (and frame values) must be > 0"
+                f"layer {i}: multipliers ffn={b:g}, attn={a:g} give a non-positive or "
+                "non-finite size; all knots (and frame values) must be finite and > 0"
             )
         if q_width / dims.d_head < _group(profile):
             raise UserError(
@@ -159,6 +159,10 @@ def _check_profile(profile: Profile, dims: Dims, tp: int) -> None:
     if _group(profile) < 1:
         key = "kv_group_size" if profile.gqa == "group_size" else "num_kv_heads"
         raise UserError(f"lws.{key}={_group(profile)}: must be at least 1")
+    for key, value in (("lws.ffn_multiple", profile.ffn_multiple),
+                       ("model.make_vocab_size_divisible_by", dims.make_vocab_size_divisible_by)):
+        if value < 1:
+            raise UserError(f"{key}={value}: must be at least 1 (sizes are rounded to it)")
     if tp < 1:
         raise UserError(f"tensor-parallel size {tp}: must be at least 1")
     if dims.num_layers < 1:
