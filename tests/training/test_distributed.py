@@ -27,7 +27,7 @@ def test_a_lone_process_is_rank_0_of_1_with_a_free_port():
 
 def test_export_gives_torch_what_a_launcher_did_not(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "unset")  # restored (or removed) after the test
     export(discover({"RANK": "1", "WORLD_SIZE": "2", "MASTER_PORT": "5555"}))
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_PORT"]) == (
         "1", "2", "5555")
