@@ -1,10 +1,25 @@
-"""Shared fixtures: a tiny tokenized corpus built offline with data_prep, once per session."""
+"""Shared fixtures (a tiny tokenized corpus built offline with data_prep, once per session) and
+the markers that fixtures imply.
+
+Markers (registered in pyproject.toml): `slow` (a training run, a compile, a cluster: `pytest -m
+"not slow"` is the quick loop), `distributed` (several real processes), `slurm` (a private
+one-node SLURM cluster), `gpu` (needs CUDA). `.ci/run` runs everything.
+"""
 
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+_IMPLIED = {"slurm_cluster": ("slurm", "slow", "distributed"), "two_proc": ("distributed", "slow"),
+            "single_rank": ("distributed",), "reference": ("distributed", "slow")}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture in item.fixturenames:
+            for marker in _IMPLIED.get(fixture, ()):
+                item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")

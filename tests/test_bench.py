@@ -9,6 +9,8 @@ import pytest
 
 from lws_megatron.benchmark import BenchResult, render
 
+pytestmark = [pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

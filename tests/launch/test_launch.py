@@ -128,6 +128,8 @@ def mpirun_env() -> dict[str, str]:
 
 @pytest.mark.skipif(shutil.which("mpirun") is None,
                     reason="mpirun is not installed (bash .ci/system_packages.sh installs OpenMPI)")
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_mpirun_trains_with_ranks_from_mpi(tmp_path, tiny_data, two_proc):
     run_dir = tmp_path / "mpi"
     argv = ["mpirun", "--oversubscribe", "-np", "2", sys.executable,

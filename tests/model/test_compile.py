@@ -2,10 +2,13 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from dist_utils import built_model, run_distributed
 
 from lws_megatron.model.compile import compile_stats
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

@@ -236,6 +236,7 @@ def test_a_kernel_that_cannot_run_the_heads_is_refused_naming_them():
         check_kernel("flash", {(6, 2), (6, 4)}, 16, 32, torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.gpu
 def test_te_attention_matches_sdpa_where_both_run():
     from lws_megatron.model.spec import transformer_engine_usable
 

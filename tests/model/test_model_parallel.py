@@ -56,6 +56,8 @@ LAYOUTS = {
 }
 
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 def _with_parallel(config: Config, tp: int, pp: int, layout: str) -> Config:
     parallel = dataclasses.replace(config.parallel, tp=tp, pp=pp, pipeline_layout=layout)
     return dataclasses.replace(config, parallel=parallel)

@@ -17,6 +17,8 @@ import torch
 
 from dist_utils import run_distributed
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 MARKER_NAME = "CODE_RAN"
 

@@ -65,6 +65,7 @@ def test_bad_blends_are_refused(paths, message):
         parse_blend(paths)
 
 
+@pytest.mark.distributed
 def test_weighted_blend_draws_each_dataset_by_its_weight(tmp_path, tiny_data):
     corpus = Path(tiny_data["prefix"]).parent / "corpus" / "pydocs.jsonl"
     other = tmp_path / "other"

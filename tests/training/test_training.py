@@ -12,6 +12,8 @@ import pytest
 
 from lws_megatron.config import load_config
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
