@@ -32,6 +32,7 @@ from lws_megatron.config import Config, dump_config, load_config
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import ensure_dir, write_text_atomic
 from lws_megatron.training.data import resolve_sources
+from lws_megatron.training.data_passes import passes_warning
 from lws_megatron.training.distributed import ParallelPlan, resolve_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,10 @@ def check(config: Config, nodes: int, per_node: int, unit: str,
     plan = resolve_plan(config, world,
                         f"--nodes {nodes} x {per_node} {unit} per node = {world} processes")
     if data_check:
-        resolve_sources(config, verify=False)
+        sources = resolve_sources(config, verify=False)
+        warning = passes_warning(config, sources.prefixes, sources.weights)
+        if warning:
+            print(warning, file=sys.stderr)
     return plan
 
 

@@ -158,8 +158,11 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    interval: int = _within(0, NON_NEGATIVE)
-    batches: int = 8  # at least 1 when eval.interval > 0
+    interval: int = _within(0, NON_NEGATIVE)  # also evaluates at step 0 and at the end
+    batches: int = 8  # packed: micro batches per DP rank; at least 1 when eval.interval > 0
+    # packed: a fixed set of packed sequences; documents: the whole validation split, one
+    # sequence per document, padding not scored (the paper's protocol)
+    mode: Literal["packed", "documents"] = "packed"
 
 
 @dataclass

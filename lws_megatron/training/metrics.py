@@ -90,7 +90,8 @@ def _console_line(r: dict[str, Any]) -> str:
         return f"step {r['step']:>6} | validation loss {r['val_loss']:.4f} | ppl {r['val_ppl']:.2f}"
     return (
         f"step {r['step']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.3e} | grad norm "
-        f"{r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | MFU {100 * r['mfu']:.1f}% | "
+        f"{r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s "
+        f"({r['tokens_per_s_per_device']:,.0f} per device) | MFU {100 * r['mfu']:.1f}% | "
         f"{r['step_time_s'] * 1000:.0f} ms/step | mem {r['mem_gb']:.2f} GB"
         + (f" | skipped {r['skipped_steps']}" if r.get("skipped_steps") else "")
     )

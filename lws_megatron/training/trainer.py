@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from data_prep.manifest import split_prefix
 from lws_megatron.config import Config, dump_config
 from lws_megatron.errors import UserError
 from lws_megatron.fileio import ensure_dir, os_errors, write_json_atomic, write_text_atomic
@@ -26,6 +27,8 @@ from lws_megatron.model.compile import compile_stats
 from lws_megatron.training import data, distributed, schedule
 from lws_megatron.training.callbacks import build_callbacks
 from lws_megatron.training.checkpoint import Checkpointer
+from lws_megatron.training.data_passes import passes_warning
+from lws_megatron.training.documents import DocumentBatches
 from lws_megatron.training.metrics import MetricsWriter, device_peak_flops
 from lws_megatron.training.run_dir import RunLock, refuse_foreign_records
 from lws_megatron.training.train_module import TrainModule
@@ -82,11 +85,14 @@ class Trainer:
         self.peak_flops, self.peak_source = device_peak_flops(device)
         self.sources = distributed.agreed(lambda: data.resolve_sources(config,
                                                                        verify=self.rank == 0))
+        warning = passes_warning(config, self.sources.prefixes, self.sources.weights)
+        if warning:
+            self.say(warning)
         self.module = TrainModule(config, plan, device)
         self.module.compile()
         self.train_ds, valid_ds = data.build_datasets(config, self.sources, plan.dp,
                                                       self.run_dir / "data_cache")
-        self.valid_batches = data.validation_batches(config, valid_ds, plan)
+        self.valid_batches = self._validation_batches(valid_ds)
         self.checkpointer = Checkpointer(self.run_dir, config.checkpoint.keep,
                                          fingerprint(config, plan))
         if self.rank == 0:
@@ -101,6 +107,16 @@ class Trainer:
         self._write_records()
         self.writer = MetricsWriter(self.run_dir, enabled=self.rank == 0,
                                     purge_after=self.resumed_step)
+
+    def _validation_batches(self, valid_ds):
+        """This rank's share of the validation set, for `eval.mode`."""
+        if valid_ds is None or self.config.eval.mode == "packed":
+            return data.validation_batches(self.config, valid_ds, self.plan)
+        pad = self.sources.tokenizer.pad
+        return DocumentBatches([split_prefix(p, "valid") for p in self.sources.prefixes],
+                               self.config.model.seq_length, self.plan.micro_batch_size,
+                               ps.get_data_parallel_rank(), self.plan.dp,
+                               pad if pad is not None else 0)
 
     @property
     def stopping(self) -> bool:

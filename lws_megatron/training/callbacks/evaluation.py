@@ -1,4 +1,4 @@
-"""Validation loss every `eval.interval` steps and at the end of training."""
+"""Validation loss before the first step, every `eval.interval` steps and at the end."""
 
 from __future__ import annotations
 
@@ -11,12 +11,19 @@ from lws_megatron.training.callbacks.base import Callback, registered
 class Evaluation(Callback):
     priority = 20
 
+    def on_train_start(self, trainer) -> None:
+        if trainer.step == 0 and trainer.config.eval.interval and trainer.valid_batches:
+            self._evaluate(trainer)
+
     def on_step_end(self, trainer, result, seconds) -> None:
         interval = trainer.config.eval.interval
         if not (interval and trainer.valid_batches):
             return
         if trainer.step % interval and trainer.step != trainer.config.train.max_steps:
             return
+        self._evaluate(trainer)
+
+    def _evaluate(self, trainer) -> None:
         loss = trainer.module.eval_batch(trainer.valid_batches)
         trainer.last_val_loss = loss
         trainer.writer.log({"step": trainer.step,
