@@ -98,11 +98,55 @@ def synthetic_batch(config: Config, micro: int, seed: int = 0) -> Batch:
             "loss_mask": torch.ones(micro, s)}
 
 
+class BlockTimer:
+    """Forward + backward of one micro batch through a built chunk's own blocks, alone: its
+    input embedding, any run of its layers, its head (final norm, output layer, cross-entropy).
+
+    What the benchmark reports per layer shape and what the pipeline planner calibrates on:
+    the very Megatron modules that train, in the run's compute dtype and attention kernel.
+    """
+
+    def __init__(self, chunk, config: Config, micro: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.chunk, self.device, self.dtype = chunk, device, dtype
+        s, d = config.model.seq_length, config.model.d_model
+        batch = synthetic_batch(config, micro)
+        self.tokens, self.labels = batch["tokens"].to(device), batch["labels"].to(device)
+        self.hidden = torch.randn(s, micro, d, device=device)
+        self.grad = torch.randn_like(self.hidden)
+        self.rope = chunk.rotary_pos_emb(s)
+
+    def step(self, embedding: bool, layers: list, head: bool) -> None:
+        chunk = self.chunk
+        with autocast(self.device, self.dtype):
+            if embedding:
+                x = chunk.embedding(input_ids=self.tokens, position_ids=None)
+            else:
+                x = self.hidden.detach().requires_grad_()
+            for layer in layers:
+                x, _ = layer(x, attention_mask=None, rotary_pos_emb=self.rope)
+            if head:
+                weight = (chunk.shared_embedding_or_output_weight()
+                          if chunk.share_embeddings_and_output_weights else None)
+                logits, _ = chunk.output_layer(chunk.decoder.final_layernorm(x), weight=weight)
+                out = chunk.compute_language_model_loss(self.labels, logits).float().mean()
+        if head:
+            out.backward()
+        else:
+            x.backward(self.grad.to(x.dtype))
+
+    def seconds(self, embedding: bool, layers: list, head: bool) -> float:
+        synchronize(self.device)
+        start = time.perf_counter()
+        self.step(embedding, layers, head)
+        synchronize(self.device)
+        return time.perf_counter() - start
+
+
 def time_layers(chunk, config: Config, micro: int, device: torch.device, dtype: torch.dtype,
                 repeats: int = 5) -> list[LayerTiming]:
     """Forward + backward seconds of one micro batch through each distinct layer shape."""
-    s, d = config.model.seq_length, config.model.d_model
-    rope = chunk.rotary_pos_emb(s) if hasattr(chunk, "rotary_pos_emb") else None
+    timer = BlockTimer(chunk, config, micro, device, dtype)
     by_shape: dict[tuple[int, int, int], list[int]] = {}
     layers = {}
     for layer in chunk.decoder.layers:
@@ -112,18 +156,9 @@ def time_layers(chunk, config: Config, micro: int, device: torch.device, dtype: 
         layers.setdefault(key, layer)
     timings = []
     for key, layer in layers.items():
-        x = torch.randn(s, micro, d, device=device, requires_grad=True)
-        best = float("inf")
-        for _ in range(repeats + 1):
-            synchronize(device)
-            start = time.perf_counter()
-            with autocast(device, dtype):
-                out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
-            out.float().sum().backward()
-            synchronize(device)
-            best = min(best, time.perf_counter() - start)
+        best = min(timer.seconds(False, [layer], False) for _ in range(repeats + 1))
         timings.append(LayerTiming(*key, layers=by_shape[key], seconds=best))
-        layer.zero_grad(set_to_none=True)
+    chunk.zero_grad(set_to_none=True)
     return timings
 
 

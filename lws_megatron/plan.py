@@ -57,19 +57,18 @@ def run(args: argparse.Namespace) -> int:
         "device_memory": parse_bytes(args.device_memory) if args.device_memory else None,
     }
     result = plan(config, **options)  # refuses bad sizes before any timing
-    if args.profile:
-        from lws_megatron.planner import profile
+    if args.profile or args.measure:
+        from lws_megatron import calibration  # torch and Megatron: only when measuring
 
-        result = plan(config, **options, timings=profile.layer_timings(config))
+    if args.profile:
+        result = plan(config, **options, timings=calibration.layer_timings(config))
     measured = None
     if args.measure:
-        from lws_megatron.planner import profile
-
-        planned, even = profile.time_splits(
+        planned, even = calibration.time_splits(
             config, [result.planned.bounds, result.even.bounds], result.pp
         )
-        measured = {"device": profile.device_name(profile.default_device()), "planned_seconds": planned,
-                    "even_seconds": even}
+        measured = {"device": calibration.device_label(),
+                    "planned_seconds": planned, "even_seconds": even}
     if args.json:
         report = {"config": config_name(paths[0]), **result.to_json()}
         if measured:

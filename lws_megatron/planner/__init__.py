@@ -1,8 +1,8 @@
 """Cost-aware pipeline stage planning for models whose layers differ in size (issue 6).
 
 `costs` prices every block (layer, embedding, head), `partition` finds the exact optimal
-contiguous split, `stages` turns it into a plan and Megatron's layout string, `profile`
-(torch, imported only when asked) measures per-shape times on the current device.
+contiguous split, `stages` turns it into a plan and Megatron's layout string, and
+`lws_megatron.calibration` (torch, imported only when asked) measures the real layers.
 """
 
 from lws_megatron.planner.costs import PRECISIONS, CostModel, Timings, cost_model

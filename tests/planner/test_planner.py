@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_utils import run_distributed
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
 from lws_megatron.plan import main
@@ -254,31 +255,44 @@ def test_cli_errors_one_line_status_2(capsys):
     ]
 
 
-def test_profile_calibration_cached(tmp_path, monkeypatch):
-    from lws_megatron.planner import profile
+def _calibrate(cache: str) -> dict:
+    """In one gloo process: calibrate twice (the second from the cache), on another kernel,
+    and time two splits directly."""
+    from lws_megatron import calibration
 
     tiny = load_config(DEMO, [
         "model.d_model=64", "model.d_head=16", "model.num_layers=4", "model.seq_length=32",
         "model.vocab_size=512", "train.micro_batch_size=2", "train.global_batch_size=4",
     ])
+    timings = calibration.layer_timings(tiny, repeats=1, cache=Path(cache))
+    measured_again = []
+    original = calibration.fastest_times
+    calibration.fastest_times = lambda *a: measured_again.append(1) or original(*a)
+    again = calibration.layer_timings(tiny, repeats=1, cache=Path(cache))
+    calibration.fastest_times = original
+    math_kernel = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, sdpa_kernel="math"))
+    calibration.layer_timings(math_kernel, repeats=1, cache=Path(cache))
+    measured = plan(tiny, pp=2, timings=timings)
+    seconds = calibration.time_splits(tiny, [measured.planned.bounds, measured.even.bounds], 2,
+                                      repeats=1)
+    return {"timings": timings, "again": again, "re_measured": bool(measured_again),
+            "shapes": set(tiny.summary().layers), "unit": measured.unit, "seconds": seconds,
+            "device": calibration.device_label()}
+
+
+@pytest.mark.distributed
+def test_profile_calibration_cached(tmp_path):
     cache = tmp_path / "times.json"
-    timings = profile.layer_timings(tiny, repeats=1, cache=cache)
-    assert set(timings.layers) == set(tiny.summary().layers)
+    (out,) = run_distributed(_calibrate, 1, str(cache))
+    timings = out["timings"]
+    assert set(timings.layers) == out["shapes"]
     assert all(t > 0 for t in [*timings.layers.values(), timings.embedding, timings.output])
-    assert all(key.startswith(profile.device_name(profile.default_device())) for key in json.loads(cache.read_text()))
-    monkeypatch.setattr(profile, "_fastest_times", lambda *a: pytest.fail("re-measured"))
-    assert profile.layer_timings(tiny, repeats=1, cache=cache) == timings
-    monkeypatch.undo()
+    assert all(key.startswith(out["device"]) for key in json.loads(cache.read_text()))
+    assert out["again"] == timings and not out["re_measured"]
     # another attention kernel is another measurement, not the cached one
-    math_kernel = dataclasses.replace(
-        tiny, model=dataclasses.replace(tiny.model, sdpa_kernel="math"))
-    profile.layer_timings(math_kernel, repeats=1, cache=cache)
     keys = json.loads(cache.read_text())
     blocks = len(timings.layers) + 2  # every layer shape, the embedding, the head
     assert sum("|sdpa=math|" in k for k in keys) == sum("|sdpa=auto|" in k for k in keys) == blocks
-    measured = plan(tiny, pp=2, timings=timings)
-    assert measured.unit == "s/micro-batch"
-    monkeypatch.undo()
-    seconds = profile.time_splits(tiny, [measured.planned.bounds, measured.even.bounds], 2,
-                                  repeats=1)
+    assert out["unit"] == "s/micro-batch"
+    seconds = out["seconds"]
     assert len(seconds) == 2 and all(len(s) == 2 and min(s) > 0 for s in seconds)
