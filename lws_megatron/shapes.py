@@ -43,7 +43,7 @@ class Dims:
     seq_length: int
     make_vocab_size_divisible_by: int = 128
     tie_embeddings: bool = False
-    qk_norm: bool = True
+    qk_norm: str = "head"  # none | head | full
 
 
 @dataclass(frozen=True)
@@ -201,12 +201,22 @@ def padded_vocab_size(dims: Dims, tp: int = 1) -> int:
 
 
 def layer_params(shape: LayerShape, dims: Dims) -> int:
-    """Trainable parameters of one SwiGLU transformer layer without biases (RMSNorm weights)."""
+    """Trainable parameters of one SwiGLU transformer layer without biases (RMSNorm weights).
+
+    Two d-wide norms either way (pre or post placement); QK-norm gains are one d_head-wide
+    gain each for q and k (head), or one per q and k projection element (full).
+    """
     d, h = dims.d_model, dims.d_head
     attn = d * h * (2 * shape.num_query_heads + 2 * shape.num_kv_heads)
     mlp = 3 * d * shape.ffn_hidden_size
-    norms = 2 * d + (2 * h if dims.qk_norm else 0)
-    return attn + mlp + norms
+    return attn + mlp + 2 * d + qk_norm_params(shape, dims)
+
+
+def qk_norm_params(shape: LayerShape, dims: Dims) -> int:
+    """The QK-norm gains of one layer (`model.qk_norm`)."""
+    if dims.qk_norm == "full":
+        return dims.d_head * (shape.num_query_heads + shape.num_kv_heads)
+    return 2 * dims.d_head if dims.qk_norm == "head" else 0
 
 
 def layer_flops_per_token(shape: LayerShape, dims: Dims) -> int:

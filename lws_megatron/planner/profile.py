@@ -170,7 +170,7 @@ class _Chunk:
         b, s = config.train.micro_batch_size, m.seq_length
         self.embedding = nn.Embedding(vocab, m.d_model) if embedding else None
         self.layers = nn.ModuleList(
-            _Layer(shape, m.d_model, m.d_head, m.qk_norm, m.norm_eps, m.sdpa_kernel)
+            _Layer(shape, m.d_model, m.d_head, m.qk_norm != "none", m.norm_eps, m.sdpa_kernel)
             for shape in shapes
         )
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps) if output else None

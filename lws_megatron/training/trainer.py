@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from lws_megatron.config import Config, dump_config
+from lws_megatron.config import Config, block_fingerprint, dump_config
 from lws_megatron.errors import UserError
 from lws_megatron.training import launch_env
 from lws_megatron.training.metrics import MetricsWriter, device_peak_flops, memory_gb
@@ -85,7 +85,7 @@ def _fingerprint(config: Config, layout: str | None, dp: int) -> dict[str, Any]:
     return {
         "layers": [list(vars(s).values()) for s in config.summary().layers],
         "d_model": m.d_model, "d_head": m.d_head, "vocab_size": m.vocab_size,
-        "tie_embeddings": m.tie_embeddings, "qk_norm": m.qk_norm,
+        "tie_embeddings": m.tie_embeddings, **block_fingerprint(m),
         "tp": config.parallel.tp, "pp": config.parallel.pp, "dp": dp,
         "pipeline_layout": layout, "zero_stage": config.zero.stage,
         "global_batch_size": config.train.global_batch_size,
