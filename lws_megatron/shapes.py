@@ -1,6 +1,6 @@
 """The LWS shape engine: per-layer FFN widths and head counts, parameters and FLOPs.
 
-Pure math (numpy, no torch), implementing ``shared/LWS_SPEC.md`` exactly, so that the
+Pure math (numpy, no torch), implementing ``docs/method.md`` exactly, so that the
 planner, `describe` and the model builder all read one source of truth.
 """
 
@@ -63,7 +63,7 @@ class TPAdjustment:
 
 
 def make_divisible(v: float, d: int) -> int:
-    """OpenELM's rounding (LWS_SPEC.md, Rounding): nearest multiple, never more than 10% down."""
+    """OpenELM's rounding (docs/method.md, Rounding): nearest multiple, never more than 10% down."""
     if v < d:
         return d
     r = int(v + d / 2) // d * d
@@ -73,7 +73,7 @@ def make_divisible(v: float, d: int) -> int:
 
 
 def interpolate(knots: tuple[float, ...], n: int) -> list[float]:
-    """Per-layer multipliers from knots (LWS_SPEC.md, Profiles)."""
+    """Per-layer multipliers from knots (docs/method.md, Profiles)."""
     k = len(knots)
     if k == 0:
         raise UserError("a profile needs at least one knot; give e.g. [4.0] or [1.0, 4.0]")
