@@ -147,10 +147,11 @@ def time_layers(chunk, config: Config, micro: int, device: torch.device, dtype: 
                 repeats: int = 5) -> list[LayerTiming]:
     """Forward + backward seconds of one micro batch through each distinct layer shape."""
     timer = BlockTimer(chunk, config, micro, device, dtype)
+    shapes = config.summary().layers
     by_shape: dict[tuple[int, int, int], list[int]] = {}
     layers = {}
     for layer in chunk.decoder.layers:
-        shape = config.summary().layers[layer.layer_number - 1]
+        shape = shapes[layer.layer_number - 1]
         key = (shape.ffn_hidden_size, shape.num_query_heads, shape.num_kv_heads)
         by_shape.setdefault(key, []).append(layer.layer_number - 1)
         layers.setdefault(key, layer)

@@ -65,7 +65,8 @@ def layer_timings(config: Config, *, repeats: int = 5, cache: Path | None = None
     """Seconds per distinct layer shape, the embedding and the head, cached per device and shape."""
     cache = cache or CACHE_FILE
     prefix, vocab = cache_key(config), padded_vocab_size(config.dims, config.parallel.tp)
-    shapes = sorted(set(config.summary().layers), key=str)
+    by_layer = config.summary().layers
+    shapes = sorted(set(by_layer), key=str)
     keys = {s: prefix + f"ffn={s.ffn_hidden_size},q={s.num_query_heads},kv={s.num_kv_heads}"
             for s in shapes}
     keys["embedding"] = prefix + f"embedding vocab={vocab}"
@@ -75,7 +76,7 @@ def layer_timings(config: Config, *, repeats: int = 5, cache: Path | None = None
     if missing:
         with block_timer(config) as timer:
             layer_of = {shape: timer.chunk.decoder.layers[i]
-                        for i, shape in reversed(list(enumerate(config.summary().layers)))}
+                        for i, shape in reversed(list(enumerate(by_layer)))}
             runs = {block: (block == "embedding",
                             [layer_of[block]] if isinstance(block, LayerShape) else [],
                             block == "output") for block in missing}

@@ -71,9 +71,17 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128  # >= 1: the shape engine checks it, like lws.*
     seq_length: int = _within(1024, AT_LEAST_ONE)
     tie_embeddings: bool = False
-    qk_norm: bool = True
+    # pre: norm before each sublayer (Llama); post: OLMo-2's norm of each sublayer's output
+    # inside the residual. The final norm before the head stays in both.
+    norm_placement: Literal["pre", "post"] = "pre"
+    # head: one RMSNorm per d_head-wide head, gain shared by the heads; full: one RMSNorm over
+    # the whole q (and k) projection (OLMo-2). YAML's true/false read as head/none.
+    qk_norm: Literal["none", "head", "full"] = "head"
     norm_eps: float = _within(1e-6, POSITIVE)
     rope_theta: float = _within(500000.0, POSITIVE)
+    # megatron: normal(init_std), output projections init_std/sqrt(2L); olmo: every weight
+    # truncated normal(init_std) cut at +-3 init_std, no depth scaling. Norm gains start at 1.
+    init: Literal["megatron", "olmo"] = "megatron"
     init_std: float = _within(0.02, POSITIVE)
     attention_backend: Literal["auto", "sdpa", "te"] = "auto"
     # The sdpa backend's kernel: auto is PyTorch's order (flash first); cudnn and efficient
@@ -126,7 +134,9 @@ class OptimConfig:
     betas: list[float] = _within([0.9, 0.95], Range(0, 1, high_open=True))
     eps: float = _within(1e-8, POSITIVE)
     weight_decay: float = _within(0.01, NON_NEGATIVE)
-    no_decay: list[Literal["norms", "biases", "embeddings"]] = field(
+    # embeddings: the input embedding (which a tied head shares); output_head: an untied output
+    # layer. The paper decays everything but the input embedding: no_decay: [embeddings].
+    no_decay: list[Literal["norms", "biases", "embeddings", "output_head"]] = field(
         default_factory=lambda: ["norms", "biases", "embeddings"]
     )
     clip_grad: float = _within(1.0, NON_NEGATIVE)  # 0: no clipping
@@ -193,6 +203,20 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Keys that were booleans before they had more choices: the old YAML values keep their meaning.
+LEGACY_BOOLEANS = {"model.qk_norm": {True: "head", False: "none"}}
+
+
+def block_fingerprint(model: ModelConfig) -> dict[str, Any]:
+    """The block's choices as a checkpoint records them, in a form older checkpoints share:
+    qk_norm head/none as the booleans they hold, norm_placement only once it is post."""
+    legacy = {v: k for k, v in LEGACY_BOOLEANS["model.qk_norm"].items()}
+    found: dict[str, Any] = {"qk_norm": legacy.get(model.qk_norm, model.qk_norm)}
+    if model.norm_placement != "pre":
+        found["norm_placement"] = model.norm_placement
+    return found
 
 
 def _project(cls: type, source: Any, **converted: Any) -> Any:
@@ -281,6 +305,8 @@ def _build(cls: type, tree: Any, source: str, prefix: str) -> Any:
                 f"{source}: unknown key {prefix}{key}{hint}; valid keys: {', '.join(names)}"
             )
         kind = hints[key]
+        if isinstance(value, bool) and f"{prefix}{key}" in LEGACY_BOOLEANS:
+            value = LEGACY_BOOLEANS[f"{prefix}{key}"][value]
         if dataclasses.is_dataclass(kind):
             kwargs[key] = _build(kind, value, source, f"{prefix}{key}.")
         else:
@@ -351,11 +377,12 @@ def _validate(config: Config, source: str) -> None:
             "gradients during backward, which breaks with the several backward passes of a "
             "pipeline schedule; use zero.stage=1 with pipeline parallelism"
         )
-    if config.zero.stage >= 2 and config.parallel.tp > 1 and config.model.qk_norm:
+    if config.zero.stage >= 2 and config.parallel.tp > 1 and config.model.qk_norm == "head":
         raise UserError(
             f"{source}: zero.stage={config.zero.stage} with parallel.tp={config.parallel.tp} and "
-            "model.qk_norm: each TP rank holds part of the QK-norm gradient, which must be summed "
-            "before ZeRO-2/3 reduce gradients inside backward; use zero.stage=1 with TP"
+            "model.qk_norm=head: each TP rank holds part of the shared QK-norm gain's gradient, "
+            "which must be summed before ZeRO-2/3 reduce gradients inside backward; use "
+            "zero.stage=1 with TP, or model.qk_norm=full (its gain is split with the heads)"
         )
     try:
         config.summary()

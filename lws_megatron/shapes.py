@@ -1,6 +1,6 @@
 """The LWS shape engine: per-layer FFN widths and head counts, parameters and FLOPs.
 
-Pure math (numpy, no torch), implementing ``shared/LWS_SPEC.md`` exactly, so that the
+Pure math (numpy, no torch), implementing ``docs/method.md`` exactly, so that the
 planner, `describe` and the model builder all read one source of truth.
 """
 
@@ -43,7 +43,7 @@ class Dims:
     seq_length: int
     make_vocab_size_divisible_by: int = 128
     tie_embeddings: bool = False
-    qk_norm: bool = True
+    qk_norm: str = "head"  # none | head | full
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class TPAdjustment:
 
 
 def make_divisible(v: float, d: int) -> int:
-    """OpenELM's rounding (LWS_SPEC.md, Rounding): nearest multiple, never more than 10% down."""
+    """OpenELM's rounding (docs/method.md, Rounding): nearest multiple, never more than 10% down."""
     if v < d:
         return d
     r = int(v + d / 2) // d * d
@@ -73,7 +73,7 @@ def make_divisible(v: float, d: int) -> int:
 
 
 def interpolate(knots: tuple[float, ...], n: int) -> list[float]:
-    """Per-layer multipliers from knots (LWS_SPEC.md, Profiles)."""
+    """Per-layer multipliers from knots (docs/method.md, Profiles)."""
     k = len(knots)
     if k == 0:
         raise UserError("a profile needs at least one knot; give e.g. [4.0] or [1.0, 4.0]")
@@ -205,12 +205,22 @@ def padded_vocab_size(dims: Dims, tp: int = 1) -> int:
 
 
 def layer_params(shape: LayerShape, dims: Dims) -> int:
-    """Trainable parameters of one SwiGLU transformer layer without biases (RMSNorm weights)."""
+    """Trainable parameters of one SwiGLU transformer layer without biases (RMSNorm weights).
+
+    Two d-wide norms either way (pre or post placement); QK-norm gains are one d_head-wide
+    gain each for q and k (head), or one per q and k projection element (full).
+    """
     d, h = dims.d_model, dims.d_head
     attn = d * h * (2 * shape.num_query_heads + 2 * shape.num_kv_heads)
     mlp = 3 * d * shape.ffn_hidden_size
-    norms = 2 * d + (2 * h if dims.qk_norm else 0)
-    return attn + mlp + norms
+    return attn + mlp + 2 * d + qk_norm_params(shape, dims)
+
+
+def qk_norm_params(shape: LayerShape, dims: Dims) -> int:
+    """The QK-norm gains of one layer (`model.qk_norm`)."""
+    if dims.qk_norm == "full":
+        return dims.d_head * (shape.num_query_heads + shape.num_kv_heads)
+    return 2 * dims.d_head if dims.qk_norm == "head" else 0
 
 
 def layer_flops_per_token(shape: LayerShape, dims: Dims) -> int:

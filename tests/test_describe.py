@@ -29,7 +29,7 @@ def test_json_contract(capsys):
     for layer in report["layers"]:
         for key in ("ffn_hidden_size", "num_query_heads", "num_kv_heads", "params", "flops_per_token"):
             assert type(layer[key]) is int
-    assert report["total_params"] == 179_730_432
+    assert report["total_params"] == 179_742_976
     assert report["embedding_params"] == 50304 * 768
     assert report["total_params"] == (sum(l["params"] for l in report["layers"])
                                       + 2 * report["embedding_params"] + 768)
@@ -47,7 +47,7 @@ def test_text_prints_configs_side_by_side_with_totals(capsys):
     assert "vanilla-18l" in out[0] and "crown-18l" in out[0]
     row0 = out[2].split()
     assert row0[:4] == ["0", "768", "6", "2"] and row0[7:10] == ["3072", "12", "4"]
-    assert "179,730,432" in next(l for l in out if l.startswith("total params"))
+    assert "179,742,976" in next(l for l in out if l.startswith("total params"))
 
 
 def test_plot_writes_a_png(tmp_path, capsys):

@@ -53,9 +53,12 @@ def transformer_config(
         num_query_groups=layers[0].num_kv_heads,
         layer_shapes=layers,
         sdpa_kernel=m.sdpa_kernel,
+        init=m.init,
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_eps,
-        qk_layernorm=m.qk_norm,
+        # Megatron sums q/k_layernorm gradients over TP when this is set: right for the shared
+        # per-head gain, wrong for the full-width gain, which is split with the heads.
+        qk_layernorm=m.qk_norm == "head",
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
@@ -120,7 +123,8 @@ def build_model(
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = GPTModel(
             config=tconfig,
-            transformer_layer_spec=layer_spec(backend, qk_norm=args.model.qk_norm),
+            transformer_layer_spec=layer_spec(backend, qk_norm=args.model.qk_norm,
+                                              norm_placement=args.model.norm_placement),
             vocab_size=args.padded_vocab_size,
             max_sequence_length=args.model.seq_length,
             pre_process=pre_process,
@@ -167,12 +171,15 @@ def global_named_parameters(model: GPTModel) -> Iterator[tuple[str, torch.nn.Par
 
 
 def init_weights(model: GPTModel, seed: int) -> None:
-    """Megatron's default init (N(0, std), output projections N(0, std/sqrt(2L)), norms 1), drawn
-    per parameter from a CPU generator keyed by (seed, global name); this rank keeps its shard."""
+    """Draw every parameter from a CPU generator keyed by (seed, global name); this rank keeps
+    its shard. Norm gains start at 1. `model.init=megatron`: N(0, std), output projections
+    N(0, std/sqrt(2L)). `model.init=olmo` (OLMo-2): every weight, embedding and head included,
+    truncated normal(0, std) cut at +-3 std, no depth scaling."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     std = model.config.init_method_std
-    scaled_std = std / math.sqrt(2 * model.config.num_layers)
+    olmo = model.config.init == "olmo"
+    scaled_std = std if olmo else std / math.sqrt(2 * model.config.num_layers)
     with torch.no_grad():
         for name, param in global_named_parameters(model):
             if param.dim() == 1:  # every 1-D parameter of this architecture is a norm's gain
@@ -186,7 +193,11 @@ def init_weights(model: GPTModel, seed: int) -> None:
             full_shape[dim] *= tp if parallel else 1
             generator = torch.Generator().manual_seed(_name_seed(seed, name))
             full = torch.empty(full_shape, dtype=torch.float32)
-            full.normal_(0.0, sigma, generator=generator)
+            if olmo:
+                torch.nn.init.trunc_normal_(full, 0.0, sigma, -3 * sigma, 3 * sigma,
+                                            generator=generator)
+            else:
+                full.normal_(0.0, sigma, generator=generator)
             if parallel:
                 chunks = full.chunk(tp * param.partition_stride, dim=dim)
                 full = torch.cat(chunks[rank::tp], dim=dim)

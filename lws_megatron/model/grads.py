@@ -1,8 +1,9 @@
 """Gradient reductions that model parallelism needs beyond autograd, for chunks without DDP.
 
 Two parameters' gradients come out partial on each rank:
-- QK-norm gains under TP: each TP rank normalises only its own heads with the shared gain, so
-  its gradient is a partial sum over heads.
+- Shared QK-norm gains under TP (`model.qk_norm=head`): each TP rank normalises only its own
+  heads with the shared gain, so its gradient is a partial sum over heads. The full-width gain
+  (`full`) is split with the heads, so each rank's gradient is whole and is not summed.
 - A tied embedding under PP: the first stage holds the embedding and the last a copy as the
   output head (`build_model` starts them equal); each gets only its own use's gradient.
 
@@ -40,7 +41,9 @@ def _sum_qk_norm_grads(chunks: list[torch.nn.Module]) -> None:
         grad
         for chunk in chunks
         for name, param in chunk.named_parameters()
-        if ("q_layernorm" in name or "k_layernorm" in name) and (grad := _grad(param)) is not None
+        if ("q_layernorm" in name or "k_layernorm" in name)
+        and not getattr(param, "tensor_model_parallel", False)
+        and (grad := _grad(param)) is not None
     ]
     if not grads:
         return

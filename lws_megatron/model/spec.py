@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lws_megatron.errors import UserError
 from lws_megatron.model.attention import SDPAttention
+from lws_megatron.model.olmo import full_qk_norm_specs, post_norm_spec
 from lws_megatron.shapes import LayerShape
 
 Backend = Literal["sdpa", "te"]
@@ -35,6 +36,7 @@ class LWSTransformerConfig(TransformerConfig):
 
     layer_shapes: tuple[LayerShape, ...] = ()
     sdpa_kernel: str = "auto"  # model.sdpa_kernel, read by SDPAttention
+    init: str = "megatron"  # model.init, read by build.init_weights
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -93,18 +95,33 @@ def resolve_backend(requested: str, device: torch.device) -> Backend:
     return "te" if te_ok else "sdpa"
 
 
-def layer_spec(backend: Backend, *, qk_norm: bool) -> ModuleSpec:
-    """Megatron's GPT layer spec with RMSNorm, optional QK-norm, and SDPA or TE attention.
+def layer_spec(backend: Backend, *, qk_norm: str = "head", norm_placement: str = "pre"
+               ) -> ModuleSpec:
+    """Megatron's GPT layer spec with RMSNorm, SDPA or TE attention, and the block's choices:
+    `model.qk_norm` (none | head | full) and `model.norm_placement` (pre | post, olmo.py).
 
     SwiGLU without biases and RoPE are settings of the TransformerConfig and GPTModel
     (build.py); the spec only chooses the modules.
     """
     if backend == "te":
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
-    attention = spec.submodules.self_attention
-    attention.submodules = dataclasses.replace(
-        attention.submodules, core_attention=SDPAttention, linear_proj=GroupedRowParallelLinear)
-    mlp = spec.submodules.mlp
-    mlp.submodules = dataclasses.replace(mlp.submodules, linear_fc2=GroupedRowParallelLinear)
-    return spec
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm == "head")
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm == "head", normalization="RMSNorm")
+        attention = spec.submodules.self_attention
+        attention.submodules = dataclasses.replace(
+            attention.submodules, core_attention=SDPAttention,
+            linear_proj=GroupedRowParallelLinear)
+        mlp = spec.submodules.mlp
+        mlp.submodules = dataclasses.replace(mlp.submodules, linear_fc2=GroupedRowParallelLinear)
+    if qk_norm == "full":
+        attention = spec.submodules.self_attention
+        q_norm, k_norm = full_qk_norm_specs()
+        attention.submodules = dataclasses.replace(
+            attention.submodules, q_layernorm=q_norm, k_layernorm=k_norm)
+    if norm_placement == "pre":
+        return spec
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
+
+        return post_norm_spec(spec, TENorm, unfused_linear=TEColumnParallelLinear)
+    return post_norm_spec(spec, spec.submodules.input_layernorm)

@@ -108,7 +108,7 @@ def layer_activation_bytes(
         return tokens * precision.residual * d
     q = shape.num_query_heads * dims.d_head
     k = shape.num_kv_heads * dims.d_head
-    attention = (3 if dims.qk_norm else 2) * (q + k)
+    attention = (2 if dims.qk_norm == "none" else 3) * (q + k)
     per_token = precision.residual * 2 * d + e * 2 * d
     per_token += e * (attention + 3 * shape.ffn_hidden_size) / tp
     per_token += LSE_BYTES * shape.num_query_heads / tp

@@ -6,9 +6,16 @@ import torch
 
 
 def exclusion_kind(name: str, param: torch.Tensor) -> str | None:
-    """Which `optim.no_decay` category a Megatron parameter falls in, if any."""
-    if "embedding" in name:
+    """Which `optim.no_decay` category a Megatron parameter falls in, if any.
+
+    A tied head on a later pipeline stage is Megatron's copy of the input embedding (it carries
+    `shared_embedding`), so it is excluded with the embedding it mirrors; an untied head is not
+    an embedding: the paper decays it.
+    """
+    if "embedding" in name or getattr(param, "shared_embedding", False):
         return "embeddings"
+    if "output_layer" in name:
+        return "output_head"
     if name.endswith(".bias"):
         return "biases"
     if "norm" in name or param.ndim == 1:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from data_prep.manifest import split_prefix
-from lws_megatron.config import Config, dump_config
+from lws_megatron.config import Config, block_fingerprint, dump_config
 from lws_megatron.errors import UserError
 from lws_megatron.fileio import ensure_dir, os_errors, write_json_atomic, write_text_atomic
 from lws_megatron.model.compile import compile_stats
@@ -52,7 +52,7 @@ def fingerprint(config: Config, plan: distributed.ParallelPlan) -> dict[str, Any
     return {
         "layers": [list(vars(s).values()) for s in config.summary().layers],
         "d_model": m.d_model, "d_head": m.d_head, "vocab_size": m.vocab_size,
-        "tie_embeddings": m.tie_embeddings, "qk_norm": m.qk_norm,
+        "tie_embeddings": m.tie_embeddings, **block_fingerprint(m),
         "tp": plan.tp, "pp": plan.pp, "dp": plan.dp,
         "pipeline_layout": plan.layout, "zero_stage": config.zero.stage,
         "global_batch_size": plan.global_batch_size,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from slurm_cluster import free_port, slurm_cluster  # noqa: F401  (the fixture)
+from slurm_cluster import free_port
 
 from lws_megatron.config import load_config
 

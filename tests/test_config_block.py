@@ -1,0 +1,51 @@
+"""The block's config keys: choices, the old QK-norm booleans, and what a checkpoint records."""
+
+from pathlib import Path
+
+import pytest
+
+from lws_megatron.config import block_fingerprint, dump_config, load_config
+from lws_megatron.errors import UserError
+
+TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+
+
+@pytest.mark.parametrize("value, meaning", [("true", "head"), ("false", "none"),
+                                            ("head", "head"), ("full", "full"), ("none", "none")])
+def test_qk_norm_reads_the_old_booleans_with_their_old_meaning(value, meaning):
+    assert load_config(TINY, [f"model.qk_norm={value}"]).model.qk_norm == meaning
+
+
+def test_defaults_keep_the_megatron_block():
+    m = load_config(TINY).model
+    assert (m.norm_placement, m.qk_norm, m.init) == ("pre", "head", "megatron")
+
+
+@pytest.mark.parametrize("key, value", [("qk_norm", "partial"), ("norm_placement", "sandwich"),
+                                        ("init", "xavier")])
+def test_an_unknown_choice_names_the_key_and_the_choices(key, value):
+    with pytest.raises(UserError, match=rf"model\.{key}='{value}' is not allowed; choose one of"):
+        load_config(TINY, [f"model.{key}={value}"])
+
+
+def test_a_dumped_config_loads_back_the_same(tmp_path):
+    config = load_config(TINY, ["model.qk_norm=false", "model.norm_placement=post"])
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+
+
+def test_checkpoints_of_the_default_block_keep_their_fingerprint():
+    # Older checkpoints recorded qk_norm as a boolean and no norm placement.
+    assert block_fingerprint(load_config(TINY).model) == {"qk_norm": True}
+    assert block_fingerprint(load_config(TINY, ["model.qk_norm=none"]).model) == {
+        "qk_norm": False}
+    olmo = load_config(TINY, ["model.qk_norm=full", "model.norm_placement=post"]).model
+    assert block_fingerprint(olmo) == {"qk_norm": "full", "norm_placement": "post"}
+
+
+def test_zero2_with_tp_is_refused_only_for_the_shared_qk_norm_gain():
+    split = ["parallel.tp=2", "zero.stage=2"]
+    with pytest.raises(UserError, match="model.qk_norm=head"):
+        load_config(TINY, split + ["model.qk_norm=head"])
+    assert load_config(TINY, split + ["model.qk_norm=full"]).zero.stage == 2
