@@ -193,7 +193,7 @@ def preprocess(
     tokenizer.eod_flag(append_eod)
     dtype = token_dtype(tokenizer.vocab_size)
     paths = expand_inputs(inputs)
-    refuse_existing(_output_paths(output_prefix), overwrite, "output")
+    refuse_existing(output_paths(output_prefix), overwrite, "output")
     ensure_parent(output_prefix)
 
     splits = SPLITS if valid_fraction > 0 else SPLITS[:1]
@@ -231,7 +231,7 @@ def preprocess(
         del written["valid"]
 
     manifest = _manifest(output_prefix, tokenizer, dtype, append_eod, valid_fraction, written, stats, zero_token)
-    _commit(output_prefix, writers, manifest)
+    commit(output_prefix, writers, manifest)
     return manifest
 
 
@@ -296,7 +296,7 @@ def _manifest(
         append_eod=append_eod,
         valid_fraction=valid_fraction,
         split_hash=SPLIT_HASH,
-        splits={split: _split_record(prefix, split, files) for split, files in written.items()},
+        splits={split: split_record(prefix, split, files) for split, files in written.items()},
         inputs=[InputRecord(s.path, s.bytes, s.sha256, s.documents) for s in stats],
         skipped={
             "empty_documents": sum(s.empty for s in stats) + zero_token,
@@ -313,18 +313,18 @@ def _split_files(prefix: str) -> tuple[str, str]:
     return get_bin_path(prefix), get_idx_path(prefix)
 
 
-def _output_paths(prefix: str) -> list[str]:
+def output_paths(prefix: str) -> list[str]:
     """Every file a run at PREFIX may write, whichever splits it makes."""
     return [manifest_path(prefix)] + [
         path for split in SPLITS for path in _split_files(split_prefix(prefix, split))
     ]
 
 
-def _split_record(prefix: str, split: str, files: WrittenFiles) -> SplitRecord:
+def split_record(prefix: str, split: str, files: WrittenFiles) -> SplitRecord:
     return SplitRecord(**asdict(files), prefix=os.path.basename(split_prefix(prefix, split)))
 
 
-def _commit(prefix: str, writers: dict[str, IndexedWriter], manifest: Manifest) -> None:
+def commit(prefix: str, writers: dict[str, IndexedWriter], manifest: Manifest) -> None:
     """Rename the finished files into place, drop stale splits of an older run, manifest last."""
     remove_quietly(manifest_path(prefix))
     for writer in writers.values():
