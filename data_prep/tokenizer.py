@@ -163,7 +163,7 @@ def load_tokenizer(
         processor.LoadFromSerializedProto(data)
     except (RuntimeError, OSError):
         raise UserError(
-            f"{path} is neither a sentencepiece model nor a tokenizer.json; pass the .model file "
+            f"{path} is not a sentencepiece model or a tokenizer.json; pass the .model file "
             "or the tokenizer.json"
         ) from None
 
