@@ -44,13 +44,17 @@ def looks_like_json(data: bytes) -> bool:
 
 
 def parse(path: str, data: bytes) -> HFTokenizer:
+    """The tokenizer, set to spell special-token text in documents with ordinary tokens: as with
+    sentencepiece's control symbols, only --append-eod writes the end-of-document id."""
     try:
-        return HFTokenizer.from_str(data.decode("utf-8"))
+        tokenizer = HFTokenizer.from_str(data.decode("utf-8"))
     except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception
         raise UserError(
             f"{path} is not a Hugging Face tokenizer.json ({err}); pass a tokenizer.json saved by "
             "the tokenizers library or a sentencepiece .model"
         ) from None
+    tokenizer.encode_special_tokens = True
+    return tokenizer
 
 
 def resolve(tokenizer: HFTokenizer, path: str, role: str, names: tuple[str, ...],
