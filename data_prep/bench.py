@@ -80,8 +80,9 @@ def _demo_inputs(workdir: str, size_mb: float) -> tuple[list[str], str]:
 
 
 def run_bench(
-    inputs: Sequence[str] | None, tokenizer_path: str | None, workers: int, size_mb: float, repeat: int,
-    *, fmt: str = "sentencepiece", megatron_lm: str | None = None, megatron_python: str | None = None,
+    inputs: Sequence[str] | None, tokenizer_path: str | None, workers: int, size_mb: float,
+    repeat: int, *, fmt: str = "sentencepiece", megatron_lm: str | None = None,
+    megatron_python: str | None = None,
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="data_prep_bench_") as workdir:
         paths, training = (expand_inputs(inputs), inputs[0]) if inputs else _demo_inputs(workdir, size_mb)
@@ -123,7 +124,8 @@ def run_bench(
         print(f"tokenizer: {tokenizer.path} (vocabulary {tokenizer.vocab_size}); workers: {workers}; "
               f"best of {repeat}")
         labels = {
-            "raw": "raw encode_batch_fast(docs)" if hf else f"raw encode(docs, num_threads={workers})",
+            "raw": ("raw encode_batch_fast(docs)" if hf
+                    else f"raw encode(docs, num_threads={workers})"),
             "raw_numpy": "raw encode(..., out_type='numpy')",
             "end_to_end": "preprocess end to end",
         }
@@ -141,8 +143,9 @@ def run_bench(
               f"{numpy_note}in CPU time: {cpu_ratio:.2f}")
         figures.update({f"{name}_s": t.wall for name, t in best.items()})
         if megatron_lm is not None:
-            figures.update(_against_megatron(megatron_lm, megatron_python or sys.executable, tokenizer,
-                                             paths[0], workers, repeat, workdir, text_bytes))
+            figures.update(_against_megatron(megatron_lm, megatron_python or sys.executable,
+                                             tokenizer, paths[0], workers, repeat, workdir,
+                                             text_bytes))
         return figures
 
 
@@ -170,9 +173,9 @@ def _against_megatron(megatron_lm: str, python: str, tokenizer: Tokenizer, path:
                       {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod_token})
     ours_prefix, theirs_prefix = os.path.join(workdir, "ours"), os.path.join(workdir, "megatron")
     commands = {
-        "ours": [python, "-m", "data_prep.preprocess", "--input", path, "--tokenizer", tokenizer.path,
-                 "--output-prefix", ours_prefix, "--workers", str(workers), "--append-eod",
-                 "--overwrite", "--quiet"],
+        "ours": [python, "-m", "data_prep.preprocess", "--input", path,
+                 "--tokenizer", tokenizer.path, "--output-prefix", ours_prefix,
+                 "--workers", str(workers), "--append-eod", "--overwrite", "--quiet"],
         "megatron": [python, os.path.join(megatron_lm, MEGATRON_SCRIPT), "--input", path,
                      "--output-prefix", theirs_prefix, "--tokenizer-type", "HuggingFaceTokenizer",
                      "--tokenizer-model", model_dir, "--workers", str(workers), "--append-eod",

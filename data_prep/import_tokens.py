@@ -194,8 +194,8 @@ def import_tokens(
 def _eod_id(tokenizer: Tokenizer, stated: int | None) -> int:
     if stated is None:
         if tokenizer.eod is None:
-            raise UserError(tokenizer.no_eod or f"tokenizer {tokenizer.path} has no "
-                            "end-of-document token; pass the id that separates documents with --eod-id")
+            why = tokenizer.no_eod or f"tokenizer {tokenizer.path} has no end-of-document token"
+            raise UserError(f"{why}; or pass the id that separates the documents with --eod-id")
         return tokenizer.eod
     if not 0 <= stated < tokenizer.vocab_size:
         raise UserError(f"--eod-id {stated} is outside the {tokenizer.vocab_size}-entry vocabulary "
@@ -260,7 +260,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="id that ends each document (default: the tokenizer's)")
     parser.add_argument("--valid-fraction", type=float, default=0.0, metavar="F",
                         help="share of documents for PREFIX_valid, chosen by a hash of their ids")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at PREFIX")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing dataset at PREFIX")
     return parser
 
 

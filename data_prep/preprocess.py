@@ -19,10 +19,10 @@ little-endian integer, fall below F * 2**64: the split depends on the text alone
 order or worker count, and a document repeated in the corpus always lands in the same split.
 
 One thread reads, parses and hashes the next batch while the tokenizer encodes the current one
-on N threads (sentencepiece and tokenizers release the GIL) into numpy arrays, and each batch is written with a
-few bulk writes, so memory stays at a few batches whatever the corpus size. Every file is
-written under a .partial name and renamed at the end, manifest last: an interrupted run leaves
-nothing that looks complete.
+on N threads (sentencepiece and tokenizers release the GIL) into numpy arrays, and each batch
+is written with a few bulk writes, so memory stays at a few batches whatever the corpus size.
+Every file is written under a .partial name and renamed at the end, manifest last: an
+interrupted run leaves nothing that looks complete.
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ class Tokenizer:
             yield spm.ThreadPool(workers)
 
     def encode_arrays(
-        self, docs: list[bytes], *, append_eod: bool, thread_pool: spm.ThreadPool | ThreadPoolExecutor
+        self, docs: list[bytes], *, append_eod: bool,
+        thread_pool: spm.ThreadPool | ThreadPoolExecutor,
     ) -> list[np.ndarray]:
         """Encode a batch of UTF-8 documents on the pool's threads into int32 arrays."""
         if self.kind == HUGGING_FACE:
@@ -130,7 +131,8 @@ class Tokenizer:
         if append_eod and self.eod is None:
             raise UserError(
                 self.no_eod or f"tokenizer {self.path} has no end-of-document (eos) token, so "
-                "--append-eod cannot be honoured; train one with python -m data_prep.tokenizer train"
+                "--append-eod cannot be honoured; train one with "
+                "python -m data_prep.tokenizer train"
             )
         return append_eod
 
@@ -185,9 +187,10 @@ def load_tokenizer(
 def _load_hf(path: str, data: bytes, fingerprint: str, eod_token: str | None,
              pad_token: str | None) -> Tokenizer:
     processor = hf_tokenizer.parse(path, data)
-    eod = hf_tokenizer.resolve(processor, path, "eod", hf_tokenizer.EOD_NAMES, eod_token, "eos_token")
-    pad = hf_tokenizer.resolve(processor, path, "pad", hf_tokenizer.PAD_NAMES, pad_token, "pad_token")
-    bos = hf_tokenizer.resolve(processor, path, "bos", hf_tokenizer.BOS_NAMES, None, "bos_token")
+    hf = hf_tokenizer
+    eod = hf.resolve(processor, path, "eod", hf.EOD_NAMES, eod_token, "eos_token")
+    pad = hf.resolve(processor, path, "pad", hf.PAD_NAMES, pad_token, "pad_token")
+    bos = hf.resolve(processor, path, "bos", hf.BOS_NAMES, None, "bos_token")
     unk_token = getattr(processor.model, "unk_token", None)
     return Tokenizer(
         path=path,
@@ -199,7 +202,7 @@ def _load_hf(path: str, data: bytes, fingerprint: str, eod_token: str | None,
         unk=processor.token_to_id(unk_token) if unk_token else None,
         processor=processor,
         kind=HUGGING_FACE,
-        no_eod=eod.why_unknown and f"--append-eod needs an end-of-document token: {eod.why_unknown}",
+        no_eod=eod.why_unknown and f"this needs an end-of-document token: {eod.why_unknown}",
     )
 
 

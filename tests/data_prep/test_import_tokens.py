@@ -59,7 +59,8 @@ def test_the_stated_dtype_is_checked_never_guessed(tmp_path, tok_path, documents
     flat.astype(np.uint16)[:-1].tofile(tmp_path / "odd.bin")
     (tmp_path / "big.bin").write_bytes(np.array([5, 4000, 1], dtype=np.uint32).tobytes())
     cases = [
-        ("wide.npy", "uint16", {}, r"holds uint32 ids \(its .npy header says so\) but --dtype is uint16"),
+        ("wide.npy", "uint16", {},
+         r"holds uint32 ids \(its .npy header says so\) but --dtype is uint16"),
         ("odd.bin", "uint32", {}, "not a whole number of uint32 ids"),
         ("big.bin", "uint32", {}, "id 4000 at token 1 is outside the 800-entry vocabulary"),
         ("wide.npy", "uint32", {"eod_id": 2}, "--eod-id 2 contradicts"),
@@ -80,6 +81,7 @@ def test_int32_ids_viewed_as_uint16_are_caught_by_the_integrity_check(tmp_path, 
     np.save(tmp_path / "viewed.npy", viewed)  # a header that says uint16, over int32 data
     viewed.tofile(tmp_path / "raw.bin")
     for name in ("viewed.npy", "raw.bin"):
-        with pytest.raises(UserError, match=r"the int32/uint16 mix-up\): 100% of the odd positions"):
+        with pytest.raises(UserError,
+                           match=r"the int32/uint16 mix-up\): 100% of the odd positions"):
             import_tokens([str(tmp_path / name)], "uint16", tok_path, str(tmp_path / "out"))
         assert not list(tmp_path.glob("out*"))
