@@ -42,7 +42,6 @@ import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
 
 from data_prep import hf_tokenizer
-
 from data_prep.files import ensure_parent, refuse_existing
 from lws_megatron.fileio import write_bytes_atomic
 from data_prep.readers import (
