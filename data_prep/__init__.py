@@ -3,7 +3,7 @@
     python -m data_prep.demo_corpus --output DIR              demo text from the stdlib's docs
     python -m data_prep.tokenizer train --input ... --vocab-size N --output PREFIX [--format hf]
     python -m data_prep.preprocess --input ... --tokenizer PREFIX.model --output-prefix DATA
-    python -m data_prep.import_tokens --input X.npy --dtype uint32 --tokenizer T --output-prefix DATA
+    python -m data_prep.import_tokens --input A.npy --dtype uint32 --tokenizer T --output-prefix D
     python -m data_prep.inspect DATA                          statistics and integrity checks
     python -m data_prep.bench                                 speed against the raw tokenizer
 
