@@ -182,22 +182,39 @@ def _check_dtype_mixup(prefix: str, tokens: np.ndarray, index: IndexFile) -> Non
     )
 
 
-def parity_zeros(tokens: np.ndarray, index: IndexFile) -> ParityZeros:
-    """Share of zero ids at even and odd file positions, sampled, leaving out documents' last tokens."""
+def check_flat_tokens(path: str, tokens: np.ndarray, fix: str) -> None:
+    """The mix-up check on a flat token file without an index, such as an import's input.
+
+    Every position counts: a zero end-of-document id cannot be told apart here, so only a
+    near-perfect alternation (which text does not produce) reaches the threshold.
+    """
+    zeros = parity_zeros(tokens, None)
+    if zeros.samples >= MIXUP_MIN_SAMPLES and zeros.gap > MIXUP_ZERO_GAP:
+        raise UserError(
+            f"{path} looks like 32-bit token ids read as 16-bit ones (the int32/uint16 mix-up): "
+            f"{zeros.odd:.0%} of the odd positions are 0 against {zeros.even:.0%} of the even "
+            f"ones; {fix}"
+        )
+
+
+def parity_zeros(tokens: np.ndarray, index: IndexFile | None) -> ParityZeros:
+    """Share of zero ids at even and odd file positions, sampled, leaving out documents' last
+    tokens (all positions count without an index)."""
     total = len(tokens)
     width = min(MIXUP_WINDOW_TOKENS, total) & ~1
     if width == 0:
         return ParityZeros(0.0, 0.0, 0)
     starts = np.unique(np.linspace(0, total - width, MIXUP_WINDOWS).astype(np.int64) & ~1)
-    itemsize = index.dtype.itemsize
+    itemsize = tokens.dtype.itemsize
     zeros = np.zeros(2, dtype=np.int64)
     counts = np.zeros(2, dtype=np.int64)
     for start in starts:
         keep = np.ones(width, dtype=bool)
-        first = max(int(np.searchsorted(index.pointers, start * itemsize, side="right")) - 1, 0)
-        last = int(np.searchsorted(index.pointers, (start + width) * itemsize, side="left"))
-        ends = index.pointers[first:last] // itemsize + index.lengths[first:last] - 1 - start
-        keep[ends[(ends >= 0) & (ends < width)]] = False
+        if index is not None:
+            first = max(int(np.searchsorted(index.pointers, start * itemsize, side="right")) - 1, 0)
+            last = int(np.searchsorted(index.pointers, (start + width) * itemsize, side="left"))
+            ends = index.pointers[first:last] // itemsize + index.lengths[first:last] - 1 - start
+            keep[ends[(ends >= 0) & (ends < width)]] = False
         is_zero = np.asarray(tokens[start : start + width]) == 0
         for parity in (0, 1):
             zeros[parity] += np.count_nonzero(is_zero[parity::2] & keep[parity::2])

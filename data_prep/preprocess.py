@@ -2,7 +2,10 @@
 
     python -m data_prep.preprocess --input FILES/GLOBS --tokenizer MODEL --output-prefix PREFIX
         [--workers N] [--json-key text] [--skip-missing-key] [--text-docs line|block]
-        [--append-eod] [--valid-fraction F] [--overwrite] [--quiet]
+        [--append-eod] [--eod-token T] [--pad-token T] [--valid-fraction F] [--overwrite] [--quiet]
+
+MODEL is a sentencepiece .model or a Hugging Face tokenizer.json; --eod-token / --pad-token name
+the special tokens of a tokenizer.json that does not make them clear (data_prep.hf_tokenizer).
 
 Outputs, all next to PREFIX:
 
@@ -15,11 +18,11 @@ goes to the validation split when the first 8 bytes of blake2b(its UTF-8 text), 
 little-endian integer, fall below F * 2**64: the split depends on the text alone, not on file
 order or worker count, and a document repeated in the corpus always lands in the same split.
 
-One thread reads, parses and hashes the next batch while sentencepiece encodes the current one
-on N threads (it releases the GIL) straight into numpy arrays, and each batch is written with a
-few bulk writes, so memory stays at a few batches whatever the corpus size. Every file is
-written under a .partial name and renamed at the end, manifest last: an interrupted run leaves
-nothing that looks complete.
+One thread reads, parses and hashes the next batch while the tokenizer encodes the current one
+on N threads (sentencepiece and tokenizers release the GIL) into numpy arrays, and each batch
+is written with a few bulk writes, so memory stays at a few batches whatever the corpus size.
+Every file is written under a .partial name and renamed at the end, manifest last: an
+interrupted run leaves nothing that looks complete.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from datetime import datetime, timezone
 from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
-import sentencepiece as spm
 from tqdm import tqdm
 
 from data_prep.files import ensure_parent, refuse_existing
@@ -177,6 +179,8 @@ def preprocess(
     valid_fraction: float = 0.0,
     overwrite: bool = False,
     progress: bool = True,
+    eod_token: str | None = None,
+    pad_token: str | None = None,
     warn: Callable[[str], None] = lambda message: print(f"warning: {message}", file=sys.stderr),
 ) -> Manifest:
     """Tokenize `inputs` into PREFIX_train (and PREFIX_valid) plus PREFIX.manifest.json."""
@@ -185,11 +189,11 @@ def preprocess(
     workers = workers or default_workers()
     if workers < 1:
         raise UserError(f"--workers {workers} must be at least 1")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, eod_token=eod_token, pad_token=pad_token)
     tokenizer.eod_flag(append_eod)
     dtype = token_dtype(tokenizer.vocab_size)
     paths = expand_inputs(inputs)
-    refuse_existing(_output_paths(output_prefix), overwrite, "output")
+    refuse_existing(output_paths(output_prefix), overwrite, "output")
     ensure_parent(output_prefix)
 
     splits = SPLITS if valid_fraction > 0 else SPLITS[:1]
@@ -227,7 +231,7 @@ def preprocess(
         del written["valid"]
 
     manifest = _manifest(output_prefix, tokenizer, dtype, append_eod, valid_fraction, written, stats, zero_token)
-    _commit(output_prefix, writers, manifest)
+    commit(output_prefix, writers, manifest)
     return manifest
 
 
@@ -241,11 +245,10 @@ def _tokenize(
     bar: tqdm,
 ) -> int:
     """Encode and write every batch; return how many documents encoded to no token at all."""
-    pool = spm.ThreadPool(workers)
     min_tokens = 1 + int(append_eod)
     zero_token = documents = tokens = 0
     start = time.perf_counter()
-    with bar:
+    with bar, tokenizer.thread_pool(workers) as pool:
         for batch in _prefetch(batches, PREFETCH_BATCHES):
             arrays = tokenizer.encode_arrays(batch.docs, append_eod=append_eod, thread_pool=pool)
             lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
@@ -293,7 +296,7 @@ def _manifest(
         append_eod=append_eod,
         valid_fraction=valid_fraction,
         split_hash=SPLIT_HASH,
-        splits={split: _split_record(prefix, split, files) for split, files in written.items()},
+        splits={split: split_record(prefix, split, files) for split, files in written.items()},
         inputs=[InputRecord(s.path, s.bytes, s.sha256, s.documents) for s in stats],
         skipped={
             "empty_documents": sum(s.empty for s in stats) + zero_token,
@@ -310,18 +313,18 @@ def _split_files(prefix: str) -> tuple[str, str]:
     return get_bin_path(prefix), get_idx_path(prefix)
 
 
-def _output_paths(prefix: str) -> list[str]:
+def output_paths(prefix: str) -> list[str]:
     """Every file a run at PREFIX may write, whichever splits it makes."""
     return [manifest_path(prefix)] + [
         path for split in SPLITS for path in _split_files(split_prefix(prefix, split))
     ]
 
 
-def _split_record(prefix: str, split: str, files: WrittenFiles) -> SplitRecord:
+def split_record(prefix: str, split: str, files: WrittenFiles) -> SplitRecord:
     return SplitRecord(**asdict(files), prefix=os.path.basename(split_prefix(prefix, split)))
 
 
-def _commit(prefix: str, writers: dict[str, IndexedWriter], manifest: Manifest) -> None:
+def commit(prefix: str, writers: dict[str, IndexedWriter], manifest: Manifest) -> None:
     """Rename the finished files into place, drop stale splits of an older run, manifest last."""
     remove_quietly(manifest_path(prefix))
     for writer in writers.values():
@@ -347,12 +350,18 @@ def _warn_about_inputs(stats: Sequence[InputStats], warn: Callable[[str], None])
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_prep.preprocess", description=__doc__.split("\n")[0])
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files or globs")
-    parser.add_argument("--tokenizer", required=True, metavar="MODEL", help="sentencepiece .model file")
+    parser.add_argument("--tokenizer", required=True, metavar="MODEL",
+                        help="sentencepiece .model or Hugging Face tokenizer.json")
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX")
     parser.add_argument("--workers", type=int, default=default_workers(), metavar="N",
-                        help="sentencepiece encoding threads (default: all cores)")
+                        help="encoding threads (default: all cores)")
     add_reader_arguments(parser)
-    parser.add_argument("--append-eod", action="store_true", help="end every document with <eod>")
+    parser.add_argument("--append-eod", action="store_true",
+                        help="end every document with the tokenizer's end-of-document token")
+    parser.add_argument("--eod-token", metavar="TOKEN",
+                        help="a tokenizer.json's end-of-document token, where it is ambiguous")
+    parser.add_argument("--pad-token", metavar="TOKEN",
+                        help="a tokenizer.json's padding token, where it is ambiguous")
     parser.add_argument("--valid-fraction", type=float, default=0.0, metavar="F",
                         help="share of documents for PREFIX_valid, chosen by a hash of the text")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at PREFIX")
@@ -373,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         valid_fraction=args.valid_fraction,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        eod_token=args.eod_token,
+        pad_token=args.pad_token,
     )
     for split, record in manifest.splits.items():
         print(

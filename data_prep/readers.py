@@ -73,8 +73,9 @@ def reader_options(args: argparse.Namespace) -> ReaderOptions:
     )
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Expand globs in order, keep each file once, and refuse patterns that match nothing."""
+def expand_inputs(patterns: Sequence[str], text: bool = True) -> list[str]:
+    """Expand globs in order, keep each file once, and refuse patterns that match nothing
+    (and, with `text`, files whose name does not say which text format they hold)."""
     paths: dict[str, None] = {}
     for pattern in patterns:
         if glob.has_magic(pattern):
@@ -88,7 +89,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
         else:
             matches = [pattern]
         paths.update(dict.fromkeys(matches))
-    for path in paths:
+    for path in paths if text else ():
         input_format(path)
     return list(paths)
 

@@ -64,8 +64,8 @@ def resolve_sources(config: Config, verify: bool = True) -> Sources:
     """Check tokenizer, vocabulary and (with `verify`, on one rank) every dataset's integrity
     before training reads anything."""
     if not config.data.tokenizer:
-        raise UserError("data.tokenizer is empty; give the sentencepiece .model the data was "
-                        "prepared with")
+        raise UserError("data.tokenizer is empty; give the sentencepiece .model or tokenizer.json "
+                        "the data was prepared with")
     tokenizer = load_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size != config.model.vocab_size:
         raise UserError(
@@ -92,7 +92,7 @@ class _MegatronTokenizer:
         self.eod = tokenizer.eod
         self.eos = tokenizer.eod
         self.pad = tokenizer.pad if tokenizer.pad is not None else -1
-        self.unique_identifiers = {"class": "sentencepiece", "sha256": tokenizer.fingerprint}
+        self.unique_identifiers = {"class": tokenizer.kind, "sha256": tokenizer.fingerprint}
 
 
 def build_datasets(config: Config, sources: Sources, dp: int, cache_dir: Path):
