@@ -71,7 +71,7 @@ class Trainer:
                                                                        verify=self.rank == 0))
         self.module = TrainModule(config, plan, device)
         self.module.compile()
-        self.train_ds, valid_ds = data.build_datasets(config, self.sources, plan.dp,
+        self.train_ds, valid_ds = data.build_datasets(config, self.sources,
                                                       self.run_dir / "data_cache")
         self.valid_batches = data.validation_batches(config, valid_ds, plan)
         self.checkpointer = Checkpointer(self.run_dir, config.checkpoint.keep,
