@@ -217,8 +217,8 @@ def check_cached_indices(directory: Path) -> None:
         for path in sorted(directory.glob("*.npy")):
             problem = _npy_problem(path)
             if problem:
-                raise UserError(f"cached index {path} {problem}, not an index this program "
-                                f"wrote; delete {directory} (it is rebuilt from the data)")
+                raise UserError(f"cached index {path} {problem}: damaged or planted; delete "
+                                f"{directory} (it is rebuilt from the data)")
 
 
 def _npy_problem(path: Path) -> str | None:
@@ -228,9 +228,9 @@ def _npy_problem(path: Path) -> str | None:
             if version not in _NPY_HEADERS:
                 return f"is a .npy file of format {version}"
             shape, _, dtype = _NPY_HEADERS[version](f)
-        except ValueError as err:
-            return f"is not a .npy array ({err})"
-        if dtype.kind not in "biuf" or dtype.fields:
+        except ValueError:
+            return "is not a .npy array"
+        if dtype.kind not in "biuf":
             return f"holds {dtype}, not plain numbers"
         expected = f.tell() + math.prod(shape) * dtype.itemsize
     size = path.stat().st_size

@@ -26,8 +26,8 @@ BLEND_MAX_PERIOD = 1 << 22
 class Epochs:
     """An endless stream over one epoch of `n` samples: position i is sample `order_e[i % n]`
     of the epoch, e = i // n. Epoch 0 keeps the dataset's own (Megatron-shuffled) order; later
-    epochs are reshuffled from (seed, stream, e), so reading position i costs the same at any
-    point of a run and never depends on its length."""
+    epochs are reshuffled from (seed, stream, e) when first read, so position i never depends
+    on the run's length and reaching it costs one shuffle of its epoch, not of those before."""
 
     def __init__(self, epoch: Sequence, seed: int, stream: int) -> None:
         self.epoch, self.seed, self.stream = epoch, seed, stream

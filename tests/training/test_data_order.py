@@ -87,3 +87,9 @@ def test_pretrain_step_losses_do_not_depend_on_max_steps(tmp_path, tiny_data):
     long_losses, short_losses = records(run_dir), records(short)
     assert {1, 2} <= long_losses.keys()
     assert all(long_losses[s] == short_losses[s] for s in long_losses if s <= 4)
+
+
+def test_a_split_shorter_than_one_sample_is_refused(tmp_path, tiny_data, small):
+    config = tiny_config(tiny_data, small, overrides=["model.seq_length=1000000"])
+    with pytest.raises(UserError, match="small_train holds fewer than model.seq_length"):
+        build_datasets(config, resolve_sources(config, verify=False), tmp_path)
