@@ -6,30 +6,42 @@ and a manifest. Every dataset passes data_prep's integrity checks against the co
 tokenizer before a single sample is read.
 
 Sample order is a pure function of the step: the global batch of step k is samples
-[k*G, (k+1)*G) of the blended dataset, cut into data-parallel slices and then micro batches.
+[k*G, (k+1)*G) of the blended stream, cut into data-parallel slices and then micro batches.
 So the data position of a checkpoint is just its step, and every layout sees the same tokens.
+The stream itself depends on the data and the seed only (see `sampling`), never on
+`train.max_steps`, so a run continued with a larger `max_steps` sees what a longer run would.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import megatron.core
+import numpy as np
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.utils import Split
 
 from data_prep.integrity import verify_dataset
 from data_prep.manifest import manifest_path, read_manifest, split_prefix
 from data_prep.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron.config import Config
 from lws_megatron.errors import UserError
+from lws_megatron.fileio import ensure_dir, os_errors, partial_path
 from lws_megatron.training.distributed import ParallelPlan
-
+from lws_megatron.training.sampling import Blend, Epochs
 
 Batch = dict[str, torch.Tensor]  # tokens, labels: [b, s] int64; loss_mask: [b, s] float
+
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class Sources:
     weights: list[float] | None
     tokenizer: Tokenizer
     valid_fingerprint: str
+    data_hashes: list[str]  # per prefix: its manifest's sha256 of every split's .bin and .idx
 
 
 def parse_blend(paths: list[str]) -> tuple[list[str], list[float] | None]:
@@ -54,7 +67,8 @@ def parse_blend(paths: list[str]) -> tuple[list[str], list[float] | None]:
     try:
         weights = [float(w) for w in paths[0::2]]
     except ValueError:
-        raise UserError(f"data.path {paths}: a weighted blend alternates weight and prefix") from None
+        raise UserError(
+            f"data.path {paths}: a weighted blend alternates weight and prefix") from None
     if any(w <= 0 for w in weights):
         raise UserError(f"data.path {paths}: blend weights must be > 0")
     return list(paths[1::2]), weights
@@ -75,13 +89,17 @@ def resolve_sources(config: Config, verify: bool = True) -> Sources:
         )
     prefixes, weights = parse_blend(config.data.path)
     fingerprint = hashlib.sha256()
+    data_hashes = []
     for prefix in prefixes:
         if verify:
             verify_dataset(prefix, tokenizer_fingerprint=tokenizer.fingerprint,
                            tokenizer_path=config.data.tokenizer, vocab_size=config.model.vocab_size)
-        valid = read_manifest(manifest_path(prefix)).splits.get("valid")
+        splits = read_manifest(manifest_path(prefix)).splits
+        valid = splits.get("valid")
         fingerprint.update(f"{valid.bin_sha256}:{valid.idx_sha256};".encode() if valid else b"-;")
-    return Sources(prefixes, weights, tokenizer, fingerprint.hexdigest())
+        data_hashes.append(";".join(f"{name}:{record.bin_sha256}:{record.idx_sha256}"
+                                    for name, record in sorted(splits.items())))
+    return Sources(prefixes, weights, tokenizer, fingerprint.hexdigest(), data_hashes)
 
 
 class _MegatronTokenizer:
@@ -95,25 +113,87 @@ class _MegatronTokenizer:
         self.unique_identifiers = {"class": tokenizer.kind, "sha256": tokenizer.fingerprint}
 
 
-def build_datasets(config: Config, sources: Sources, dp: int, cache_dir: Path):
-    """(train, valid) GPTDatasets sized for the whole run and the fixed validation set."""
-    train = [split_prefix(p, "train") for p in sources.prefixes]
-    valid = [split_prefix(p, "valid") for p in sources.prefixes]
-    has_valid = all(Path(v + ".idx").is_file() for v in valid)
-    if config.eval.interval and not has_valid:
+def build_datasets(config: Config, sources: Sources, cache_dir: Path) -> tuple[Blend, Blend | None]:
+    """(train, valid) sample streams whose order depends on the data and the seed only; valid
+    is None when the datasets have no validation split."""
+    splits = [Split.train]
+    if all(Path(split_prefix(p, "valid") + ".idx").is_file() for p in sources.prefixes):
+        splits.append(Split.valid)
+    elif config.eval.interval:
         raise UserError(
             f"eval.interval={config.eval.interval} but {sources.prefixes} have no valid split; "
             "prepare the data with --valid-fraction > 0 or set eval.interval=0"
         )
-    dataset_config = GPTDatasetConfig(
+    epochs = _cached_epochs(config, sources, splits, cache_dir)
+    blends = [_blend(config, sources, [e[split] for e in epochs], split) for split in splits]
+    return blends[0], blends[1] if len(blends) > 1 else None
+
+
+def _blend(config: Config, sources: Sources, epochs: list[GPTDataset], split: Split) -> Blend:
+    names = [split_prefix(p, split.name) for p in sources.prefixes]
+    for name, epoch in zip(names, epochs):
+        if len(epoch) == 0:
+            raise UserError(
+                f"{name} holds fewer than model.seq_length+1={config.model.seq_length + 1} "
+                "tokens, not one sample; prepare more data or lower model.seq_length"
+            )
+    streams = [Epochs(epoch, config.train.seed, k) for k, epoch in enumerate(epochs)]
+    return Blend(streams, sources.weights or [len(e) for e in epochs], names)
+
+
+def _cached_epochs(config: Config, sources: Sources, splits: list[Split],
+                   cache_dir: Path) -> list[dict[Split, GPTDataset]]:
+    """One epoch of each split of each dataset. Megatron caches its indices; they live in a
+    directory named by everything they depend on (the data's fingerprint first), so data
+    re-prepared under the same prefix never meets indices built for the old files. Rank 0
+    builds a missing directory beside its place and renames it in once complete; every rank
+    then checks the cached files before Megatron loads them."""
+    directories = [cache_dir / _cache_key(config, sources, k) for k in range(len(sources.prefixes))]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for prefix, directory in zip(sources.prefixes, directories):
+            if not directory.is_dir():
+                _build_cache(config, sources, prefix, splits, directory)
+    if dist.is_initialized():
+        dist.barrier()
+    return [_open_epochs(config, sources, prefix, splits, directory, check=True)
+            for prefix, directory in zip(sources.prefixes, directories)]
+
+
+def _cache_key(config: Config, sources: Sources, k: int) -> str:
+    """What the cached indices of dataset k depend on: its files (their sha256 as its manifest
+    recorded them, not re-hashed), where they are, the tokenizer, seed, sequence length and the
+    Megatron version that wrote them."""
+    parts = [sources.data_hashes[k], os.path.abspath(sources.prefixes[k]),
+             sources.tokenizer.fingerprint, str(config.train.seed), str(config.model.seq_length),
+             megatron.core.__version__]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _build_cache(config: Config, sources: Sources, prefix: str, splits: list[Split],
+                 directory: Path) -> None:
+    scratch = Path(partial_path(directory))
+    try:
+        with os_errors(directory):
+            shutil.rmtree(scratch, ignore_errors=True)  # left by a run killed while building
+            ensure_dir(scratch)
+            _open_epochs(config, sources, prefix, splits, scratch, check=False)
+            os.replace(scratch, directory)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _open_epochs(config: Config, sources: Sources, prefix: str, splits: list[Split],
+                 cache: Path, check: bool) -> dict[Split, GPTDataset]:
+    """Megatron's one-epoch GPTDataset of each split, its indices built in or loaded from
+    `cache` (checked first with `check`)."""
+    if check:
+        check_cached_indices(cache)
+    gpt_config = GPTDatasetConfig(
         random_seed=config.train.seed,
         sequence_length=config.model.seq_length,
-        blend_per_split=[
-            (train, sources.weights),
-            (valid, sources.weights) if has_valid else None,
-            None,
-        ],
-        path_to_cache=str(cache_dir),
+        blend_per_split=[([split_prefix(prefix, s.name)], None) if s in splits else None
+                         for s in Split],
+        path_to_cache=str(cache),
         tokenizer=_MegatronTokenizer(sources.tokenizer),
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -121,15 +201,42 @@ def build_datasets(config: Config, sources: Sources, dp: int, cache_dir: Path):
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    sizes = [
-        config.train.max_steps * config.train.global_batch_size,
-        eval_samples(config, dp) if has_valid else None,
-        None,
-    ]
-    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, sizes, lambda: True, dataset_config
-    ).build()
-    return train_ds, valid_ds
+    epochs = {}
+    for split in splits:
+        path = os.path.abspath(split_prefix(prefix, split.name))
+        indexed = GPTDataset.build_low_level_dataset(path, gpt_config)
+        documents = np.arange(GPTDataset.numel_low_level_dataset(indexed), dtype=np.int32)
+        epochs[split] = GPTDataset(indexed, path, documents, None, split, gpt_config)
+    return epochs
+
+
+def check_cached_indices(directory: Path) -> None:
+    """Refuse any cached index that is not a complete array of plain numbers: Megatron loads
+    them with numpy.load(allow_pickle=True), which would unpickle (and so run) anything else."""
+    with os_errors(directory):
+        for path in sorted(directory.glob("*.npy")):
+            problem = _npy_problem(path)
+            if problem:
+                raise UserError(f"cached index {path} {problem}: damaged or planted; delete "
+                                f"{directory} (it is rebuilt from the data)")
+
+
+def _npy_problem(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version not in _NPY_HEADERS:
+                return f"is a .npy file of format {version}"
+            shape, _, dtype = _NPY_HEADERS[version](f)
+        except ValueError:
+            return "is not a .npy array"
+        if dtype.kind not in "biuf":
+            return f"holds {dtype}, not plain numbers"
+        expected = f.tell() + math.prod(shape) * dtype.itemsize
+    size = path.stat().st_size
+    if size != expected:
+        return f"is {size} bytes where its header promises {expected}"
+    return None
 
 
 def eval_samples(config: Config, dp: int) -> int:

@@ -90,7 +90,7 @@ class Trainer:
             self.say(warning)
         self.module = TrainModule(config, plan, device)
         self.module.compile()
-        self.train_ds, valid_ds = data.build_datasets(config, self.sources, plan.dp,
+        self.train_ds, valid_ds = data.build_datasets(config, self.sources,
                                                       self.run_dir / "data_cache")
         self.valid_batches = self._validation_batches(valid_ds)
         self.checkpointer = Checkpointer(self.run_dir, config.checkpoint.keep,

@@ -82,5 +82,5 @@ def test_weighted_blend_draws_each_dataset_by_its_weight(tmp_path, tiny_data):
 
 def _drawn_datasets(config, cache: str, count: int) -> np.ndarray:
     """Which dataset of the blend each of the first `count` training samples comes from."""
-    train, _ = build_datasets(config, resolve_sources(config), 1, Path(cache))
-    return np.asarray(train.dataset_index[:count])
+    train, _ = build_datasets(config, resolve_sources(config), Path(cache))
+    return np.array([train.source(i)[0] for i in range(count)])
