@@ -8,8 +8,8 @@ Each config trains once per seed (`train.seed=S`) in DIR/runs/<config name>/seed
 seeds into one row: DIR/report/report.md gives the mean and sample standard deviation of the
 final losses over the seeds. Runs go one after another, every config at the first seed before
 the next seed, so a sweep cut short still compares all profiles. A run that fails is named at
-the end and does not stop the others; running the same command again resumes the unfinished
-runs from their checkpoints and leaves the finished ones as they are.
+the end and does not stop the others; the same command run again resumes the unfinished runs
+from their checkpoints and does not train the finished ones again.
 """
 
 from __future__ import annotations
@@ -51,14 +51,17 @@ def plan_runs(configs: list[str], seeds: list[int], overrides: list[str],
         if item.partition("=")[0].strip() in RESERVED:
             raise UserError(f"override {item!r}: the sweep sets {' and '.join(RESERVED)} for "
                             "each run; give seeds with --seeds and the location with --output")
-    stems: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for path in configs:
+        stem = config_name(path)
+        if stem in seen:
+            raise UserError(f"configs {seen[stem]} and {path} would both train in "
+                            f"{out / 'runs' / stem}; give each config once, under its own name")
+        seen[stem] = path
     runs = []
     for seed in seeds:
         for path in configs:
             stem = config_name(path)
-            if stems.setdefault(stem, path) != path:
-                raise UserError(f"{path} and {stems[stem]} are both named {stem}: their runs "
-                                "would share a directory; rename one of the files")
             run_dir = out / "runs" / stem / f"seed{seed}"
             own = [f"train.seed={seed}", f"run.dir={json.dumps(str(run_dir))}"]
             if not load_config(path, overrides).run.name:
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         where = f"; the report {report} covers the other {len(done)}" if report else ""
         raise UserError(f"{len(failed)} of {len(runs)} runs failed: {'; '.join(failed)}{where}; "
-                        "run the same command again to retry them")
+                        "fix the cause and run the same command again to finish them")
     print(f"\nreport: {report}")
     return 0
 

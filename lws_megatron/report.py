@@ -84,7 +84,10 @@ class Spread:
 
     @classmethod
     def of(cls, values: list[float]) -> Spread:
+        """A seed that diverged (a loss that is not finite) leaves nothing to average."""
         n = len(values)
+        if not all(map(math.isfinite, values)):
+            return cls(math.nan, None if n == 1 else math.nan)
         mean = math.fsum(values) / n
         if n == 1:
             return cls(mean, None)

@@ -3,6 +3,7 @@ row gives the mean and sample standard deviation of the final losses over the se
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def test_spread_is_the_sample_standard_deviation():
     spread = Spread.of([4.0, 4.2, 4.7])
     assert spread.mean == pytest.approx(statistics.mean([4.0, 4.2, 4.7]), abs=1e-15)
     assert spread.std == pytest.approx(statistics.stdev([4.0, 4.2, 4.7]), abs=1e-15)
+    diverged = Spread.of([4.0, math.inf, 4.1])
+    assert math.isnan(diverged.mean) and math.isnan(diverged.std)
 
 
 def test_only_seeds_of_one_experiment_are_grouped(tmp_path):
@@ -120,3 +123,13 @@ def test_same_directory_spelled_twice_is_refused(tmp_path, capsys, monkeypatch):
     assert main([str(run), str(run.relative_to(tmp_path)), "--output", "out"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "given twice" in err and str(run.relative_to(tmp_path)) in err
+
+
+def test_a_diverged_seed_leaves_its_profile_without_a_mean(tmp_path):
+    runs = [seeded_run(tmp_path, "crown", 1, 4.0), seeded_run(tmp_path, "crown", 2, 4.1)]
+    with (runs[1] / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 210, "tokens": 1, "loss": NaN, "tokens_per_s": 1.0, "mfu": 0.0, '
+                '"time_s": 200.0}\n')
+    assert main([*map(str, runs), "--output", str(tmp_path / "out")]) == 0
+    row = table((tmp_path / "out" / "report.md").read_text())["crown"]
+    assert row["final train loss"] == "—" and " ± " in row["final val loss"]

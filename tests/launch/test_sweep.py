@@ -62,11 +62,12 @@ def test_seeds_train_apart_and_the_report_gives_their_mean_and_std(tmp_path, tin
     ([str(TINY), "--seeds", "1", "one"], "--seeds: 'one' is not an integer seed"),
     (["configs/demo/nope.yaml", "--seeds", "1"], "configs/demo/nope.yaml: config file not found"),
     ([str(TINY), "--seeds", "1", "train.seed=5"], "the sweep sets train.seed and run.dir"),
-    ([str(TINY), "{tmp}/tiny.yaml", "--seeds", "1"], "are both named tiny"),
+    ([str(TINY), "{tmp}/tiny.yaml", "--seeds", "1"], f"configs {TINY} and {{tmp}}/tiny.yaml"),
+    ([str(TINY), str(TINY), "--seeds", "1"], "give each config once"),
 ])
 def test_bad_input_is_one_line_before_anything_trains(tmp_path, args, message):
     (tmp_path / "tiny.yaml").write_text(f"base: {TINY}\n")
     proc = sweep(*[arg.format(tmp=tmp_path) for arg in args], "--output", str(tmp_path / "out"))
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.count("\n") == 1 and message in proc.stderr
+    assert proc.stderr.count("\n") == 1 and message.format(tmp=tmp_path) in proc.stderr
     assert not (tmp_path / "out").exists()
