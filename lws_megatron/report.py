@@ -364,8 +364,8 @@ def findings(profiles: list[Profile], stats: dict[str, ProfileStats], warned: bo
                for p in profiles if p.seeded and p.name in losses]
     if spreads:
         lines.append(f"Seed-to-seed standard deviation of the final {label} loss: "
-                     f"{', '.join(spreads)}; differences between profiles smaller than that "
-                     "are within the noise of the seed.")
+                     f"{', '.join(spreads)}; a difference of that size between two profiles' "
+                     "means can come from the seeds alone.")
     base = baseline_profile(profiles)
     if base is not None and base.name in losses and len(losses) > 1:
         deltas = ", ".join(baseline_delta(by_name[name], base, stats, key)

@@ -12,7 +12,7 @@ from test_report import last_of, make_run, png_size, table
 
 from lws_megatron.report import Spread, group_runs, load_run, main
 
-# Final training losses per seed; crown is lower than the baseline at every seed.
+# The loss each seed's curve approaches (make_run); crown is below the baseline at every seed.
 BASELINE = {1: 4.20, 2: 4.26, 3: 4.17}
 CROWN = {1: 4.05, 2: 4.13, 3: 4.04}
 
