@@ -36,6 +36,14 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
         raise UserError(f"step failed with exit status {result.returncode}: {' '.join(cmd)}")
 
 
+def pretrain(config: Path, overrides: list[str], nproc: int) -> None:
+    """Train one config with NPROC data-parallel processes, which share the CPU's cores."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+          f"--nproc_per_node={nproc}", str(ROOT / "launch" / "pretrain.py"),
+          "--config", str(config), *overrides], env=env)
+
+
 def prepare_data(inputs: list[str], out: Path, vocab_size: int) -> tuple[str, str]:
     """Tokenizer and indexed dataset under OUT/data; returns (dataset prefix, tokenizer path)."""
     py = sys.executable
@@ -81,15 +89,12 @@ def run(args: argparse.Namespace) -> int:
         inputs = sorted(str(p) for p in (out / "corpus").glob("*.jsonl"))
     prefix, tokenizer = prepare_data(inputs, out, vocab.pop())
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc))}
     run_dirs = []
     for path in configs:
         run_dir = out / "runs" / path.stem
         shutil.rmtree(run_dir, ignore_errors=True)
-        _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-              f"--nproc_per_node={args.nproc}", str(ROOT / "launch" / "pretrain.py"),
-              "--config", str(path), *overrides, f"run.dir={run_dir}", f"data.path=[{prefix}]",
-              f"data.tokenizer={tokenizer}"], env=env)
+        pretrain(path, [*overrides, f"run.dir={run_dir}", f"data.path=[{prefix}]",
+                        f"data.tokenizer={tokenizer}"], args.nproc)
         run_dirs.append(run_dir)
 
     from lws_megatron.report import write_report

@@ -2,7 +2,9 @@
 
 Writes `DIR/report.md` with a table and a few computed findings, and the figures
 `loss.png`, `throughput.png` and `profiles.png`. Every number is read from the runs'
-`metrics.jsonl` and `run_info.json`, so the report cannot drift from the runs.
+`metrics.jsonl` and `run_info.json`, so the report cannot drift from the runs. Runs that share
+a name and a config apart from `train.seed` (a seed sweep, `launch/sweep.py`) are one profile:
+one row with the mean and sample standard deviation of the final losses over the seeds.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import re
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -56,6 +58,43 @@ class Run:
 
 
 @dataclass(frozen=True)
+class Profile:
+    """The runs of one experiment that differ only in `train.seed`; a run without repeats is a
+    profile of one. One row in the table, one colour in the figures."""
+
+    name: str
+    runs: tuple[Run, ...]
+
+    @property
+    def seeded(self) -> bool:
+        return len(self.runs) > 1
+
+    def label(self, run: Run) -> str:
+        """One run of the profile, as a sentence names it."""
+        return f"{self.name} seed {run.config.train.seed}" if self.seeded else self.name
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A number over a profile's seeds: the mean and the sample standard deviation (None for a
+    single seed, since one run says nothing about the spread)."""
+
+    mean: float
+    std: float | None
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        """A seed that diverged (a loss that is not finite) leaves nothing to average."""
+        n = len(values)
+        if not all(map(math.isfinite, values)):
+            return cls(math.nan, None if n == 1 else math.nan)
+        mean = math.fsum(values) / n
+        if n == 1:
+            return cls(mean, None)
+        return cls(mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)))
+
+
+@dataclass(frozen=True)
 class RunStats:
     """The table's numbers for one run."""
 
@@ -64,6 +103,22 @@ class RunStats:
     tokens: int
     final_loss: float
     final_val_loss: float | None
+    final_val_ppl: float | None
+    tokens_per_s: float
+    mfu: float
+    wall_time_s: float
+
+
+@dataclass(frozen=True)
+class ProfileStats:
+    """The table's numbers for one profile: the final losses over its seeds, the rest means;
+    `runs` holds each seed's own numbers, in the order of `Profile.runs`."""
+
+    runs: tuple[RunStats, ...]
+    params: int
+    flops_per_token: int
+    final_loss: Spread
+    final_val_loss: Spread | None
     final_val_ppl: float | None
     tokens_per_s: float
     mfu: float
@@ -147,18 +202,39 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def load_runs(run_dirs: list[str | Path]) -> list[Run]:
-    """Load every run; runs sharing a name are told apart by their directory."""
-    runs = [load_run(d) for d in run_dirs]
-    names = [r.name for r in runs]
-    runs = [
-        replace(r, name=f"{r.name} ({r.path})") if names.count(r.name) > 1 else r
-        for r in runs
-    ]
-    labels = [r.name for r in runs]
-    repeated = sorted({n for n in labels if labels.count(n) > 1})
+    resolved = [Path(d).resolve() for d in run_dirs]
+    repeated = sorted({str(d) for d, r in zip(run_dirs, resolved) if resolved.count(r) > 1})
     if repeated:
-        raise UserError(f"run directory given twice: {', '.join(repeated)}")
-    return runs
+        raise UserError(f"run directory given twice: {', '.join(repeated)}; give each once")
+    return [load_run(d) for d in run_dirs]
+
+
+def _experiment(config: Config) -> str:
+    """The config without where the run lives, how it checkpoints and its seed: runs that
+    agree on it differ only by chance."""
+    tree = config.to_dict()
+    del tree["run"], tree["checkpoint"], tree["train"]["seed"]
+    return json.dumps(tree, sort_keys=True)
+
+
+def group_runs(runs: list[Run]) -> list[Profile]:
+    """Profiles in the order of their first run. Runs of one name and experiment with distinct
+    seeds are one profile; any other runs sharing a name are told apart by their directory."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.name, _experiment(run.config)), []).append(run)
+    members: list[list[Run]] = []
+    for group in groups.values():
+        seeds = [r.config.train.seed for r in group]
+        members += [group] if len(set(seeds)) == len(seeds) else [[r] for r in group]
+    names = [group[0].name for group in members]
+    profiles = []
+    for group in members:
+        name = group[0].name
+        if names.count(name) > 1:
+            name += f" ({os.path.commonpath([str(r.path) for r in group])})"
+        profiles.append(Profile(name, tuple(sorted(group, key=lambda r: r.config.train.seed))))
+    return profiles
 
 
 # ---------------------------------------------------------------- aggregating (pure)
@@ -182,6 +258,25 @@ def run_stats(run: Run) -> RunStats:
     )
 
 
+def profile_stats(profile: Profile) -> ProfileStats:
+    """A validation loss only when every seed was evaluated, so that the mean is over all."""
+    runs = tuple(run_stats(r) for r in profile.runs)
+    val = [s.final_val_loss for s in runs]
+    ppl = [s.final_val_ppl for s in runs]
+    evaluated = None not in val
+    return ProfileStats(
+        runs=runs,
+        params=runs[0].params,
+        flops_per_token=runs[0].flops_per_token,
+        final_loss=Spread.of([s.final_loss for s in runs]),
+        final_val_loss=Spread.of(val) if evaluated else None,
+        final_val_ppl=math.fsum(ppl) / len(ppl) if evaluated else None,
+        tokens_per_s=math.fsum(s.tokens_per_s for s in runs) / len(runs),
+        mfu=math.fsum(s.mfu for s in runs) / len(runs),
+        wall_time_s=math.fsum(s.wall_time_s for s in runs) / len(runs),
+    )
+
+
 def profile_key(name: str) -> str | None:
     """The known profile a run name refers to ("crown-18l" -> "crown"), if any."""
     return next((w for w in re.split(r"[^a-z0-9]+", name.lower()) if w in PROFILE_COLORS), None)
@@ -199,13 +294,13 @@ def run_colors(names: list[str]) -> dict[str, str]:
     return colors
 
 
-def baseline_run(runs: list[Run]) -> Run | None:
-    """The single run named after the baseline profile; none when absent or ambiguous."""
-    found = [r for r in runs if profile_key(r.name) == "baseline"]
+def baseline_profile(profiles: list[Profile]) -> Profile | None:
+    """The single profile named after the baseline; none when absent or ambiguous."""
+    found = [p for p in profiles if profile_key(p.name) == "baseline"]
     return found[0] if len(found) == 1 else None
 
 
-def comparability_warnings(runs: list[Run]) -> list[str]:
+def comparability_warnings(profiles: list[Profile]) -> list[str]:
     """A warning per fingerprint (tokenizer, validation data) on which the runs disagree."""
     warnings = []
     for key, what, consequence in (
@@ -213,40 +308,73 @@ def comparability_warnings(runs: list[Run]) -> list[str]:
         ("valid_data_sha256", "validation data", "Their validation losses are not comparable"),
     ):
         groups: dict[str, list[str]] = {}
-        for run in runs:
-            groups.setdefault(str(run.info[key]), []).append(run.name)
+        for profile in profiles:
+            for run in profile.runs:
+                groups.setdefault(str(run.info[key]), []).append(profile.label(run))
         if len(groups) > 1:
             listing = "; ".join(
-                f"{', '.join(names)} ({key} {digest[:12] or 'empty'})"
+                f"{', '.join(dict.fromkeys(names))} ({key} {digest[:12] or 'empty'})"
                 for digest, names in groups.items()
             )
             warnings.append(f"The runs use different {what}: {listing}. {consequence}.")
     return warnings
 
 
-def findings(runs: list[Run], stats: dict[str, RunStats], warned: bool) -> list[str]:
+def _seeds_note(profile: Profile) -> str:
+    return f" (mean of {len(profile.runs)} seeds)" if profile.seeded else ""
+
+
+def baseline_delta(profile: Profile, base: Profile, stats: dict[str, ProfileStats],
+                   key: str) -> str:
+    """The final loss of `profile` minus the baseline's. Over seeds, paired by seed (both saw
+    the same data order), so that its spread is that of the differences themselves."""
+    ref = getattr(stats[base.name], key).mean
+    value = getattr(stats[profile.name], key).mean
+    if not (profile.seeded or base.seeded):
+        return f"{profile.name} {value - ref:+.4f} ({(value - ref) / ref:+.2%})"
+    per_seed = [{r.config.train.seed: getattr(s, key) for r, s in zip(p.runs, stats[p.name].runs)}
+                for p in (profile, base)]
+    shared = [seed for seed in per_seed[0] if seed in per_seed[1]]
+    if len(shared) < 2:
+        return (f"{profile.name} {value - ref:+.4f} ({(value - ref) / ref:+.2%}; a difference "
+                f"of means, as fewer than two seeds are shared with {base.name})")
+    diff = Spread.of([per_seed[0][seed] - per_seed[1][seed] for seed in shared])
+    return (f"{profile.name} {diff.mean:+.4f} ± {diff.std:.4f} ({diff.mean / ref:+.2%}; "
+            f"paired over seeds {', '.join(map(str, shared))})")
+
+
+def findings(profiles: list[Profile], stats: dict[str, ProfileStats], warned: bool) -> list[str]:
     """A few sentences computed from the numbers: who is best, by how much, and caveats."""
     lines = []
-    unevaluated = [r.name for r in runs if stats[r.name].final_val_loss is None]
+    unevaluated = [p.name for p in profiles if stats[p.name].final_val_loss is None]
     key, label = ("final_loss", "training") if unevaluated else ("final_val_loss", "validation")
-    if unevaluated and len(unevaluated) < len(runs):
+    if unevaluated and len(unevaluated) < len(profiles):
         lines.append(f"No evaluation logged for {', '.join(unevaluated)}, so runs are compared "
                      "on training loss.")
-    # A run whose last logged loss is not finite (diverged) is left out of the ranking.
-    losses = {r.name: v for r in runs if math.isfinite(v := getattr(stats[r.name], key))}
+    by_name = {p.name: p for p in profiles}
+    # A profile whose last logged loss is not finite (diverged) is left out of the ranking.
+    losses = {p.name: v for p in profiles
+              if math.isfinite(v := getattr(stats[p.name], key).mean)}
     if losses:
         best = min(losses, key=losses.get)
         caveat = " (but see the warning above: not all runs are comparable)" if warned else ""
-        lines.append(f"Lowest final {label} loss: **{best}**, {losses[best]:.4f} nats{caveat}.")
-    base = baseline_run(runs)
+        lines.append(f"Lowest final {label} loss: **{best}**, {losses[best]:.4f} nats"
+                     f"{_seeds_note(by_name[best])}{caveat}.")
+    spreads = [f"{p.name} {getattr(stats[p.name], key).std:.4f} ({len(p.runs)} seeds)"
+               for p in profiles if p.seeded and p.name in losses]
+    if spreads:
+        lines.append(f"Seed-to-seed standard deviation of the final {label} loss: "
+                     f"{', '.join(spreads)}; a difference of that size between two profiles' "
+                     "means can come from the seeds alone.")
+    base = baseline_profile(profiles)
     if base is not None and base.name in losses and len(losses) > 1:
-        ref = losses[base.name]
-        deltas = ", ".join(
-            f"{name} {value - ref:+.4f} ({(value - ref) / ref:+.2%})"
-            for name, value in sorted(losses.items(), key=lambda item: item[1])
-            if name != base.name
-        )
-        lines.append(f"Final {label} loss relative to {base.name} ({ref:.4f} nats): {deltas}.")
+        deltas = ", ".join(baseline_delta(by_name[name], base, stats, key)
+                           for name in sorted(losses, key=losses.get) if name != base.name)
+        over = f", mean of {len(base.runs)} seeds" if base.seeded else ""
+        spread = ("; ± is the sample standard deviation of the per-seed differences"
+                  if any(p.seeded for p in profiles) else "")
+        lines.append(f"Final {label} loss relative to {base.name} ({losses[base.name]:.4f} nats"
+                     f"{over}): {deltas}{spread}.")
     fastest = max(stats, key=lambda n: stats[n].tokens_per_s)
     slowest = min(stats, key=lambda n: stats[n].tokens_per_s)
     if fastest != slowest:
@@ -255,14 +383,14 @@ def findings(runs: list[Run], stats: dict[str, RunStats], warned: bool) -> list[
             f"({stats[fastest].mfu:.2%} MFU); lowest: {slowest}, "
             f"{stats[slowest].tokens_per_s:,.0f} tokens/s ({stats[slowest].mfu:.2%} MFU)."
         )
-    tokens = {s.tokens for s in stats.values()}
-    if len(tokens) > 1:
-        ends = ", ".join(f"{n} {_si(s.tokens)}" for n, s in stats.items())
+    tokens = {p.label(r): s.tokens for p in profiles for r, s in zip(p.runs, stats[p.name].runs)}
+    if len(set(tokens.values())) > 1:
+        ends = ", ".join(f"{n} {_si(t)}" for n, t in tokens.items())
         lines.append(f"The runs stopped at different token counts ({ends}): their final losses "
                      "are taken at different points of training.")
     else:
-        lines.append(f"Every run consumed {_si(tokens.pop())} training tokens.")
-    unfinished = [r.name for r in runs if not r.finished]
+        lines.append(f"Every run consumed {_si(next(iter(tokens.values())))} training tokens.")
+    unfinished = [p.label(r) for p in profiles for r in p.runs if not r.finished]
     if unfinished:
         lines.append(f"No summary.json for {', '.join(unfinished)}: still running or stopped "
                      "early; the numbers are those of the last logged step.")
@@ -291,34 +419,45 @@ def _num(value: float | None, fmt: str) -> str:
     return "—" if value is None or not math.isfinite(value) else format(value, fmt)
 
 
+def _spread(value: Spread | None, fmt: str) -> str:
+    if value is None or value.std is None or not math.isfinite(value.mean):
+        return _num(None if value is None else value.mean, fmt)
+    return f"{value.mean:{fmt}} ± {value.std:{fmt}}"
+
+
 TABLE_COLUMNS = ("run", "params (M)", "GFLOPs/token", "final train loss", "final val loss",
                  "val ppl", "tokens/s", "MFU", "wall time")
 
 
-def render_table(runs: list[Run], stats: dict[str, RunStats]) -> str:
+def render_table(profiles: list[Profile], stats: dict[str, ProfileStats]) -> str:
+    """One row per profile; a `seeds` column only when some profile has several."""
+    seeded = any(p.seeded for p in profiles)
+    columns = TABLE_COLUMNS[:1] + ("seeds",) * seeded + TABLE_COLUMNS[1:]
     rows = [
         (
-            r.name,
+            p.name,
+            *[str(len(p.runs))] * seeded,
             f"{s.params / 1e6:.2f}",
             f"{s.flops_per_token / 1e9:.4g}",
-            _num(s.final_loss, ".4f"),
-            _num(s.final_val_loss, ".4f"),
+            _spread(s.final_loss, ".4f"),
+            _spread(s.final_val_loss, ".4f"),
             _num(s.final_val_ppl, ".2f"),
             f"{s.tokens_per_s:,.0f}",
             f"{s.mfu:.2%}",
             _duration(s.wall_time_s),
         )
-        for r, s in ((r, stats[r.name]) for r in runs)
+        for p, s in ((p, stats[p.name]) for p in profiles)
     ]
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
-             "|" + "|".join([":--"] + ["--:"] * (len(TABLE_COLUMNS) - 1)) + "|"]
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join([":--"] + ["--:"] * (len(columns) - 1)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def render_markdown(runs: list[Run], stats: dict[str, RunStats], figures: dict[str, str],
-                    date: str) -> str:
-    warnings = comparability_warnings(runs)
+def render_markdown(profiles: list[Profile], stats: dict[str, ProfileStats],
+                    figures: dict[str, str], date: str) -> str:
+    warnings = comparability_warnings(profiles)
+    runs = [r for p in profiles for r in p.runs]
     parts = [
         "# LWS training report",
         "",
@@ -330,9 +469,13 @@ def render_markdown(runs: list[Run], stats: dict[str, RunStats], figures: dict[s
         "wall time is the last logged `time_s`.",
         "",
     ]
+    if any(p.seeded for p in profiles):
+        parts += ["Runs that share a name and a config apart from `train.seed` are the seeds of "
+                  "one profile: its final losses are the mean ± sample standard deviation over "
+                  "the seeds, its other columns their means.", ""]
     parts += [f"> **Warning:** {w}\n" for w in warnings]
-    parts += [render_table(runs, stats), "", "## Findings", ""]
-    parts += [f"- {line}" for line in findings(runs, stats, bool(warnings))]
+    parts += [render_table(profiles, stats), "", "## Findings", ""]
+    parts += [f"- {line}" for line in findings(profiles, stats, bool(warnings))]
     for title, file in figures.items():
         parts += ["", f"## {title}", "", f"![{title}]({file})"]
     return "\n".join(parts) + "\n"
@@ -349,29 +492,47 @@ def _smooth(values: list[float]) -> list[float]:
     return [sum(values[i - h: i + h + 1]) / (2 * h + 1) for i, h in zip(range(n), spans)]
 
 
-def plot_loss(runs: list[Run], colors: dict[str, str], path: Path) -> None:
+def _seed_mean(curves: list[list[tuple[int, float, float]]]) -> tuple[list[float], list[float]]:
+    """The mean over seeds of (step, tokens, value) curves, at the steps every seed logged."""
+    shared = set.intersection(*({step for step, _, _ in curve} for curve in curves))
+    by_step = [{step: (t, v) for step, t, v in curve} for curve in curves]
+    steps = sorted(shared)
+    return ([by_step[0][step][0] for step in steps],
+            [math.fsum(c[step][1] for c in by_step) / len(by_step) for step in steps])
+
+
+def plot_loss(profiles: list[Profile], colors: dict[str, str], path: Path) -> None:
     """Training (raw faint, smoothed solid) and validation (dashed, dots) loss against tokens;
-    the right panel zooms into the last part, where the runs differ."""
+    the right panel zooms into the last part, where the runs differ. A profile over seeds
+    draws each seed's smoothed loss thin and their mean solid, in its one colour."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.ticker import EngFormatter
 
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [3, 2]})
-    end = max(r.train[-1]["tokens"] for r in runs)
+    end = max(r.train[-1]["tokens"] for p in profiles for r in p.runs)
     start = (1 - ZOOM_FRACTION) * end
     in_zoom: list[float] = []
-    for run in runs:
-        color = colors[run.name]
-        x = [r["tokens"] for r in run.train]
-        raw = [r["loss"] for r in run.train]
-        smooth = _smooth(raw)
-        vx = [r["tokens"] for r in run.evals]
-        vy = [r["val_loss"] for r in run.evals]
+    for profile in profiles:
+        color = colors[profile.name]
+        curves = [[(r["step"], r["tokens"], y) for r, y in
+                   zip(run.train, _smooth([r["loss"] for r in run.train]))]
+                  for run in profile.runs]
+        x, smooth = _seed_mean(curves)
+        vx, vy = _seed_mean([[(r["step"], r["tokens"], r["val_loss"]) for r in run.evals]
+                             for run in profile.runs])
         for ax in (full, zoom):
-            ax.plot(x, raw, color=color, alpha=0.2, linewidth=0.8)
+            if profile.seeded:
+                for curve in curves:
+                    ax.plot([t for _, t, _ in curve], [y for _, _, y in curve], color=color,
+                            alpha=0.45, linewidth=0.7)
+            else:
+                ax.plot(x, [r["loss"] for r in profile.runs[0].train], color=color, alpha=0.2,
+                        linewidth=0.8)
             ax.plot(x, smooth, color=color, linewidth=1.8)
             ax.plot(vx, vy, color=color, linestyle="--", marker="o", markersize=4, linewidth=1.2)
-        in_zoom += [y for t, y in zip(x + vx, smooth + vy) if t >= start and math.isfinite(y)]
+        in_zoom += [y for curve in curves for _, t, y in curve if t >= start and math.isfinite(y)]
+        in_zoom += [y for t, y in zip(vx, vy) if t >= start and math.isfinite(y)]
     if in_zoom:
         low, high = min(in_zoom), max(in_zoom)
         pad = max(high - low, 1e-3) * 0.15
@@ -384,40 +545,49 @@ def plot_loss(runs: list[Run], colors: dict[str, str], path: Path) -> None:
         ax.set_ylabel("loss (nats/token)")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3)
+    seeded = any(p.seeded for p in profiles)
+    single = not all(p.seeded for p in profiles)
+    over_seeds = ", mean over seeds" if seeded else ""
+    styles = [Line2D([], [], color="0.45", linewidth=1.8,
+                     label=f"train loss (smoothed{over_seeds})")]
+    styles += [Line2D([], [], color="0.45", alpha=0.35, linewidth=1.5,
+                      label="train loss (raw)")] * single
+    styles += [Line2D([], [], color="0.45", alpha=0.6, linewidth=0.7,
+                      label="train loss, each seed (smoothed)")] * seeded
+    styles += [Line2D([], [], color="0.45", linestyle="--", marker="o", markersize=4,
+                      label="validation loss" + " (mean over seeds)" * seeded)]
     # Below the axes, so that no legend hides a curve, in two rows, so that the grey
     # line-style keys are not read as the dark baseline; the figure grows to hold them.
-    ncol = min(len(runs), 6)
-    run_rows = -(-len(runs) // ncol)
+    ncol = min(len(profiles), 6)
+    run_rows = -(-len(profiles) // ncol)
     row_in, height = 0.3, fig.get_figheight()
     legend_in = row_in * (run_rows + 1) + 0.1
     fig.set_figheight(height + legend_in)
     total = height + legend_in
-    fig.legend(handles=[Line2D([], [], color=colors[r.name], linewidth=2.5, label=r.name)
-                        for r in runs], loc="lower center", ncol=ncol, frameon=False,
+    fig.legend(handles=[Line2D([], [], color=colors[p.name], linewidth=2.5,
+                               label=p.name + f" ({len(p.runs)} seeds)" * p.seeded)
+                        for p in profiles], loc="lower center", ncol=ncol, frameon=False,
                bbox_to_anchor=(0.5, 0))
-    fig.legend(handles=[
-        Line2D([], [], color="0.45", linewidth=1.8, label="train loss (smoothed)"),
-        Line2D([], [], color="0.45", alpha=0.35, linewidth=1.5, label="train loss (raw)"),
-        Line2D([], [], color="0.45", linestyle="--", marker="o", markersize=4,
-               label="validation loss"),
-    ], loc="lower center", ncol=3, frameon=False, fontsize=8, handlelength=3,
-        bbox_to_anchor=(0.5, row_in * run_rows / total + 0.01))
+    fig.legend(handles=styles, loc="lower center", ncol=len(styles), frameon=False, fontsize=8,
+               handlelength=3, bbox_to_anchor=(0.5, row_in * run_rows / total + 0.01))
     fig.tight_layout(rect=(0, legend_in / total, 1, 1))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
-def plot_throughput(runs: list[Run], stats: dict[str, RunStats], colors: dict[str, str],
-                    path: Path) -> None:
-    """Horizontal bars (room for long names) of throughput and MFU per run, values written on."""
+def plot_throughput(profiles: list[Profile], stats: dict[str, ProfileStats],
+                    colors: dict[str, str], path: Path) -> None:
+    """Horizontal bars (room for long names) of throughput and MFU per profile (the mean over
+    its seeds), values written on."""
     import matplotlib.pyplot as plt
 
-    names = [r.name for r in runs]
-    hardware = {f"{r.info['world_size']} × {r.info['device']}" for r in runs}
+    names = [p.name for p in profiles]
+    where = [{f"{r.info['world_size']} × {r.info['device']}" for r in p.runs} for p in profiles]
+    hardware = set.union(*where)
     labels = names if len(hardware) == 1 else [
-        f"{r.name}\n{r.info['world_size']} × {r.info['device']}" for r in runs
+        f"{p.name}\n{' / '.join(sorted(w))}" for p, w in zip(profiles, where)
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.55 * len(runs)), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.55 * len(profiles)), sharey=True)
     for ax, values, xlabel, fmt in (
         (axes[0], [stats[n].tokens_per_s for n in names], "throughput (tokens/s)", "{:,.0f}"),
         (axes[1], [100 * stats[n].mfu for n in names], "model FLOPs utilisation (%)", "{:.2f}%"),
@@ -430,7 +600,8 @@ def plot_throughput(runs: list[Run], stats: dict[str, RunStats], colors: dict[st
     axes[0].set_yticks(range(len(names)), labels)
     axes[0].invert_yaxis()
     subtitle = f" on {hardware.pop()}" if len(hardware) == 1 else ""
-    fig.suptitle(f"Training speed{subtitle}: mean over logged intervals after the first",
+    seeds = ", and over seeds" if any(p.seeded for p in profiles) else ""
+    fig.suptitle(f"Training speed{subtitle}: mean over logged intervals after the first{seeds}",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -453,24 +624,24 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    runs = load_runs(run_dirs)
-    stats = {r.name: run_stats(r) for r in runs}
-    colors = run_colors([r.name for r in runs])
+    profiles = group_runs(load_runs(run_dirs))
+    stats = {p.name: profile_stats(p) for p in profiles}
+    colors = run_colors([p.name for p in profiles])
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = {"Loss": "loss.png", "Throughput": "throughput.png",
                "Per-layer parameter profiles": "profiles.png"}
     with _atomic(out / figures["Loss"]) as tmp:
-        plot_loss(runs, colors, tmp)
+        plot_loss(profiles, colors, tmp)
     with _atomic(out / figures["Throughput"]) as tmp:
-        plot_throughput(runs, stats, colors, tmp)
+        plot_throughput(profiles, stats, colors, tmp)
     with _atomic(out / figures["Per-layer parameter profiles"]) as tmp:
-        plot_profiles([describe_json(r.name, r.config, int(r.info["tp"])) for r in runs],
-                      str(tmp), colors=colors, ncols=3)
+        plot_profiles([describe_json(p.name, p.runs[0].config, int(p.runs[0].info["tp"]))
+                       for p in profiles], str(tmp), colors=colors, ncols=3)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     report = out / "report.md"
     with _atomic(report) as tmp:
-        tmp.write_text(render_markdown(runs, stats, figures, date))
+        tmp.write_text(render_markdown(profiles, stats, figures, date))
     return report
 
 

@@ -18,8 +18,9 @@ SHA_A, SHA_B = "a" * 64, "b" * 64
 
 def make_run(root: Path, profile: str, *, name: str = "", final_loss: float = 4.0,
              tokenizer: str = SHA_A, valid: str = SHA_A, resume_from: int | None = None,
-             finished: bool = True, steps: int = 200) -> Path:
-    """A run directory `root/profile` exactly as the training runtime writes it.
+             finished: bool = True, steps: int = 200, overrides: tuple[str, ...] = ()) -> Path:
+    """A run directory `root/profile` exactly as the training runtime writes it, its config
+    the demo profile's with `overrides`.
 
     With `resume_from`, the run logs to the end, then restarts from that step and logs
     again with lower losses, as a resumed run appends to metrics.jsonl.
@@ -27,7 +28,8 @@ def make_run(root: Path, profile: str, *, name: str = "", final_loss: float = 4.
     run_dir = root / profile
     run_dir.mkdir(parents=True)
     config = load_config(DEMO / f"{profile}.yaml", [f"run.dir={run_dir}", f"run.name={name!r}",
-                                                     "train.log_interval=10", "eval.interval=50"])
+                                                     "train.log_interval=10", "eval.interval=50",
+                                                     *overrides])
     (run_dir / "config.yaml").write_text(dump_config(config))
     summary = config.summary()
     tokens_per_step = config.train.global_batch_size * config.model.seq_length
