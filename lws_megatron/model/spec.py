@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lws_megatron.errors import UserError
 from lws_megatron.model.attention import SDPAttention
+from lws_megatron.model.compat import with_submodules
 from lws_megatron.shapes import LayerShape
 
 Backend = Literal["sdpa", "te"]
@@ -102,9 +103,8 @@ def layer_spec(backend: Backend, *, qk_norm: bool) -> ModuleSpec:
     if backend == "te":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
-    attention = spec.submodules.self_attention
-    attention.submodules = dataclasses.replace(
-        attention.submodules, core_attention=SDPAttention, linear_proj=GroupedRowParallelLinear)
-    mlp = spec.submodules.mlp
-    mlp.submodules = dataclasses.replace(mlp.submodules, linear_fc2=GroupedRowParallelLinear)
+    layer = spec.submodules
+    layer.self_attention = with_submodules(
+        layer.self_attention, core_attention=SDPAttention, linear_proj=GroupedRowParallelLinear)
+    layer.mlp = with_submodules(layer.mlp, linear_fc2=GroupedRowParallelLinear)
     return spec

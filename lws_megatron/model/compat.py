@@ -1,0 +1,26 @@
+"""Megatron-Core 0.16.1 through 0.19.x: the API differences this project meets, in one place.
+
+CI runs the whole test suite at both ends (.ci/run). Each difference, and how it is handled:
+
+1. Layer spec, MLP (models/gpt/gpt_layer_specs.py). 0.16 describes the MLP of a layer spec as
+   `ModuleSpec(module=MLP, submodules=MLPSubmodules(...))`; 0.19 as
+   `functools.partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))`.
+   `with_submodules` swaps submodules in either form (spec.py swaps linear_fc2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+
+def with_submodules(spec: ModuleSpec | functools.partial, **changes: Any):
+    """`spec` with the named submodules replaced, in the form this Megatron-Core gave it."""
+    if isinstance(spec, functools.partial):
+        submodules = dataclasses.replace(spec.keywords["submodules"], **changes)
+        return functools.partial(spec.func, *spec.args, **{**spec.keywords,
+                                                           "submodules": submodules})
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **changes))
