@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A GPU container user's install: a fresh venv that already has a torch, then one
-# `pip install -e .`. Fails unless that torch is kept (same version, files untouched) and `pip check`
-# is clean. Usage: keeps_torch.sh PYTHON WHEELHOUSE (the wheelhouse holds the torch to
-# preinstall, so nothing is downloaded twice; the project's other packages may come from the
+# `pip install -e .`. Fails unless that torch is kept (same version, files untouched) and
+# `pip check` is clean. Usage: keeps_torch.sh PYTHON WHEELHOUSE (the wheelhouse holds the torch
+# to preinstall, so nothing is downloaded twice; the project's other packages may come from the
 # registry, as they would for the user).
 set -euo pipefail
 python=$1
@@ -12,9 +12,11 @@ venv=$(mktemp -d)
 trap 'rm -rf "$venv"' EXIT
 "$python" -m venv "$venv"
 "$venv/bin/pip" install --quiet --no-index --find-links "$wheels" torch
-# A reinstall of the same version would show as new files: compare the inode too.
+# A reinstall of the same version would show as a new file: compare its inode and mtime too.
 torch_of() {
-  "$venv/bin/python" -c 'import os, torch; print(torch.__version__, os.stat(torch.__file__).st_ino)'
+  "$venv/bin/python" -W ignore -c 'import os, torch
+stat = os.stat(torch.__file__)
+print(torch.__version__, stat.st_ino, stat.st_mtime_ns)'
 }
 before=$(torch_of)
 "$venv/bin/pip" install --quiet --find-links "$wheels" -e .

@@ -6,6 +6,14 @@ CI runs the whole test suite at both ends (.ci/run). Each difference, and how it
    `ModuleSpec(module=MLP, submodules=MLPSubmodules(...))`; 0.19 as
    `functools.partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))`.
    `with_submodules` swaps submodules in either form (spec.py swaps linear_fc2).
+
+Read in both sources and unchanged, so used directly: `heterogeneous_block_specs` and
+`get_config_for_layer` (TransformerBlock), every TransformerConfig field build.py sets,
+`get_forward_backward_func` and its arguments, the `parallel_state` functions used,
+`PipelineParallelLayerLayout`, `BlendedMegatronDatasetBuilder` and `GPTDatasetConfig` (0.19 adds
+`inter_document_masking`, defaulted), the TE layer spec's `qk_layernorm`, and the CUDA calls that
+cuda_bridge.py bridges (still there in 0.19). DeepSpeed is 0.19.8 at both ends; torch 2.13 and
+2.14.1 needed no change.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class LWSTransformerConfig(TransformerConfig):
 class GroupedRowParallelLinear(RowParallelLinear):
     """RowParallelLinear that hands its own TP group to the matmul.
 
-    Megatron-Core 0.16's forward passes `tp_group=None`, so rank 0 issues a deprecation warning
+    Megatron-Core 0.16-0.19's forward passes `tp_group=None`, so rank 0 issues a deprecation warning
     on every call; to torch.compile each warning is a graph break, and a compiled layer ran as
     nine graphs instead of one.
     """
