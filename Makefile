@@ -1,18 +1,21 @@
-# `make demo` and `make test` work on a fresh machine with Python 3.10/3.11: they build .venv
-# from pyproject.toml first. GPU users: install their CUDA build of torch 2.13.0 into .venv
-# before `make install` (see README).
+# `make demo` and `make test` work on a fresh machine with Python 3.10-3.13: they build $(VENV)
+# from pyproject.toml first, at the exact versions CI tested ($(CONSTRAINTS)). The second CI
+# suite: make test PYTHON=python3.12 VENV=.venv312 CONSTRAINTS=.ci/constraints-py312.txt
+# CONSTRAINTS= (empty) installs from pyproject's ranges alone; PIP_ARGS adds pip options
+# (CI: --no-index --find-links WHEELHOUSE, so nothing is downloaded twice).
 PYTHON ?= python3
 VENV ?= .venv
+CONSTRAINTS ?= .ci/constraints-py311.txt
+PIP_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: install test demo demo-quick
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet $(PIP_ARGS) -e '.[dev]' $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $(STAMP)
 
 test: $(STAMP)

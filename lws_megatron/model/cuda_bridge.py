@@ -1,4 +1,4 @@
-"""Megatron-Core 0.16 without CUDA: the few places it assumes a GPU, bridged for CPU runs on gloo.
+"""Megatron-Core (0.16-0.19) without CUDA: where it assumes a GPU, bridged for CPU runs on gloo.
 
 `install()` does nothing when CUDA is available. Without CUDA it rebinds the name `torch` inside
 the Megatron modules listed in `BRIDGED_MODULES` to `_CPU_TORCH`, which is torch itself except

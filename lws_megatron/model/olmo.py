@@ -13,7 +13,7 @@ The paper trained its models on OLMo-2 (OLMo-core). Two pieces differ from Megat
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Literal, Union
 
 import torch
@@ -23,6 +23,8 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from lws_megatron.model.compat import with_submodules
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
@@ -135,9 +137,8 @@ def post_norm_spec(spec: ModuleSpec, norm: type,
     """
     sub = spec.submodules
     if unfused_linear is not None:
-        attention, mlp = sub.self_attention, sub.mlp
-        attention.submodules = replace(attention.submodules, linear_qkv=unfused_linear)
-        mlp.submodules = replace(mlp.submodules, linear_fc1=unfused_linear)
+        sub.self_attention = with_submodules(sub.self_attention, linear_qkv=unfused_linear)
+        sub.mlp = with_submodules(sub.mlp, linear_fc1=unfused_linear)
     fields = {f.name: getattr(sub, f.name) for f in dataclasses.fields(sub)}
     fields.update(input_layernorm=IdentityOp, pre_mlp_layernorm=IdentityOp,
                   post_attention_layernorm=norm, post_mlp_layernorm=norm)

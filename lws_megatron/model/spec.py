@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lws_megatron.errors import UserError
 from lws_megatron.model.attention import SDPAttention
+from lws_megatron.model.compat import with_submodules
 from lws_megatron.model.olmo import full_qk_norm_specs, post_norm_spec
 from lws_megatron.shapes import LayerShape
 
@@ -60,7 +61,7 @@ class LWSTransformerConfig(TransformerConfig):
 class GroupedRowParallelLinear(RowParallelLinear):
     """RowParallelLinear that hands its own TP group to the matmul.
 
-    Megatron-Core 0.16's forward passes `tp_group=None`, so rank 0 issues a deprecation warning
+    Megatron-Core 0.16-0.19's forward passes `tp_group=None`, so rank 0 issues a deprecation warning
     on every call; to torch.compile each warning is a graph break, and a compiled layer ran as
     nine graphs instead of one.
     """
@@ -107,17 +108,14 @@ def layer_spec(backend: Backend, *, qk_norm: str = "head", norm_placement: str =
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm == "head")
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm == "head", normalization="RMSNorm")
-        attention = spec.submodules.self_attention
-        attention.submodules = dataclasses.replace(
-            attention.submodules, core_attention=SDPAttention,
-            linear_proj=GroupedRowParallelLinear)
-        mlp = spec.submodules.mlp
-        mlp.submodules = dataclasses.replace(mlp.submodules, linear_fc2=GroupedRowParallelLinear)
+        layer = spec.submodules
+        layer.self_attention = with_submodules(
+            layer.self_attention, core_attention=SDPAttention, linear_proj=GroupedRowParallelLinear)
+        layer.mlp = with_submodules(layer.mlp, linear_fc2=GroupedRowParallelLinear)
     if qk_norm == "full":
-        attention = spec.submodules.self_attention
         q_norm, k_norm = full_qk_norm_specs()
-        attention.submodules = dataclasses.replace(
-            attention.submodules, q_layernorm=q_norm, k_layernorm=k_norm)
+        spec.submodules.self_attention = with_submodules(
+            spec.submodules.self_attention, q_layernorm=q_norm, k_layernorm=k_norm)
     if norm_placement == "pre":
         return spec
     if backend == "te":

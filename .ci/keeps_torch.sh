@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# A GPU container user's install: a fresh venv that already has a torch, then one
+# `pip install -e .`. Fails unless that torch is kept (same version, files untouched) and
+# `pip check` is clean. Usage: keeps_torch.sh PYTHON WHEELHOUSE (the wheelhouse holds the torch
+# to preinstall, so nothing is downloaded twice; the project's other packages may come from the
+# registry, as they would for the user).
+set -euo pipefail
+python=$1
+wheels=$(realpath "$2")
+cd "$(dirname "$0")/.."
+venv=$(mktemp -d)
+trap 'rm -rf "$venv"' EXIT
+"$python" -m venv "$venv"
+"$venv/bin/pip" install --quiet --no-index --find-links "$wheels" torch
+# A reinstall of the same version would show as a new file: compare its inode and mtime too.
+torch_of() {
+  "$venv/bin/python" -W ignore -c 'import os, torch
+stat = os.stat(torch.__file__)
+print(torch.__version__, stat.st_ino, stat.st_mtime_ns)'
+}
+before=$(torch_of)
+"$venv/bin/pip" install --quiet --find-links "$wheels" -e .
+after=$(torch_of)
+if [ "$before" != "$after" ]; then
+  echo "pip install -e . replaced torch: $before -> $after" >&2
+  exit 1
+fi
+"$venv/bin/pip" check
+echo "pip install -e . kept torch $before"
