@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 from megatron.core.transformer.enums import LayerType
-from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+from megatron.core.transformer.pipeline_parallel_layer_layout import (
+    PipelineParallelLayerLayout,
+)
 
 from data_prep.tokenizer import load_tokenizer
 from lws_megatron.config import Config, load_config

@@ -10,12 +10,12 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from dist_utils import run_distributed  # noqa: E402
-from export_utils import megatron_logits, trained_export  # noqa: E402
+from dist_utils import run_distributed
+from export_utils import megatron_logits, trained_export
 
-from data_prep.tokenizer import load_tokenizer  # noqa: E402
-from lws_megatron.errors import UserError  # noqa: E402
-from lws_megatron.evaluate import RESULTS, evaluate  # noqa: E402
+from data_prep.tokenizer import load_tokenizer
+from lws_megatron.errors import UserError
+from lws_megatron.evaluate import RESULTS, evaluate
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -91,7 +91,7 @@ def test_lm_eval_scores_the_hand_computed_accuracy(run, task_dir, tiny_data):
 
 
 def test_from_a_run_dir_scores_go_to_the_run_dir(run, task_dir):
-    run_dir, out = run
+    run_dir = run[0]
     record = evaluate(run_dir, ["lws_local_mc"], include_path=task_dir, limit=2)
     assert json.loads((run_dir / RESULTS).read_text()) == record
     assert 0.0 <= record["tasks"]["lws_local_mc"]["acc,none"] <= 1.0

@@ -12,13 +12,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from dist_utils import run_distributed  # noqa: E402
-from export_utils import megatron_logits, trained_export  # noqa: E402
+from dist_utils import run_distributed
+from export_utils import megatron_logits, trained_export
 
-from data_prep.tokenizer import load_tokenizer  # noqa: E402
-from lws_megatron.config import load_config  # noqa: E402
-from lws_megatron.errors import UserError  # noqa: E402
-from lws_megatron.export import export, main  # noqa: E402
+from data_prep.tokenizer import load_tokenizer
+from lws_megatron.config import load_config
+from lws_megatron.errors import UserError
+from lws_megatron.export import export, main
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -8,10 +8,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from export_utils import trained_export  # noqa: E402
+from export_utils import trained_export
 
-from lws_megatron.errors import UserError  # noqa: E402
-from lws_megatron.generate import export_dir, load, main, sample  # noqa: E402
+from lws_megatron.errors import UserError
+from lws_megatron.generate import export_dir, load, main, sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 PROMPT = "The river ran past the"
@@ -58,11 +58,9 @@ def test_cli_from_a_run_dir_prints_the_prompt_and_more(run, capsys):
 
 
 def test_bad_requests_fail_in_one_line(run, loaded, tmp_path):
-    with pytest.raises(UserError, match="neither a run dir"):
-        with export_dir(tmp_path):
-            pass
-    with pytest.raises(UserError, match="--step applies to a run dir"):
-        with export_dir(run[1], step=3):
-            pass
+    with pytest.raises(UserError, match="neither a run dir"), export_dir(tmp_path):
+        pass
+    with pytest.raises(UserError, match="--step applies to a run dir"), export_dir(run[1], 3):
+        pass
     with pytest.raises(UserError, match="--top-p"):
         sample(*loaded, PROMPT, top_p=0)
