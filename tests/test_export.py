@@ -1,5 +1,5 @@
 """Export to Hugging Face: the exported model computes our Megatron model's logits (fp32, CPU)
-from runs trained at TP=2 (OLMo-2 block) and at PP=2, and bad requests fail in one line."""
+from runs trained at TP=2 (OLMo-2 block, ZeRO-2) and at PP=2, and bad requests fail in one line."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from lws_megatron.export import export, main
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 RUNS = {
-    "tp2_olmo": ("parallel.tp=2", "model.norm_placement=post", "model.qk_norm=full",
-                 "model.init=olmo"),
+    "tp2_olmo_zero2": ("parallel.tp=2", "zero.stage=2", "model.norm_placement=post",
+                       "model.qk_norm=full", "model.init=olmo"),
     "pp2": ("parallel.pp=2",),
 }
 
