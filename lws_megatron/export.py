@@ -107,8 +107,8 @@ def megatron_state(checkpoint: Path, config: Config) -> dict[str, torch.Tensor]:
                 if isinstance(value, torch.Tensor):
                     shards.setdefault(key, []).append(value)
         for key, parts in shards.items():
-            vp, name = (int(key.split(".", 1)[0]), key.split(".", 1)[1]) if (
-                key[0].isdigit()) else (0, key)
+            chunk, _, rest = key.partition(".")  # "1.decoder...": a virtual stage's chunk
+            vp, name = (int(chunk), rest) if chunk.isdigit() else (0, key)
             if name.startswith("decoder.layers."):
                 _, _, index, rest = name.split(".", 3)
                 name = f"decoder.layers.{offsets[(p, vp)] + int(index)}.{rest}"
