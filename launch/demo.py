@@ -6,13 +6,15 @@
 
 Everything is built offline: the default corpus is Python's own documentation. Each config
 trains with `torchrun --nproc_per_node N launch/pretrain.py` (data parallel on CPU), then
-`lws_megatron.report` compares the runs in OUTPUT/report/report.md.
+`lws_megatron.report` compares the runs in OUTPUT/report/report.md, and the run with the lowest
+validation loss is exported for Hugging Face to OUTPUT/export/NAME and continues a prompt.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -26,6 +28,7 @@ from lws_megatron.errors import UserError, cli_entry
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIGS = [ROOT / "configs" / "demo" / f"{name}.yaml"
                 for name in ("baseline", "vanilla", "framed", "reverse", "crown")]
+PROMPT = "The Python"
 QUICK = ["train.max_steps=24", "eval.interval=8", "eval.batches=4", "checkpoint.interval=0"]
 
 
@@ -100,8 +103,27 @@ def run(args: argparse.Namespace) -> int:
     from lws_megatron.report import write_report
 
     report = write_report(run_dirs, out / "report")
+    export_best(run_dirs, out / "export")
     print(f"\nreport: {report}  ({(time.time() - started) / 60:.1f} minutes in all)")
     return 0
+
+
+def export_best(run_dirs: list[Path], out: Path) -> None:
+    """Export the run with the lowest final validation loss; print a sample of its text."""
+    from lws_megatron.report import load_runs, run_stats
+
+    if importlib.util.find_spec("transformers") is None:
+        print("skipping the export: install the hf extra (pip install -e '.[hf]')")
+        return
+    scored = [(run_stats(r).final_val_loss, r.path) for r in load_runs(run_dirs) if r.evals]
+    if not scored:
+        return
+    best = min(scored)[1]
+    target = out / best.name
+    shutil.rmtree(target, ignore_errors=True)
+    _run([sys.executable, "-m", "lws_megatron.export", str(best), "--output", str(target)])
+    _run([sys.executable, "-m", "lws_megatron.generate", str(target), "--prompt", PROMPT,
+          "--max-tokens", "48", "--seed", "0"])
 
 
 if __name__ == "__main__":

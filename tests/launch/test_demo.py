@@ -27,9 +27,15 @@ def test_quick_demo_builds_data_trains_five_profiles_and_writes_the_report(tmp_p
     rows = {line.split("|")[1].strip(): line for line in report.splitlines()
             if line.startswith("| ") and line.split("|")[1].strip() in PROFILES}
     assert sorted(rows) == sorted(PROFILES)
+    final = {}
     for name in PROFILES:
         records = [json.loads(l) for l in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         val = [r["val_loss"] for r in records if "val_loss" in r]
-        assert len(val) == 2 and val[-1] < val[0]  # it learns, even in 4 steps
+        assert len(val) == 3 and val[-1] < val[0]  # steps 0, 2, 4; it learns, even in 4 steps
         assert f"{val[-1]:.4f}" in rows[name]  # the table is read from metrics.jsonl
+        final[name] = val[-1]
     assert (out / "data" / "demo.manifest.json").is_file() and (out / "corpus").is_dir()
+    # The best run is exported for Hugging Face and continues the demo's prompt.
+    assert [p.name for p in (out / "export").iterdir()] == [min(final, key=final.get)]
+    sample = [line for line in proc.stdout.splitlines() if line.startswith("The Python")]
+    assert len(sample) == 1 and len(sample[0]) > len("The Python")
