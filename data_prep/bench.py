@@ -68,7 +68,8 @@ def _line(label: str, timing: Timing, text_bytes: int, documents: int, tokens: i
 
 
 def _demo_inputs(workdir: str, size_mb: float) -> tuple[list[str], str]:
-    """The demo corpus repeated to about `size_mb`, and the corpus itself to train a tokenizer on."""
+    """The demo corpus repeated to about `size_mb`, and the corpus itself (to train a
+    tokenizer on)."""
     demo = build_demo_corpus(os.path.join(workdir, "demo"))
     with open(demo, "rb") as f:
         text = f.read()
@@ -80,15 +81,24 @@ def _demo_inputs(workdir: str, size_mb: float) -> tuple[list[str], str]:
 
 
 def run_bench(
-    inputs: Sequence[str] | None, tokenizer_path: str | None, workers: int, size_mb: float,
-    repeat: int, *, fmt: str = "sentencepiece", megatron_lm: str | None = None,
+    inputs: Sequence[str] | None,
+    tokenizer_path: str | None,
+    workers: int,
+    size_mb: float,
+    repeat: int,
+    *,
+    fmt: str = "sentencepiece",
+    megatron_lm: str | None = None,
     megatron_python: str | None = None,
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="data_prep_bench_") as workdir:
-        paths, training = (expand_inputs(inputs), inputs[0]) if inputs else _demo_inputs(workdir, size_mb)
+        paths, training = (
+            (expand_inputs(inputs), inputs[0]) if inputs else _demo_inputs(workdir, size_mb)
+        )
         if tokenizer_path is None:
-            tokenizer_path = train_tokenizer([training], BENCH_VOCAB, os.path.join(workdir, "tok"),
-                                             fmt=fmt).path
+            tokenizer_path = train_tokenizer(
+                [training], BENCH_VOCAB, os.path.join(workdir, "tok"), fmt=fmt
+            ).path
         tokenizer = load_tokenizer(tokenizer_path)
         if megatron_lm is not None:
             _check_megatron_run(megatron_lm, tokenizer, paths)
@@ -103,12 +113,21 @@ def run_bench(
         out = os.path.join(workdir, "out", "bench")
 
         def end_to_end() -> None:
-            preprocess(paths, tokenizer_path, out, workers=workers, valid_fraction=0.01,
-                       overwrite=True, progress=False)
+            preprocess(
+                paths,
+                tokenizer_path,
+                out,
+                workers=workers,
+                valid_fraction=0.01,
+                overwrite=True,
+                progress=False,
+            )
 
         runs: dict[str, Callable[[], object]] = {
             "raw": lambda: tokenizer.encode(docs, num_threads=workers),
-            "raw_numpy": lambda: tokenizer.processor.encode(docs, num_threads=workers, out_type="numpy"),
+            "raw_numpy": lambda: tokenizer.processor.encode(
+                docs, num_threads=workers, out_type="numpy"
+            ),
             "end_to_end": end_to_end,
         }
         if hf:
@@ -119,13 +138,19 @@ def run_bench(
                 timings[name].append(_timed(run))
         best = {name: min(values, key=lambda t: t.wall) for name, values in timings.items()}
         input_bytes = sum(os.path.getsize(p) for p in paths)
-        print(f"input: {len(paths)} file(s), {input_bytes / 1e6:.1f} MB on disk, {text_bytes / 1e6:.1f} MB "
-              f"of text, {len(docs):,} documents, {tokens:,} tokens")
-        print(f"tokenizer: {tokenizer.path} (vocabulary {tokenizer.vocab_size}); workers: {workers}; "
-              f"best of {repeat}")
+        print(
+            f"input: {len(paths)} file(s), {input_bytes / 1e6:.1f} MB on disk, "
+            f"{text_bytes / 1e6:.1f} MB "
+            f"of text, {len(docs):,} documents, {tokens:,} tokens"
+        )
+        print(
+            f"tokenizer: {tokenizer.path} (vocabulary {tokenizer.vocab_size}); workers: {workers}; "
+            f"best of {repeat}"
+        )
         labels = {
-            "raw": ("raw encode_batch_fast(docs)" if hf
-                    else f"raw encode(docs, num_threads={workers})"),
+            "raw": (
+                "raw encode_batch_fast(docs)" if hf else f"raw encode(docs, num_threads={workers})"
+            ),
             "raw_numpy": "raw encode(..., out_type='numpy')",
             "end_to_end": "preprocess end to end",
         }
@@ -139,50 +164,106 @@ def run_bench(
         if "raw_numpy" in best:
             figures["ratio_numpy"] = best["raw_numpy"].wall / best["end_to_end"].wall
             numpy_note = f"against the numpy output: {figures['ratio_numpy']:.2f}; "
-        print(f"ratio end-to-end / raw: {ratio:.2f} ({verdict} the {TARGET_RATIO} target); "
-              f"{numpy_note}in CPU time: {cpu_ratio:.2f}")
+        print(
+            f"ratio end-to-end / raw: {ratio:.2f} ({verdict} the {TARGET_RATIO} target); "
+            f"{numpy_note}in CPU time: {cpu_ratio:.2f}"
+        )
         figures.update({f"{name}_s": t.wall for name, t in best.items()})
         if megatron_lm is not None:
-            figures.update(_against_megatron(megatron_lm, megatron_python or sys.executable,
-                                             tokenizer, paths[0], workers, repeat, workdir,
-                                             text_bytes))
+            figures.update(
+                _against_megatron(
+                    megatron_lm,
+                    megatron_python or sys.executable,
+                    tokenizer,
+                    paths[0],
+                    workers,
+                    repeat,
+                    workdir,
+                    text_bytes,
+                )
+            )
         return figures
 
 
 def _check_megatron_run(megatron_lm: str, tokenizer: Tokenizer, paths: Sequence[str]) -> None:
     script = os.path.join(megatron_lm, MEGATRON_SCRIPT)
     if not os.path.isfile(script):
-        raise UserError(f"--megatron-lm {megatron_lm} has no {MEGATRON_SCRIPT}; pass a Megatron-LM "
-                        "checkout (its tools/ and megatron/training/ are enough)")
+        raise UserError(
+            f"--megatron-lm {megatron_lm} has no {MEGATRON_SCRIPT}; pass a Megatron-LM "
+            "checkout (its tools/ and megatron/training/ are enough)"
+        )
     if tokenizer.kind != HUGGING_FACE or tokenizer.eod is None:
-        raise UserError(f"--megatron-lm compares HuggingFaceTokenizer runs: pass a tokenizer.json "
-                        f"with an end-of-document token, not {tokenizer.path}")
+        raise UserError(
+            f"--megatron-lm compares HuggingFaceTokenizer runs: pass a tokenizer.json "
+            f"with an end-of-document token, not {tokenizer.path}"
+        )
     if len(paths) != 1:
-        raise UserError(f"--megatron-lm needs one input file (Megatron's script takes one), "
-                        f"not {len(paths)}")
+        raise UserError(
+            f"--megatron-lm needs one input file (Megatron's script takes one), not {len(paths)}"
+        )
 
 
-def _against_megatron(megatron_lm: str, python: str, tokenizer: Tokenizer, path: str, workers: int,
-                      repeat: int, workdir: str, text_bytes: int) -> dict[str, float]:
+def _against_megatron(
+    megatron_lm: str,
+    python: str,
+    tokenizer: Tokenizer,
+    path: str,
+    workers: int,
+    repeat: int,
+    workdir: str,
+    text_bytes: int,
+) -> dict[str, float]:
     """Both tools as the commands a user runs, interleaved; best wall time of each."""
     model_dir = os.path.join(workdir, "hf_tokenizer")
     os.makedirs(model_dir)
     shutil.copyfile(tokenizer.path, os.path.join(model_dir, "tokenizer.json"))
     eod_token = tokenizer.processor.id_to_token(tokenizer.eod)
-    write_json_atomic(os.path.join(model_dir, "tokenizer_config.json"),
-                      {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod_token})
+    write_json_atomic(
+        os.path.join(model_dir, "tokenizer_config.json"),
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod_token},
+    )
     ours_prefix, theirs_prefix = os.path.join(workdir, "ours"), os.path.join(workdir, "megatron")
     commands = {
-        "ours": [python, "-m", "data_prep.preprocess", "--input", path,
-                 "--tokenizer", tokenizer.path, "--output-prefix", ours_prefix,
-                 "--workers", str(workers), "--append-eod", "--overwrite", "--quiet"],
-        "megatron": [python, os.path.join(megatron_lm, MEGATRON_SCRIPT), "--input", path,
-                     "--output-prefix", theirs_prefix, "--tokenizer-type", "HuggingFaceTokenizer",
-                     "--tokenizer-model", model_dir, "--workers", str(workers), "--append-eod",
-                     "--log-interval", str(10**9)],
+        "ours": [
+            python,
+            "-m",
+            "data_prep.preprocess",
+            "--input",
+            path,
+            "--tokenizer",
+            tokenizer.path,
+            "--output-prefix",
+            ours_prefix,
+            "--workers",
+            str(workers),
+            "--append-eod",
+            "--overwrite",
+            "--quiet",
+        ],
+        "megatron": [
+            python,
+            os.path.join(megatron_lm, MEGATRON_SCRIPT),
+            "--input",
+            path,
+            "--output-prefix",
+            theirs_prefix,
+            "--tokenizer-type",
+            "HuggingFaceTokenizer",
+            "--tokenizer-model",
+            model_dir,
+            "--workers",
+            str(workers),
+            "--append-eod",
+            "--log-interval",
+            str(10**9),
+        ],
     }
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (os.path.abspath(megatron_lm), os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (os.path.abspath(megatron_lm), os.environ.get("PYTHONPATH")) if p
+        ),
+    }
     walls: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeat):
         for name, command in commands.items():
@@ -190,47 +271,86 @@ def _against_megatron(megatron_lm: str, python: str, tokenizer: Tokenizer, path:
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             walls[name].append(time.perf_counter() - start)
             if done.returncode:
-                raise UserError(f"{' '.join(command)} failed (exit {done.returncode}): "
-                                f"{done.stderr.strip().splitlines()[-1:] or ''}")
+                raise UserError(
+                    f"{' '.join(command)} failed (exit {done.returncode}): "
+                    f"{done.stderr.strip().splitlines()[-1:] or ''}"
+                )
     best = {name: min(values) for name, values in walls.items()}
-    same = filecmp.cmp(ours_prefix + "_train.bin", theirs_prefix + "_text_document.bin",
-                       shallow=False)
-    for name, label in (("megatron", "Megatron-LM tools/preprocess_data.py"),
-                        ("ours", "python -m data_prep.preprocess")):
-        print(f"{label:<38} {best[name]:6.2f} s  {text_bytes / best[name] / 1e6:6.2f} MB/s  "
-              f"(command, {workers} worker(s), best of {repeat})")
+    same = filecmp.cmp(
+        ours_prefix + "_train.bin", theirs_prefix + "_text_document.bin", shallow=False
+    )
+    for name, label in (
+        ("megatron", "Megatron-LM tools/preprocess_data.py"),
+        ("ours", "python -m data_prep.preprocess"),
+    ):
+        print(
+            f"{label:<38} {best[name]:6.2f} s  {text_bytes / best[name] / 1e6:6.2f} MB/s  "
+            f"(command, {workers} worker(s), best of {repeat})"
+        )
     ratio = best["megatron"] / best["ours"]
-    print(f"speed-up over Megatron-LM: {ratio:.2f}x ({'meets' if ratio >= 1 else 'MISSES'} the 1.0 "
-          f"target); token files identical: {'yes' if same else 'NO'}")
-    return {"megatron_s": best["megatron"], "ours_command_s": best["ours"],
-            "megatron_ratio": ratio, "megatron_identical": float(same)}
+    print(
+        f"speed-up over Megatron-LM: {ratio:.2f}x ({'meets' if ratio >= 1 else 'MISSES'} the 1.0 "
+        f"target); token files identical: {'yes' if same else 'NO'}"
+    )
+    return {
+        "megatron_s": best["megatron"],
+        "ours_command_s": best["ours"],
+        "megatron_ratio": ratio,
+        "megatron_identical": float(same),
+    }
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--input", nargs="+", metavar="FILE", help="jsonl/txt files (default: demo corpus)")
-    parser.add_argument("--tokenizer", metavar="MODEL",
-                        help="sentencepiece .model or tokenizer.json (default: train one)")
-    parser.add_argument("--format", choices=FORMATS, default="sentencepiece",
-                        help="the kind of tokenizer to train without --tokenizer")
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--input", nargs="+", metavar="FILE", help="jsonl/txt files (default: demo corpus)"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="MODEL",
+        help="sentencepiece .model or tokenizer.json (default: train one)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="sentencepiece",
+        help="the kind of tokenizer to train without --tokenizer",
+    )
     parser.add_argument("--workers", type=int, default=default_workers(), metavar="N")
     parser.add_argument("--size-mb", type=float, default=32.0, help="size of the generated corpus")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
-    parser.add_argument("--megatron-lm", metavar="DIR",
-                        help="also time this Megatron-LM checkout's tools/preprocess_data.py")
-    parser.add_argument("--megatron-python", metavar="PY",
-                        help="interpreter for both commands (default: this one); Megatron's script "
-                             "needs transformers and its megatron-core imports")
+    parser.add_argument(
+        "--json", action="store_true", help="also print the figures as one JSON line"
+    )
+    parser.add_argument(
+        "--megatron-lm",
+        metavar="DIR",
+        help="also time this Megatron-LM checkout's tools/preprocess_data.py",
+    )
+    parser.add_argument(
+        "--megatron-python",
+        metavar="PY",
+        help="interpreter for both commands (default: this one); Megatron's script "
+        "needs transformers and its megatron-core imports",
+    )
     return parser
 
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    figures = run_bench(args.input, args.tokenizer, args.workers, args.size_mb, max(1, args.repeat),
-                        fmt=args.format, megatron_lm=args.megatron_lm,
-                        megatron_python=args.megatron_python)
+    figures = run_bench(
+        args.input,
+        args.tokenizer,
+        args.workers,
+        args.size_mb,
+        max(1, args.repeat),
+        fmt=args.format,
+        megatron_lm=args.megatron_lm,
+        megatron_python=args.megatron_python,
+    )
     if args.json:
         print(json.dumps(figures))
     return 0

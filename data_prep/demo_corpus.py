@@ -25,12 +25,21 @@ import warnings
 from typing import Iterator, Sequence
 
 from data_prep.files import refuse_existing
-from lws_megatron.fileio import atomic_output, ensure_dir
 from lws_megatron.errors import UserError, cli_entry
+from lws_megatron.fileio import atomic_output, ensure_dir
 
 CORPUS_FILE = "pydocs.jsonl"
 _SKIPPED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "test", "tests", "idlelib", "tkinter", "turtledemo", "__pycache__"}
+    {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "tests",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "__pycache__",
+    }
 )
 
 
@@ -120,9 +129,13 @@ def build_demo_corpus(output_dir: str, *, overwrite: bool = False) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.demo_corpus", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.demo_corpus", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--output", required=True, metavar="DIR")
-    parser.add_argument("--overwrite", action="store_true", help=f"replace an existing DIR/{CORPUS_FILE}")
+    parser.add_argument(
+        "--overwrite", action="store_true", help=f"replace an existing DIR/{CORPUS_FILE}"
+    )
     return parser
 
 

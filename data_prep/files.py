@@ -1,4 +1,5 @@
-"""File helpers of the data tools: refusing to clobber outputs (atomic writes: lws_megatron.fileio)."""
+"""File helpers of the data tools: refusing to clobber outputs (atomic writes live in
+lws_megatron.fileio)."""
 
 from __future__ import annotations
 

@@ -57,15 +57,23 @@ def parse(path: str, data: bytes) -> HFTokenizer:
     return tokenizer
 
 
-def resolve(tokenizer: HFTokenizer, path: str, role: str, names: tuple[str, ...],
-            given: str | None, config_key: str) -> Special:
+def resolve(
+    tokenizer: HFTokenizer,
+    path: str,
+    role: str,
+    names: tuple[str, ...],
+    given: str | None,
+    config_key: str,
+) -> Special:
     """The id of the token that plays `role`; see the module docstring for the order."""
     option = f"--{role}-token"
     if given is not None:
         token_id = tokenizer.token_to_id(given)
         if token_id is None:
-            raise UserError(f"{option} {given!r} is not a token of {path}; name one of its "
-                            f"special tokens: {', '.join(_specials(tokenizer)) or '(none)'}")
+            raise UserError(
+                f"{option} {given!r} is not a token of {path}; name one of its "
+                f"special tokens: {', '.join(_specials(tokenizer)) or '(none)'}"
+            )
         return Special(token_id)
     configured = _configured(path, config_key)
     if configured is not None and tokenizer.token_to_id(configured) is not None:
@@ -74,10 +82,16 @@ def resolve(tokenizer: HFTokenizer, path: str, role: str, names: tuple[str, ...]
     if len(found) == 1:
         return Special(tokenizer.token_to_id(found[0]))
     if found:
-        return Special(None, f"{path} has several {role} candidates ({', '.join(found)}); "
-                             f"name the right one with {option}")
-    return Special(None, f"{path} has no {role} token among its special tokens "
-                         f"({', '.join(_specials(tokenizer)) or 'none'}); name one with {option}")
+        return Special(
+            None,
+            f"{path} has several {role} candidates ({', '.join(found)}); "
+            f"name the right one with {option}",
+        )
+    return Special(
+        None,
+        f"{path} has no {role} token among its special tokens "
+        f"({', '.join(_specials(tokenizer)) or 'none'}); name one with {option}",
+    )
 
 
 def _specials(tokenizer: HFTokenizer) -> list[str]:
@@ -101,8 +115,10 @@ def train(documents: Iterable[str], vocab_size: int) -> str:
     """A byte-level BPE trained on `documents`, as tokenizer.json text."""
     minimum = 256 + len(TRAINED_SPECIALS)
     if vocab_size < minimum:
-        raise UserError(f"--vocab-size {vocab_size} is too small for a byte-level BPE: it needs "
-                        f"at least {minimum} (256 bytes and {len(TRAINED_SPECIALS)} specials)")
+        raise UserError(
+            f"--vocab-size {vocab_size} is too small for a byte-level BPE: it needs "
+            f"at least {minimum} (256 bytes and {len(TRAINED_SPECIALS)} specials)"
+        )
     tokenizer = HFTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -114,4 +130,3 @@ def train(documents: Iterable[str], vocab_size: int) -> str:
     )
     tokenizer.train_from_iterator(documents, trainer)
     return tokenizer.to_str(pretty=True)
-

@@ -77,16 +77,20 @@ def read_token_file(path: str, dtype: str) -> np.ndarray:
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as err:
-            raise UserError(f"{path} has a NumPy header but cannot be read ({err}); "
-                            "re-export it with numpy.save") from None
+            raise UserError(
+                f"{path} has a NumPy header but cannot be read ({err}); "
+                "re-export it with numpy.save"
+            ) from None
         if array.dtype != stated:
             raise UserError(
                 f"{path} holds {array.dtype.name} ids (its .npy header says so) but --dtype is "
                 f"{dtype}; state the dtype the file was written with"
             )
         if array.ndim != 1:
-            raise UserError(f"{path} is a {array.ndim}-D array of shape {array.shape}; "
-                            "token files are flat: save array.reshape(-1)")
+            raise UserError(
+                f"{path} is a {array.ndim}-D array of shape {array.shape}; "
+                "token files are flat: save array.reshape(-1)"
+            )
     else:
         size = os.path.getsize(path)
         if size % stated.itemsize:
@@ -96,8 +100,12 @@ def read_token_file(path: str, dtype: str) -> np.ndarray:
             )
         array = np.memmap(path, dtype=stated, mode="r") if size else np.empty(0, dtype=stated)
     if stated.itemsize == 2:
-        check_flat_tokens(path, array, "import 32-bit ids with --dtype uint32 or int32, from a "
-                          ".npy saved with that dtype (not one viewed as uint16)")
+        check_flat_tokens(
+            path,
+            array,
+            "import 32-bit ids with --dtype uint32 or int32, from a "
+            ".npy saved with that dtype (not one viewed as uint16)",
+        )
     return array
 
 
@@ -152,8 +160,10 @@ def import_tokens(
     if written["train"].documents == 0:
         for writer in writers.values():
             writer.discard()
-        raise UserError(f"no documents to write from {', '.join(paths)}: the files are empty or "
-                        f"hold only end-of-document ids ({eod}); check --input and --eod-id")
+        raise UserError(
+            f"no documents to write from {', '.join(paths)}: the files are empty or "
+            f"hold only end-of-document ids ({eod}); check --input and --eod-id"
+        )
     if "valid" in written and written["valid"].documents == 0:
         writers.pop("valid").discard()
         del written["valid"]
@@ -185,9 +195,11 @@ def import_tokens(
     except UserError as err:
         for path in output_paths(output_prefix):
             remove_quietly(path)
-        raise UserError(f"{err} [imported with --dtype {dtype}: if that is not the dtype the "
-                        "files were written with, import them again with the right one; "
-                        "the outputs were removed]") from None
+        raise UserError(
+            f"{err} [imported with --dtype {dtype}: if that is not the dtype the "
+            "files were written with, import them again with the right one; "
+            "the outputs were removed]"
+        ) from None
     return manifest
 
 
@@ -198,16 +210,26 @@ def _eod_id(tokenizer: Tokenizer, stated: int | None) -> int:
             raise UserError(f"{why}; or pass the id that separates the documents with --eod-id")
         return tokenizer.eod
     if not 0 <= stated < tokenizer.vocab_size:
-        raise UserError(f"--eod-id {stated} is outside the {tokenizer.vocab_size}-entry vocabulary "
-                        f"of {tokenizer.path}")
+        raise UserError(
+            f"--eod-id {stated} is outside the {tokenizer.vocab_size}-entry vocabulary "
+            f"of {tokenizer.path}"
+        )
     if tokenizer.eod is not None and stated != tokenizer.eod:
-        raise UserError(f"--eod-id {stated} contradicts {tokenizer.path}, whose end-of-document id "
-                        f"is {tokenizer.eod}; check that the files were made with this tokenizer")
+        raise UserError(
+            f"--eod-id {stated} contradicts {tokenizer.path}, whose end-of-document id "
+            f"is {tokenizer.eod}; check that the files were made with this tokenizer"
+        )
     return stated
 
 
-def _import_file(path: str, tokens: np.ndarray, eod: int, vocab_size: int, fraction: float,
-                 writers: dict[str, IndexedWriter]) -> _FileCounts:
+def _import_file(
+    path: str,
+    tokens: np.ndarray,
+    eod: int,
+    vocab_size: int,
+    fraction: float,
+    writers: dict[str, IndexedWriter],
+) -> _FileCounts:
     ends = document_ends(tokens, eod)
     counts = _FileCounts()
     for first in range(0, len(ends), BATCH_DOCS):
@@ -248,20 +270,39 @@ def _valid(chunk: np.ndarray, lengths: np.ndarray, fraction: float) -> np.ndarra
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.import_tokens",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.import_tokens", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files or globs")
-    parser.add_argument("--dtype", required=True, choices=DTYPES,
-                        help="the dtype the files were written with (never guessed)")
-    parser.add_argument("--tokenizer", required=True, metavar="MODEL",
-                        help="the sentencepiece .model or tokenizer.json the ids come from")
+    parser.add_argument(
+        "--dtype",
+        required=True,
+        choices=DTYPES,
+        help="the dtype the files were written with (never guessed)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        required=True,
+        metavar="MODEL",
+        help="the sentencepiece .model or tokenizer.json the ids come from",
+    )
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX")
-    parser.add_argument("--eod-id", type=int, metavar="N",
-                        help="id that ends each document (default: the tokenizer's)")
-    parser.add_argument("--valid-fraction", type=float, default=0.0, metavar="F",
-                        help="share of documents for PREFIX_valid, chosen by a hash of their ids")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing dataset at PREFIX")
+    parser.add_argument(
+        "--eod-id",
+        type=int,
+        metavar="N",
+        help="id that ends each document (default: the tokenizer's)",
+    )
+    parser.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of documents for PREFIX_valid, chosen by a hash of their ids",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing dataset at PREFIX"
+    )
     return parser
 
 
@@ -278,10 +319,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         overwrite=args.overwrite,
     )
     for split, record in manifest.splits.items():
-        print(f"{split}: {record.documents:,} documents, {record.tokens:,} {manifest.dtype} tokens "
-              f"-> {split_prefix(args.output_prefix, split)}.bin/.idx")
-    print(f"skipped {manifest.skipped['empty_documents']:,} empty document(s); checks passed; "
-          f"manifest {manifest_path(args.output_prefix)}")
+        print(
+            f"{split}: {record.documents:,} documents, {record.tokens:,} {manifest.dtype} tokens "
+            f"-> {split_prefix(args.output_prefix, split)}.bin/.idx"
+        )
+    print(
+        f"skipped {manifest.skipped['empty_documents']:,} empty document(s); checks passed; "
+        f"manifest {manifest_path(args.output_prefix)}"
+    )
     return 0
 
 

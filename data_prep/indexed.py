@@ -1,4 +1,5 @@
-"""Megatron-Core's indexed dataset (.bin/.idx): the token dtype rule, a streaming writer, a checked reader.
+"""Megatron-Core's indexed dataset (.bin/.idx): the token dtype rule, a streaming writer, a
+checked reader.
 
 The files are byte for byte those of `megatron.core.datasets.indexed_dataset` (its header, dtype
 codes and layout are imported from there), so Megatron-LM, Megatron-Core and NeMo read them with
@@ -30,8 +31,8 @@ with warnings.catch_warnings():
         get_idx_path,
     )
 
-from lws_megatron.fileio import os_errors, partial_path, remove_quietly
 from lws_megatron.errors import UserError
+from lws_megatron.fileio import os_errors, partial_path, remove_quietly
 
 UINT16_VOCAB_LIMIT = 1 << 16
 INT32_VOCAB_LIMIT = 1 << 31
@@ -130,7 +131,11 @@ class IndexedWriter:
         for stream in (self._bin_file, self._lengths):
             with contextlib.suppress(OSError):
                 stream.close()
-        for path in (get_bin_path(self.prefix), get_idx_path(self.prefix), self.prefix + ".lengths"):
+        for path in (
+            get_bin_path(self.prefix),
+            get_idx_path(self.prefix),
+            self.prefix + ".lengths",
+        ):
             remove_quietly(partial_path(path))
 
     def _write_index(self, out: _HashingWriter) -> None:
@@ -177,15 +182,21 @@ def read_index(prefix: str) -> IndexFile:
         raise UserError(f"index file {path} does not exist; run data_prep.preprocess to create it")
     size = os.path.getsize(path)
     if size < _HEADER.size:
-        raise UserError(f"{path} is only {size} bytes, too short for a Megatron index; re-run preprocess")
+        raise UserError(
+            f"{path} is only {size} bytes, too short for a Megatron index; re-run preprocess"
+        )
     with open(path, "rb") as f:
         magic, version, code, sequences, documents = _HEADER.unpack(f.read(_HEADER.size))
     if magic != _INDEX_HEADER or version != _INDEX_VERSION:
-        raise UserError(f"{path} is not a Megatron indexed-dataset index (bad header); re-run preprocess")
+        raise UserError(
+            f"{path} is not a Megatron indexed-dataset index (bad header); re-run preprocess"
+        )
     try:
         dtype = np.dtype(DType.dtype_from_code(code))
     except ValueError:
-        raise UserError(f"{path} names unknown token dtype code {code}; re-run preprocess") from None
+        raise UserError(
+            f"{path} names unknown token dtype code {code}; re-run preprocess"
+        ) from None
     expected = _HEADER.size + sequences * 12 + documents * 8
     if size != expected:
         raise UserError(

@@ -32,7 +32,8 @@ _MAX_LENGTHS_FOR_PERCENTILES = 1 << 20
 
 
 def length_summary(lengths: np.ndarray) -> str:
-    """min, percentiles, max and mean of the document lengths (percentiles from a strided sample)."""
+    """min, percentiles, max and mean of the document lengths (percentiles from a strided
+    sample)."""
     if len(lengths) == 0:
         return "no documents"
     sample = np.asarray(lengths[:: max(1, len(lengths) // _MAX_LENGTHS_FOR_PERCENTILES)])
@@ -48,8 +49,10 @@ def _describe(manifest: Manifest, base: str) -> list[str]:
     t = manifest.tokenizer
     inputs = sum(i.bytes for i in manifest.inputs)
     return [
-        f"dataset {base} ({manifest_path(base)}), made {manifest.created} by {manifest.tool} {manifest.tool_version}",
-        f"tokenizer {t.path}: vocabulary {t.vocab_size:,}, eod {t.eod_id}, pad {t.pad_id}, sha256 {t.sha256[:16]}...",
+        f"dataset {base} ({manifest_path(base)}), made {manifest.created} by {manifest.tool} "
+        f"{manifest.tool_version}",
+        f"tokenizer {t.path}: vocabulary {t.vocab_size:,}, eod {t.eod_id}, pad {t.pad_id}, "
+        f"sha256 {t.sha256[:16]}...",
         f"dtype {manifest.dtype}; eod appended: {'yes' if manifest.append_eod else 'no'}; "
         f"valid fraction {manifest.valid_fraction}",
         f"inputs: {len(manifest.inputs)} file(s), {inputs / 1e6:,.1f} MB; skipped "
@@ -64,7 +67,9 @@ def _samples(prefix: str, tokenizer: Tokenizer | None, count: int) -> list[str]:
     tokens = read_tokens(prefix, index.dtype)
     lines = []
     documents = len(index.lengths)
-    for doc in sorted(set(np.linspace(0, documents - 1, min(count, documents)).astype(int).tolist())):
+    for doc in sorted(
+        set(np.linspace(0, documents - 1, min(count, documents)).astype(int).tolist())
+    ):
         start = int(index.pointers[doc]) // index.dtype.itemsize
         length = int(index.lengths[doc])
         ids = np.asarray(tokens[start : start + min(length, SAMPLE_TOKENS)])
@@ -89,7 +94,10 @@ def _sample_tokenizer(path: str | None, manifest: Manifest) -> tuple[Tokenizer |
         return load_tokenizer(path), None
     recorded = manifest.tokenizer.path
     if not os.path.isfile(recorded):
-        return None, f"(tokenizer {recorded} not found: samples shown as ids; pass --tokenizer to decode)"
+        return (
+            None,
+            f"(tokenizer {recorded} not found: samples shown as ids; pass --tokenizer to decode)",
+        )
     tokenizer = load_tokenizer(recorded)
     if tokenizer.fingerprint != manifest.tokenizer.sha256:
         return None, f"(tokenizer {recorded} has changed since preprocessing: samples shown as ids)"
@@ -97,13 +105,22 @@ def _sample_tokenizer(path: str | None, manifest: Manifest) -> tuple[Tokenizer |
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.inspect", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.inspect", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("prefix", metavar="PREFIX")
-    parser.add_argument("--samples", type=int, default=3, metavar="N", help="decoded documents per split")
-    parser.add_argument("--tokenizer", metavar="MODEL", help="decode with this model and check it was used")
-    parser.add_argument("--skip-bin-hash", action="store_true",
-                        help="don't compare the .bin files' sha256 with the manifest (faster on "
-                             "huge corpora; tokens changed in place then go unnoticed)")
+    parser.add_argument(
+        "--samples", type=int, default=3, metavar="N", help="decoded documents per split"
+    )
+    parser.add_argument(
+        "--tokenizer", metavar="MODEL", help="decode with this model and check it was used"
+    )
+    parser.add_argument(
+        "--skip-bin-hash",
+        action="store_true",
+        help="don't compare the .bin files' sha256 with the manifest (faster on "
+        "huge corpora; tokens changed in place then go unnoticed)",
+    )
     return parser
 
 
@@ -125,8 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for split in splits:
             print(f"samples from {split}:")
             print("\n".join(_samples(split_prefix(base, split), tokenizer, args.samples)))
-    print(f"checks passed: {args.prefix} matches its manifest"
-          + (" (.bin hashes not checked)" if args.skip_bin_hash else ", .bin hashes included"))
+    print(
+        f"checks passed: {args.prefix} matches its manifest"
+        + (" (.bin hashes not checked)" if args.skip_bin_hash else ", .bin hashes included")
+    )
     return 0
 
 

@@ -27,10 +27,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lws_megatron.fileio import sha256_file
-from data_prep.indexed import IndexFile, get_bin_path, get_idx_path, read_index, read_tokens, token_dtype
-from data_prep.manifest import SPLITS, Manifest, SplitRecord, manifest_path, read_manifest, split_prefix
+from data_prep.indexed import (
+    IndexFile,
+    get_bin_path,
+    get_idx_path,
+    read_index,
+    read_tokens,
+    token_dtype,
+)
+from data_prep.manifest import (
+    SPLITS,
+    Manifest,
+    SplitRecord,
+    manifest_path,
+    read_manifest,
+    split_prefix,
+)
 from lws_megatron.errors import UserError
+from lws_megatron.fileio import sha256_file
 
 MIXUP_WINDOWS = 64
 MIXUP_WINDOW_TOKENS = 1 << 15
@@ -54,7 +68,8 @@ class ParityZeros:
 
 
 def locate(prefix: str) -> tuple[str, str | None]:
-    """Map PREFIX, PREFIX_train or PREFIX_valid to the dataset prefix and the split named, if any."""
+    """Map PREFIX, PREFIX_train or PREFIX_valid to the dataset prefix and the split named, if
+    any."""
     if os.path.isfile(manifest_path(prefix)):
         return prefix, None
     for split in SPLITS:
@@ -62,7 +77,8 @@ def locate(prefix: str) -> tuple[str, str | None]:
         if base != prefix and os.path.isfile(manifest_path(base)):
             return base, split
     raise UserError(
-        f"no manifest for {prefix} (looked for {manifest_path(prefix)}): the dataset was not made by "
+        f"no manifest for {prefix} (looked for {manifest_path(prefix)}): the dataset was not "
+        "made by "
         "data_prep.preprocess or its run did not finish; pass the prefix given to --output-prefix "
         f"(or one of its splits), or {_RERUN}"
     )
@@ -80,8 +96,9 @@ def verify_dataset(
 
     `prefix` is the --output-prefix of preprocess (all splits are checked) or one split's
     prefix, PREFIX_train or PREFIX_valid (only that split). `tokenizer_fingerprint` is the
-    sha256 of the tokenizer the reader will use (`tokenizer_path` names it in errors); `vocab_size` the number of embeddings of the
-    model that will read the ids (at least the tokenizer's vocabulary). `hash_bin=False` skips
+    sha256 of the tokenizer the reader will use (`tokenizer_path` names it in errors);
+    `vocab_size` the number of embeddings of the model that will read the ids (at least the
+    tokenizer's vocabulary). `hash_bin=False` skips
     the .bin hashes for corpora too large to hash at every start.
     """
     base, named = locate(prefix)
@@ -97,20 +114,23 @@ def verify_dataset(
     return manifest
 
 
-def _check_tokenizer(manifest: Manifest, base: str, fingerprint: str | None, path: str | None,
-                     vocab_size: int | None) -> None:
+def _check_tokenizer(
+    manifest: Manifest, base: str, fingerprint: str | None, path: str | None, vocab_size: int | None
+) -> None:
     recorded = manifest.tokenizer
     if fingerprint is not None and fingerprint != recorded.sha256:
         given = path or "the tokenizer given"
         raise UserError(
-            f"{base} was tokenized with {recorded.path} (sha256 {recorded.sha256[:16]}...), not with "
+            f"{base} was tokenized with {recorded.path} (sha256 {recorded.sha256[:16]}...), "
+            "not with "
             f"{given} (sha256 {fingerprint[:16]}...); use the tokenizer the manifest names, "
             "or re-run preprocess with yours"
         )
     if vocab_size is not None and recorded.vocab_size > vocab_size:
         raise UserError(
             f"{base} holds ids of a {recorded.vocab_size}-entry vocabulary but the model has only "
-            f"{vocab_size} embeddings; set the model's vocabulary size to at least {recorded.vocab_size}"
+            f"{vocab_size} embeddings; set the model's vocabulary size to at least "
+            f"{recorded.vocab_size}"
         )
     expected = token_dtype(recorded.vocab_size).name
     if manifest.dtype != expected:
@@ -129,7 +149,8 @@ def _check_split(prefix: str, record: SplitRecord, manifest: Manifest, hash_bin:
     index = read_index(prefix)
     if index.dtype.name != manifest.dtype:
         raise UserError(
-            f"{index.path} stores {index.dtype.name} tokens but the manifest records {manifest.dtype}: "
+            f"{index.path} stores {index.dtype.name} tokens but the manifest records "
+            f"{manifest.dtype}: "
             f"the index was rewritten by another tool; {_RERUN}"
         )
     _check_sizes(prefix, index)
@@ -154,7 +175,9 @@ def _check_sizes(prefix: str, index: IndexFile) -> None:
     if count:
         expected_end = int(index.pointers[-1]) + int(index.lengths[-1]) * index.dtype.itemsize
         if expected_end != expected:
-            raise UserError(f"{index.path} has sequence pointers that do not match its lengths; {_RERUN}")
+            raise UserError(
+                f"{index.path} has sequence pointers that do not match its lengths; {_RERUN}"
+            )
     actual = os.path.getsize(bin_path)
     if actual != expected:
         hint = ""
@@ -163,7 +186,8 @@ def _check_sizes(prefix: str, index: IndexFile) -> None:
         elif 2 * actual == expected and index.dtype.itemsize == 4:
             hint = " (exactly half: uint16 tokens under an int32 index)"
         raise UserError(
-            f"{bin_path} is {actual} bytes but {index.path} describes {index.tokens} {index.dtype.name} "
+            f"{bin_path} is {actual} bytes but {index.path} describes {index.tokens} "
+            f"{index.dtype.name} "
             f"tokens = {expected} bytes{hint}; the two files do not belong together; {_RERUN}"
         )
 
@@ -223,8 +247,9 @@ def parity_zeros(tokens: np.ndarray, index: IndexFile | None) -> ParityZeros:
     return ParityZeros(even=float(shares[0]), odd=float(shares[1]), samples=int(counts.min()))
 
 
-def _check_vocabulary(prefix: str, tokens: np.ndarray, index: IndexFile, vocab_size: int,
-                      digest: hashlib._Hash | None) -> None:
+def _check_vocabulary(
+    prefix: str, tokens: np.ndarray, index: IndexFile, vocab_size: int, digest: hashlib._Hash | None
+) -> None:
     """Scan every id; `digest`, when given, hashes the file's bytes on the way."""
     for start in range(0, len(tokens), _SCAN_CHUNK):
         chunk = np.asarray(tokens[start : start + _SCAN_CHUNK])
@@ -235,28 +260,38 @@ def _check_vocabulary(prefix: str, tokens: np.ndarray, index: IndexFile, vocab_s
         bad = np.flatnonzero((chunk >= vocab_size) | (chunk < 0))
         position = start + int(bad[0])
         value = int(chunk[bad[0]])
-        document = int(np.searchsorted(index.pointers, position * index.dtype.itemsize, side="right")) - 1
+        document = (
+            int(np.searchsorted(index.pointers, position * index.dtype.itemsize, side="right")) - 1
+        )
         halves = chunk[bad].astype(np.int64) & 0xFFFFFFFF
         packed = chunk.dtype.itemsize == 4 and bool(
             np.all(((halves & 0xFFFF) < vocab_size) & ((halves >> 16) < vocab_size))
         )
-        hint = " (they read like two 16-bit ids packed in one 32-bit slot: uint16 tokens read as int32)" if packed else ""
+        hint = (
+            " (they read like two 16-bit ids packed in one 32-bit slot: uint16 tokens read as "
+            "int32)"
+            if packed
+            else ""
+        )
         raise UserError(
-            f"{get_bin_path(prefix)}: {len(bad)} id(s) outside the {vocab_size}-entry vocabulary in one "
-            f"block, first {value} at token {position} (document {document}){hint}; the file does not "
+            f"{get_bin_path(prefix)}: {len(bad)} id(s) outside the {vocab_size}-entry vocabulary "
+            f"in one block, first {value} at token {position} (document {document}){hint}; the "
+            "file does not "
             f"match the tokenizer in the manifest; {_RERUN}"
         )
 
 
-def _check_against_manifest(prefix: str, index: IndexFile, record: SplitRecord,
-                            digest: hashlib._Hash | None) -> None:
+def _check_against_manifest(
+    prefix: str, index: IndexFile, record: SplitRecord, digest: hashlib._Hash | None
+) -> None:
     bin_path, idx_path = get_bin_path(prefix), get_idx_path(prefix)
     found = (len(index.lengths), index.tokens, os.path.getsize(bin_path), os.path.getsize(idx_path))
     recorded = (record.documents, record.tokens, record.bin_bytes, record.idx_bytes)
     if found != recorded:
         raise UserError(
-            f"{prefix}.bin/.idx hold {found[0]} documents, {found[1]} tokens, {found[2]} + {found[3]} "
-            f"bytes but the manifest records {recorded[0]}, {recorded[1]}, {recorded[2]} + {recorded[3]}: "
+            f"{prefix}.bin/.idx hold {found[0]} documents, {found[1]} tokens, {found[2]} + "
+            f"{found[3]} bytes but the manifest records {recorded[0]}, {recorded[1]}, "
+            f"{recorded[2]} + {recorded[3]}: "
             f"the files were replaced after the manifest was written; {_RERUN}"
         )
     if sha256_file(idx_path) != record.idx_sha256:

@@ -15,9 +15,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lws_megatron.fileio import write_bytes_atomic
 from data_prep.indexed import WrittenFiles
 from lws_megatron.errors import UserError
+from lws_megatron.fileio import write_bytes_atomic
 
 MANIFEST_SUFFIX = ".manifest.json"
 FORMAT_VERSION = 1
@@ -106,7 +106,9 @@ def read_manifest(path: str) -> Manifest:
 
 def _from_dict(data: dict[str, Any]) -> Manifest:
     if data["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"format_version {data['format_version']}, this tool reads {FORMAT_VERSION}")
+        raise ValueError(
+            f"format_version {data['format_version']}, this tool reads {FORMAT_VERSION}"
+        )
     return Manifest(
         **{
             **data,

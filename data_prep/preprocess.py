@@ -42,7 +42,6 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.files import ensure_parent, refuse_existing
-from lws_megatron.fileio import remove_quietly
 from data_prep.indexed import IndexedWriter, WrittenFiles, get_bin_path, get_idx_path, token_dtype
 from data_prep.manifest import (
     SPLITS,
@@ -65,6 +64,7 @@ from data_prep.readers import (
 from data_prep.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron import __version__
 from lws_megatron.errors import UserError, cli_entry
+from lws_megatron.fileio import remove_quietly
 
 BATCH_BYTES = 1 << 22
 BATCH_DOCS = 16384
@@ -220,17 +220,22 @@ def preprocess(
         for writer in writers.values():
             writer.discard()
         raise UserError(
-            f"no documents to write from {', '.join(paths)} ({sum(s.empty for s in stats) + zero_token} empty, "
+            f"no documents to write from {', '.join(paths)} "
+            f"({sum(s.empty for s in stats) + zero_token} empty, "
             f"{sum(s.missing_key for s in stats)} without the key {options.json_key!r}); "
             "check the inputs, --json-key and --valid-fraction"
         )
     if "valid" in written and written["valid"].documents == 0:
-        warn(f"no document fell into the validation split at --valid-fraction {valid_fraction}; "
-             "only the train split is written: raise the fraction to get one")
+        warn(
+            f"no document fell into the validation split at --valid-fraction {valid_fraction}; "
+            "only the train split is written: raise the fraction to get one"
+        )
         writers.pop("valid").discard()
         del written["valid"]
 
-    manifest = _manifest(output_prefix, tokenizer, dtype, append_eod, valid_fraction, written, stats, zero_token)
+    manifest = _manifest(
+        output_prefix, tokenizer, dtype, append_eod, valid_fraction, written, stats, zero_token
+    )
     commit(output_prefix, writers, manifest)
     return manifest
 
@@ -258,7 +263,9 @@ def _tokenize(
                 chosen = np.flatnonzero(kept & (batch.valid if split == "valid" else ~batch.valid))
                 if len(chosen):
                     writer.add(
-                        np.concatenate([arrays[i] for i in chosen], dtype=writer.dtype, casting="unsafe"),
+                        np.concatenate(
+                            [arrays[i] for i in chosen], dtype=writer.dtype, casting="unsafe"
+                        ),
                         lengths[chosen],
                     )
             documents += int(np.count_nonzero(kept))
@@ -340,7 +347,8 @@ def _warn_about_inputs(stats: Sequence[InputStats], warn: Callable[[str], None])
     for s in stats:
         if s.invalid_utf8:
             warn(
-                f"{s.path}: {s.invalid_utf8} invalid UTF-8 sequence(s) in {s.invalid_utf8_documents} "
+                f"{s.path}: {s.invalid_utf8} invalid UTF-8 sequence(s) in "
+                f"{s.invalid_utf8_documents} "
                 f"document(s) replaced with U+FFFD (first at line {s.first_invalid_line})"
             )
         if s.missing_key:
@@ -348,23 +356,50 @@ def _warn_about_inputs(stats: Sequence[InputStats], warn: Callable[[str], None])
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.preprocess", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.preprocess", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files or globs")
-    parser.add_argument("--tokenizer", required=True, metavar="MODEL",
-                        help="sentencepiece .model or Hugging Face tokenizer.json")
+    parser.add_argument(
+        "--tokenizer",
+        required=True,
+        metavar="MODEL",
+        help="sentencepiece .model or Hugging Face tokenizer.json",
+    )
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX")
-    parser.add_argument("--workers", type=int, default=default_workers(), metavar="N",
-                        help="encoding threads (default: all cores)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        metavar="N",
+        help="encoding threads (default: all cores)",
+    )
     add_reader_arguments(parser)
-    parser.add_argument("--append-eod", action="store_true",
-                        help="end every document with the tokenizer's end-of-document token")
-    parser.add_argument("--eod-token", metavar="TOKEN",
-                        help="a tokenizer.json's end-of-document token, where it is ambiguous")
-    parser.add_argument("--pad-token", metavar="TOKEN",
-                        help="a tokenizer.json's padding token, where it is ambiguous")
-    parser.add_argument("--valid-fraction", type=float, default=0.0, metavar="F",
-                        help="share of documents for PREFIX_valid, chosen by a hash of the text")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at PREFIX")
+    parser.add_argument(
+        "--append-eod",
+        action="store_true",
+        help="end every document with the tokenizer's end-of-document token",
+    )
+    parser.add_argument(
+        "--eod-token",
+        metavar="TOKEN",
+        help="a tokenizer.json's end-of-document token, where it is ambiguous",
+    )
+    parser.add_argument(
+        "--pad-token",
+        metavar="TOKEN",
+        help="a tokenizer.json's padding token, where it is ambiguous",
+    )
+    parser.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of documents for PREFIX_valid, chosen by a hash of the text",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing dataset at PREFIX"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

@@ -61,10 +61,17 @@ class InputStats:
 
 def add_reader_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl input")
-    parser.add_argument("--skip-missing-key", action="store_true",
-                        help="skip (and count) .jsonl lines without --json-key instead of stopping")
-    parser.add_argument("--text-docs", choices=TEXT_DOCS, default="line",
-                        help="plain text: one document per line, or per blank-line separated block")
+    parser.add_argument(
+        "--skip-missing-key",
+        action="store_true",
+        help="skip (and count) .jsonl lines without --json-key instead of stopping",
+    )
+    parser.add_argument(
+        "--text-docs",
+        choices=TEXT_DOCS,
+        default="line",
+        help="plain text: one document per line, or per blank-line separated block",
+    )
 
 
 def reader_options(args: argparse.Namespace) -> ReaderOptions:
@@ -83,7 +90,9 @@ def expand_inputs(patterns: Sequence[str], text: bool = True) -> list[str]:
             if not matches:
                 raise UserError(f"input pattern {pattern!r} matches no file; check the path")
         elif os.path.isdir(pattern):
-            raise UserError(f"input {pattern} is a directory; pass its files, e.g. '{pattern}/*.jsonl'")
+            raise UserError(
+                f"input {pattern} is a directory; pass its files, e.g. '{pattern}/*.jsonl'"
+            )
         elif not os.path.isfile(pattern):
             raise UserError(f"input file {pattern} does not exist; check the path")
         else:
@@ -104,7 +113,8 @@ def input_format(path: str) -> tuple[str, bool]:
     if stem.endswith(_TEXT_SUFFIXES):
         return "text", gzipped
     raise UserError(
-        f"cannot tell the format of {path} from its name; name it .jsonl, .jsonl.gz, .txt or .txt.gz"
+        f"cannot tell the format of {path} from its name; name it .jsonl, .jsonl.gz, .txt or "
+        ".txt.gz"
     )
 
 

@@ -43,7 +43,6 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from data_prep import hf_tokenizer
 from data_prep.files import ensure_parent, refuse_existing
-from lws_megatron.fileio import write_bytes_atomic
 from data_prep.readers import (
     InputStats,
     ReaderOptions,
@@ -53,6 +52,7 @@ from data_prep.readers import (
     reader_options,
 )
 from lws_megatron.errors import UserError, cli_entry
+from lws_megatron.fileio import write_bytes_atomic
 
 PAD_ID, EOD_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
@@ -104,7 +104,10 @@ class Tokenizer:
             yield spm.ThreadPool(workers)
 
     def encode_arrays(
-        self, docs: list[bytes], *, append_eod: bool,
+        self,
+        docs: list[bytes],
+        *,
+        append_eod: bool,
         thread_pool: spm.ThreadPool | ThreadPoolExecutor,
     ) -> list[np.ndarray]:
         """Encode a batch of UTF-8 documents on the pool's threads into int32 arrays."""
@@ -129,7 +132,8 @@ class Tokenizer:
         """Whether to append the end-of-document id, refusing when the tokenizer lacks one."""
         if append_eod and self.eod is None:
             raise UserError(
-                self.no_eod or f"tokenizer {self.path} has no end-of-document (eos) token, so "
+                self.no_eod
+                or f"tokenizer {self.path} has no end-of-document (eos) token, so "
                 "--append-eod cannot be honoured; train one with "
                 "python -m data_prep.tokenizer train"
             )
@@ -157,8 +161,10 @@ def load_tokenizer(
     if hf_tokenizer.looks_like_json(data):
         return _load_hf(path, data, fingerprint, eod_token, pad_token)
     if eod_token is not None or pad_token is not None:
-        raise UserError(f"{path} is a sentencepiece model, whose special tokens are fixed; "
-                        "--eod-token and --pad-token apply to tokenizer.json files only")
+        raise UserError(
+            f"{path} is a sentencepiece model, whose special tokens are fixed; "
+            "--eod-token and --pad-token apply to tokenizer.json files only"
+        )
     processor = spm.SentencePieceProcessor()
     try:
         processor.LoadFromSerializedProto(data)
@@ -183,8 +189,9 @@ def load_tokenizer(
     )
 
 
-def _load_hf(path: str, data: bytes, fingerprint: str, eod_token: str | None,
-             pad_token: str | None) -> Tokenizer:
+def _load_hf(
+    path: str, data: bytes, fingerprint: str, eod_token: str | None, pad_token: str | None
+) -> Tokenizer:
     processor = hf_tokenizer.parse(path, data)
     hf = hf_tokenizer
     eod = hf.resolve(processor, path, "eod", hf.EOD_NAMES, eod_token, "eos_token")
@@ -221,7 +228,9 @@ def train_tokenizer(
     if fmt not in FORMATS:
         raise UserError(f"unknown tokenizer format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if model_type not in MODEL_TYPES:
-        raise UserError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+        raise UserError(
+            f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}"
+        )
     paths = expand_inputs(inputs)
     if fmt == "hf":
         return _train_hf(paths, vocab_size, output_prefix, options, overwrite)
@@ -259,15 +268,22 @@ def train_tokenizer(
     except RuntimeError as err:
         if lines.error is not None:
             raise lines.error from None
-        raise UserError(f"sentencepiece cannot train on {', '.join(paths)}: {_sentencepiece_reason(err)}") from None
+        raise UserError(
+            f"sentencepiece cannot train on {', '.join(paths)}: {_sentencepiece_reason(err)}"
+        ) from None
     write_bytes_atomic(model_path, model.getvalue())
     tokenizer = load_tokenizer(model_path)
     write_bytes_atomic(vocab_path, _vocab_listing(tokenizer.processor).encode("utf-8"))
     return tokenizer
 
 
-def _train_hf(paths: Sequence[str], vocab_size: int, output_prefix: str, options: ReaderOptions,
-              overwrite: bool) -> Tokenizer:
+def _train_hf(
+    paths: Sequence[str],
+    vocab_size: int,
+    output_prefix: str,
+    options: ReaderOptions,
+    overwrite: bool,
+) -> Tokenizer:
     path = output_prefix + ".json"
     refuse_existing([path], overwrite, "tokenizer output")
     ensure_parent(path)
@@ -323,20 +339,39 @@ def _sentencepiece_reason(err: Exception) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.tokenizer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.tokenizer", description=__doc__.split("\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a tokenizer on jsonl/txt files")
     train.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files or globs")
     train.add_argument("--vocab-size", type=int, required=True, metavar="N")
-    train.add_argument("--output", required=True, metavar="PREFIX",
-                       help="writes PREFIX.model and PREFIX.vocab (PREFIX.json with --format hf)")
-    train.add_argument("--format", choices=FORMATS, default="sentencepiece",
-                       help="sentencepiece model, or hf: a byte-level BPE tokenizer.json")
-    train.add_argument("--model-type", choices=MODEL_TYPES, default="bpe",
-                       help="sentencepiece algorithm (--format hf is always byte-level BPE)")
+    train.add_argument(
+        "--output",
+        required=True,
+        metavar="PREFIX",
+        help="writes PREFIX.model and PREFIX.vocab (PREFIX.json with --format hf)",
+    )
+    train.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="sentencepiece",
+        help="sentencepiece model, or hf: a byte-level BPE tokenizer.json",
+    )
+    train.add_argument(
+        "--model-type",
+        choices=MODEL_TYPES,
+        default="bpe",
+        help="sentencepiece algorithm (--format hf is always byte-level BPE)",
+    )
     add_reader_arguments(train)
-    train.add_argument("--max-sentences", type=int, default=DEFAULT_MAX_SENTENCES, metavar="N",
-                       help="train on a fixed random sample of at most N lines")
+    train.add_argument(
+        "--max-sentences",
+        type=int,
+        default=DEFAULT_MAX_SENTENCES,
+        metavar="N",
+        help="train on a fixed random sample of at most N lines",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model")
     return parser
 

@@ -22,12 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, help="sequences per step (one micro batch)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--compile", choices=("none", "layers", "model"),
-                        help="torch.compile each layer or each model chunk whole "
-                             "(default: train.compile)")
+    parser.add_argument(
+        "--compile",
+        choices=("none", "layers", "model"),
+        help="torch.compile each layer or each model chunk whole (default: train.compile)",
+    )
     parser.add_argument("--no-layer-times", action="store_true", help="skip per-layer timings")
-    parser.add_argument("--profile", action="store_true",
-                        help="profile two more steps: top operators, device time, launches")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile two more steps: top operators, device time, launches",
+    )
     parser.add_argument("--json", action="store_true", help="end with one line: a JSON list")
     return run(parser.parse_intermixed_args(argv))
 
@@ -41,8 +46,11 @@ def run(args: argparse.Namespace) -> int:
     if args.compile:
         overrides = [f"train.compile={args.compile}", *overrides]
     if args.micro_batch:
-        overrides = [f"train.micro_batch_size={args.micro_batch}",
-                     f"train.global_batch_size={args.micro_batch}", *overrides]
+        overrides = [
+            f"train.micro_batch_size={args.micro_batch}",
+            f"train.global_batch_size={args.micro_batch}",
+            *overrides,
+        ]
     configs = [load_config(p, overrides) for p in paths]
 
     import torch
@@ -56,8 +64,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("launch/bench.py measures one device: run it as a single process")
     results = []
     for path, config in zip(paths, configs):
-        results.append(bench_config(config, path, args.steps, args.warmup,
-                                    not args.no_layer_times, args.profile))
+        results.append(
+            bench_config(
+                config, path, args.steps, args.warmup, not args.no_layer_times, args.profile
+            )
+        )
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     print(json.dumps([r.to_dict() for r in results]) if args.json else render(results))

@@ -26,8 +26,10 @@ from lws_megatron.config import load_config
 from lws_megatron.errors import UserError, cli_entry
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIGS = [ROOT / "configs" / "demo" / f"{name}.yaml"
-                for name in ("baseline", "vanilla", "framed", "reverse", "crown")]
+DEMO_CONFIGS = [
+    ROOT / "configs" / "demo" / f"{name}.yaml"
+    for name in ("baseline", "vanilla", "framed", "reverse", "crown")
+]
 PROMPT = "The Python"
 QUICK = ["train.max_steps=24", "eval.interval=8", "eval.batches=4", "checkpoint.interval=0"]
 
@@ -42,9 +44,20 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
 def pretrain(config: Path, overrides: list[str], nproc: int) -> None:
     """Train one config with NPROC data-parallel processes, which share the CPU's cores."""
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-          f"--nproc_per_node={nproc}", str(ROOT / "launch" / "pretrain.py"),
-          "--config", str(config), *overrides], env=env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            str(ROOT / "launch" / "pretrain.py"),
+            "--config",
+            str(config),
+            *overrides,
+        ],
+        env=env,
+    )
 
 
 def prepare_data(inputs: list[str], out: Path, vocab_size: int) -> tuple[str, str]:
@@ -52,17 +65,46 @@ def prepare_data(inputs: list[str], out: Path, vocab_size: int) -> tuple[str, st
     py = sys.executable
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    _run([py, "-m", "data_prep.tokenizer", "train", "--input", *inputs,
-          "--vocab-size", str(vocab_size), "--output", str(data / "tokenizer"), "--overwrite"])
-    _run([py, "-m", "data_prep.preprocess", "--input", *inputs, "--tokenizer",
-          str(data / "tokenizer.model"), "--output-prefix", str(data / "demo"), "--append-eod",
-          "--valid-fraction", "0.05", "--overwrite", "--quiet"])
+    _run(
+        [
+            py,
+            "-m",
+            "data_prep.tokenizer",
+            "train",
+            "--input",
+            *inputs,
+            "--vocab-size",
+            str(vocab_size),
+            "--output",
+            str(data / "tokenizer"),
+            "--overwrite",
+        ]
+    )
+    _run(
+        [
+            py,
+            "-m",
+            "data_prep.preprocess",
+            "--input",
+            *inputs,
+            "--tokenizer",
+            str(data / "tokenizer.model"),
+            "--output-prefix",
+            str(data / "demo"),
+            "--append-eod",
+            "--valid-fraction",
+            "0.05",
+            "--overwrite",
+            "--quiet",
+        ]
+    )
     return str(data / "demo"), str(data / "tokenizer.model")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="24 steps per run instead of 72")
     parser.add_argument("--output", default="demo_out", help="everything goes here")
     parser.add_argument("--input", nargs="+", help="your own corpus (jsonl, jsonl.gz, txt)")
@@ -81,8 +123,10 @@ def run(args: argparse.Namespace) -> int:
     loaded = [load_config(c, overrides) for c in configs]
     vocab = {c.model.vocab_size for c in loaded}
     if len(vocab) != 1:
-        raise UserError(f"the configs ask for different vocabularies {sorted(vocab)}; one "
-                        "tokenizer serves them all, so give them one model.vocab_size")
+        raise UserError(
+            f"the configs ask for different vocabularies {sorted(vocab)}; one "
+            "tokenizer serves them all, so give them one model.vocab_size"
+        )
     if args.input:
         inputs = sorted({p for pattern in args.input for p in glob.glob(pattern)})
         if not inputs:
@@ -96,8 +140,16 @@ def run(args: argparse.Namespace) -> int:
     for path in configs:
         run_dir = out / "runs" / path.stem
         shutil.rmtree(run_dir, ignore_errors=True)
-        pretrain(path, [*overrides, f"run.dir={run_dir}", f"data.path=[{prefix}]",
-                        f"data.tokenizer={tokenizer}"], args.nproc)
+        pretrain(
+            path,
+            [
+                *overrides,
+                f"run.dir={run_dir}",
+                f"data.path=[{prefix}]",
+                f"data.tokenizer={tokenizer}",
+            ],
+            args.nproc,
+        )
         run_dirs.append(run_dir)
 
     from lws_megatron.report import write_report
@@ -122,8 +174,20 @@ def export_best(run_dirs: list[Path], out: Path) -> None:
     target = out / best.name
     shutil.rmtree(target, ignore_errors=True)
     _run([sys.executable, "-m", "lws_megatron.export", str(best), "--output", str(target)])
-    _run([sys.executable, "-m", "lws_megatron.generate", str(target), "--prompt", PROMPT,
-          "--max-tokens", "48", "--seed", "0"])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "lws_megatron.generate",
+            str(target),
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            "48",
+            "--seed",
+            "0",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ def _loss_and_grads(dtype, model, batch, device):
         per_token = model(tokens, None, None, labels=labels)
     loss = per_token.float().mean()
     loss.backward()
-    grads = {n: p.grad.detach().float().cpu()
-             for n, p in model.named_parameters() if p.grad is not None}
+    grads = {
+        n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None
+    }
     return loss.item(), grads
 
 
@@ -67,16 +68,21 @@ def reference(out: str, path: str, overrides: list[str]) -> None:
 def _compare(label: str, ref: dict, loss: float, grads: dict) -> list[str]:
     failures = []
     rel = abs(loss - ref["loss"]) / ref["loss"]
-    print(f"{label}: loss fp32 CPU {ref['loss']:.5f}, bf16 GPU {loss:.5f}, relative "
-          f"difference {rel:.2e}")
+    print(
+        f"{label}: loss fp32 CPU {ref['loss']:.5f}, bf16 GPU {loss:.5f}, relative "
+        f"difference {rel:.2e}"
+    )
     if rel > 1e-2:
         failures.append(f"{label}: bf16 loss differs from fp32 by {rel:.2e} (> 1e-2)")
-    worst = min((F.cosine_similarity(g.flatten(), grads[n].flatten(), dim=0).item(), n)
-                for n, g in ref["grads"].items())
+    worst = min(
+        (F.cosine_similarity(g.flatten(), grads[n].flatten(), dim=0).item(), n)
+        for n, g in ref["grads"].items()
+    )
     print(f"{label}: gradients' lowest cosine similarity {worst[0]:.4f} ({worst[1]})")
     if worst[0] < 0.99:
-        failures.append(f"{label}: gradient of {worst[1]} has cosine similarity "
-                        f"{worst[0]:.4f} (< 0.99)")
+        failures.append(
+            f"{label}: gradient of {worst[1]} has cosine similarity {worst[0]:.4f} (< 0.99)"
+        )
     return failures
 
 
@@ -87,8 +93,9 @@ def check(path: str, overrides: list[str]) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "reference.pt")
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        subprocess.run([sys.executable, __file__, "--reference", out, path, *overrides],
-                       env=env, check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--reference", out, path, *overrides], env=env, check=True
+        )
         ref = torch.load(out, weights_only=True)
     device = torch.device("cuda")
     failures = []
@@ -96,8 +103,11 @@ def check(path: str, overrides: list[str]) -> list[str]:
         label = f"compile={mode} sdpa_kernel={kernel}"
         try:
             config, dtype, model = _build(
-                path, [*overrides, f"train.compile={mode}", f"model.sdpa_kernel={kernel}"],
-                "bf16", device)
+                path,
+                [*overrides, f"train.compile={mode}", f"model.sdpa_kernel={kernel}"],
+                "bf16",
+                device,
+            )
         except UserError as err:  # a kernel this card or PyTorch build lacks: not a failure
             print(f"{label}: unavailable: {err}")
             distributed.destroy_model_parallel()
@@ -108,8 +118,10 @@ def check(path: str, overrides: list[str]) -> list[str]:
         failures += _compare(label, ref, loss, grads)
         if mode != "none":
             stats = compile_stats()
-            print(f"{label}: {stats['compiled_graphs']} graph(s), "
-                  f"{stats['graph_breaks']} graph break(s)")
+            print(
+                f"{label}: {stats['compiled_graphs']} graph(s), "
+                f"{stats['graph_breaks']} graph break(s)"
+            )
             if stats["graph_breaks"]:
                 failures.append(f"{label}: {stats['graph_breaks']} graph break(s) on CUDA")
         del model

@@ -1,4 +1,5 @@
-"""Pre-train an LWS model: `torchrun --nproc_per_node N launch/pretrain.py --config CONFIG [key=value ...]`.
+"""Pre-train an LWS model:
+`torchrun --nproc_per_node N launch/pretrain.py --config CONFIG [key=value ...]`.
 
 Also runs under `mpirun -np N` and `srun --mpi=pmix` (ranks from MPI), or as one plain process.
 The runtime lives in lws_megatron.training; this file only reads the command line.
@@ -17,8 +18,12 @@ from lws_megatron.errors import cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo/crown.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. train.max_steps=50 parallel.tp=2")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. train.max_steps=50 parallel.tp=2",
+    )
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
 

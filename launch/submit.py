@@ -60,13 +60,13 @@ def time_seconds(value: str) -> int | None:
     return a * 60
 
 
-def check(config: Config, nodes: int, per_node: int, unit: str,
-          data_check: bool) -> ParallelPlan:
+def check(config: Config, nodes: int, per_node: int, unit: str, data_check: bool) -> ParallelPlan:
     """Refuse, with a UserError naming the values and the fix, what the allocation can't run:
     the same plan every rank resolves first (heads vs TP, the layout, the batch split)."""
     world = nodes * per_node
-    plan = resolve_plan(config, world,
-                        f"--nodes {nodes} x {per_node} {unit} per node = {world} processes")
+    plan = resolve_plan(
+        config, world, f"--nodes {nodes} x {per_node} {unit} per node = {world} processes"
+    )
     if data_check:
         sources = resolve_sources(config, verify=False)
         warning = passes_warning(config, sources.prefixes, sources.weights)
@@ -79,15 +79,18 @@ def sbatch_value(option: str, value: str) -> str:
     """One #SBATCH value, quoted the way sbatch's own parser reads it: within double quotes,
     a backslash escapes the next character; an unquoted # would start a comment."""
     if "\n" in value or "\r" in value:
-        raise UserError(f"{option} {value!r}: a line break can't go into a batch script's "
-                        "#SBATCH lines; choose a name or path without one")
+        raise UserError(
+            f"{option} {value!r}: a line break can't go into a batch script's "
+            "#SBATCH lines; choose a name or path without one"
+        )
     if re.fullmatch(r"[A-Za-z0-9_.,:@%+=/-]+", value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def render(args: argparse.Namespace, config_path: Path, log_dir: Path, per_node: int) -> str:
-    """The job: this allocation's #SBATCH lines, its environment, then the template's launch part."""
+    """The job: this allocation's #SBATCH lines, its environment, then the template's launch
+    part."""
     text = TEMPLATE.read_text()
     head, sep, body = text.partition(MARKER)
     if not sep:
@@ -95,17 +98,19 @@ def render(args: argparse.Namespace, config_path: Path, log_dir: Path, per_node:
     options: dict[str, str | None] = {}
     for line in head.splitlines():
         if line.startswith("#SBATCH "):
-            key, _, value = line[len("#SBATCH "):].strip().partition("=")
+            key, _, value = line[len("#SBATCH ") :].strip().partition("=")
             options[key] = value or None
     gpus = args.gpus_per_node is not None
-    options.update({
-        "--job-name": args.job_name,
-        "--nodes": str(args.nodes),
-        "--ntasks-per-node": str(per_node if args.launcher == "mpi" else 1),
-        "--signal": f"B:USR1@{args.warning}",
-        "--output": str(log_dir).replace("%", "%%") + "/%x-%j.out",  # %% is a literal %
-        "--chdir": os.getcwd(),
-    })
+    options.update(
+        {
+            "--job-name": args.job_name,
+            "--nodes": str(args.nodes),
+            "--ntasks-per-node": str(per_node if args.launcher == "mpi" else 1),
+            "--signal": f"B:USR1@{args.warning}",
+            "--output": str(log_dir).replace("%", "%%") + "/%x-%j.out",  # %% is a literal %
+            "--chdir": os.getcwd(),
+        }
+    )
     if gpus:
         options["--gpus-per-node"] = str(args.gpus_per_node)
     for key in ("partition", "account", "qos", "time", "cpus_per_task"):
@@ -120,16 +125,22 @@ def render(args: argparse.Namespace, config_path: Path, log_dir: Path, per_node:
         f"{config_path.name} beside this file.",
         "# Submit again as it is with: sbatch THIS_FILE",
     ]
-    lines += [f"#SBATCH {key}" if value is None else f"#SBATCH {key}={sbatch_value(key, value)}"
-              for key, value in options.items()]
+    lines += [
+        f"#SBATCH {key}" if value is None else f"#SBATCH {key}={sbatch_value(key, value)}"
+        for key, value in options.items()
+    ]
     env = {
         "LWS_HOME": str(ROOT),
         "LWS_PYTHON": sys.executable,
         "LWS_LAUNCHER": args.launcher,
         "LWS_NPROC_PER_NODE": str(per_node),
     }
-    lines += ["", *(f"export {key}={shlex.quote(value)}" for key, value in env.items()),
-              f"set -- {shlex.quote(str(config_path))}", ""]
+    lines += [
+        "",
+        *(f"export {key}={shlex.quote(value)}" for key, value in env.items()),
+        f"set -- {shlex.quote(str(config_path))}",
+        "",
+    ]
     return "\n".join(lines) + "\n" + sep + body
 
 
@@ -138,8 +149,11 @@ def launch_line(script: str, nodes: int) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".sbatch") as f:
         f.write(script)
         f.flush()
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LWS_DRY_RUN": "1",
-               "SLURM_NNODES": str(nodes)}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LWS_DRY_RUN": "1",
+            "SLURM_NNODES": str(nodes),
+        }
         proc = subprocess.run(["bash", f.name], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"the batch script's dry run failed: {proc.stderr.strip()}")
@@ -148,32 +162,58 @@ def launch_line(script: str, nodes: int) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Check a config against a SLURM allocation and submit a pre-training job.")
+        description="Check a config against a SLURM allocation and submit a pre-training job."
+    )
     parser.add_argument("config", help="YAML config, e.g. configs/demo/crown.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, baked into the job's resolved config")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, baked into the job's resolved config",
+    )
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--gpus-per-node", type=int, help="GPUs per node: one process per GPU")
-    size.add_argument("--procs-per-node", type=int,
-                      help="CPU-only nodes: this many processes per node, no GPUs requested")
-    parser.add_argument("--launcher", choices=("torchrun", "mpi"), default="torchrun",
-                        help="torchrun per node (default), or one srun --mpi=pmix task per process")
+    size.add_argument(
+        "--procs-per-node",
+        type=int,
+        help="CPU-only nodes: this many processes per node, no GPUs requested",
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=("torchrun", "mpi"),
+        default="torchrun",
+        help="torchrun per node (default), or one srun --mpi=pmix task per process",
+    )
     parser.add_argument("--partition", help="SLURM partition(s)")
     parser.add_argument("--account", help="SLURM account to charge")
     parser.add_argument("--qos", help="SLURM quality of service")
     parser.add_argument("--time", help="time limit, e.g. 2-00:00:00 or 90 (minutes)")
     parser.add_argument("--job-name", help="job name (default: lws-<config name>)")
-    parser.add_argument("--cpus-per-task", type=int,
-                        help="CPUs per SLURM task: per node with torchrun, per process with mpi")
+    parser.add_argument(
+        "--cpus-per-task",
+        type=int,
+        help="CPUs per SLURM task: per node with torchrun, per process with mpi",
+    )
     parser.add_argument("--exclusive", action="store_true", help="whole nodes only")
-    parser.add_argument("--warning", type=int, default=120, metavar="SECONDS",
-                        help="pre-emption warning: USR1 this long before the time limit "
-                             "(checkpoint, then requeue; default 120)")
-    parser.add_argument("--skip-data-check", action="store_true",
-                        help="don't look for the tokenizer and data manifests from here")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the batch script and launch line; write and submit nothing")
+    parser.add_argument(
+        "--warning",
+        type=int,
+        default=120,
+        metavar="SECONDS",
+        help="pre-emption warning: USR1 this long before the time limit "
+        "(checkpoint, then requeue; default 120)",
+    )
+    parser.add_argument(
+        "--skip-data-check",
+        action="store_true",
+        help="don't look for the tokenizer and data manifests from here",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the batch script and launch line; write and submit nothing",
+    )
     return parser.parse_intermixed_args(argv)
 
 
@@ -182,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     gpus = args.gpus_per_node is not None
     per_node = args.gpus_per_node if gpus else args.procs_per_node
-    for option, value in (("--nodes", args.nodes), ("--gpus-per-node" if gpus else
-                                                    "--procs-per-node", per_node)):
+    for option, value in (
+        ("--nodes", args.nodes),
+        ("--gpus-per-node" if gpus else "--procs-per-node", per_node),
+    ):
         if value < 1:
             raise UserError(f"{option} {value}: must be at least 1")
     if args.cpus_per_task is not None and args.cpus_per_task < 1:
@@ -200,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)
     default_name = re.sub(r"[^A-Za-z0-9_.+-]", "-", config.run.name or Path(args.config).stem)
     args.job_name = args.job_name or f"lws-{default_name}"
-    checks = (("--job-name", args.job_name, _NAME), ("--partition", args.partition, _NAMES),
-              ("--account", args.account, _NAME), ("--qos", args.qos, _NAME))
+    checks = (
+        ("--job-name", args.job_name, _NAME),
+        ("--partition", args.partition, _NAMES),
+        ("--account", args.account, _NAME),
+        ("--qos", args.qos, _NAME),
+    )
     for option, value, pattern in checks:
         if value is not None and not pattern.match(value):
             raise UserError(f"{option} {value!r}: use letters, digits and . _ + - only")
@@ -210,13 +256,19 @@ def main(argv: list[str] | None = None) -> int:
     plan = check(config, args.nodes, per_node, unit, not args.skip_data_check)
     run_dir = Path(config.run.dir).resolve()
     job_dir = run_dir / "job"
-    config_path, script_path, log_dir = job_dir / "config.yaml", job_dir / "submit.sbatch", job_dir / "logs"
+    config_path, script_path, log_dir = (
+        job_dir / "config.yaml",
+        job_dir / "submit.sbatch",
+        job_dir / "logs",
+    )
     script = render(args, config_path, log_dir, per_node)
     tp, pp = config.parallel.tp, config.parallel.pp
-    print(f"{args.config}: {args.nodes} node(s) x {per_node} {unit} = {plan.world} processes: "
-          f"TP {tp} x PP {pp} x DP {plan.dp}, pipeline layout {plan.layout or 'even split'}, "
-          f"{plan.micro_batches} micro-batch(es) of {config.train.micro_batch_size} per step "
-          f"and rank")
+    print(
+        f"{args.config}: {args.nodes} node(s) x {per_node} {unit} = {plan.world} processes: "
+        f"TP {tp} x PP {pp} x DP {plan.dp}, pipeline layout {plan.layout or 'even split'}, "
+        f"{plan.micro_batches} micro-batch(es) of {config.train.micro_batch_size} per step "
+        f"and rank"
+    )
     sbatch = ["sbatch", "--parsable", str(script_path)]
     if args.dry_run:
         print(f"# dry run: nothing written or submitted. The batch script ({script_path}):")

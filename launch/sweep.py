@@ -43,20 +43,25 @@ def parse_seeds(values: list[str] | None) -> list[int]:
     return seeds
 
 
-def plan_runs(configs: list[str], seeds: list[int], overrides: list[str],
-              out: Path) -> list[tuple[str, int, Path, list[str]]]:
+def plan_runs(
+    configs: list[str], seeds: list[int], overrides: list[str], out: Path
+) -> list[tuple[str, int, Path, list[str]]]:
     """(config, seed, run directory, overrides) per run, every config checked at every seed
     before anything trains."""
     for item in overrides:
         if item.partition("=")[0].strip() in RESERVED:
-            raise UserError(f"override {item!r}: the sweep sets {' and '.join(RESERVED)} for "
-                            "each run; give seeds with --seeds and the location with --output")
+            raise UserError(
+                f"override {item!r}: the sweep sets {' and '.join(RESERVED)} for "
+                "each run; give seeds with --seeds and the location with --output"
+            )
     seen: dict[str, str] = {}
     for path in configs:
         stem = config_name(path)
         if stem in seen:
-            raise UserError(f"configs {seen[stem]} and {path} would both train in "
-                            f"{out / 'runs' / stem}; give each config once, under its own name")
+            raise UserError(
+                f"configs {seen[stem]} and {path} would both train in "
+                f"{out / 'runs' / stem}; give each config once, under its own name"
+            )
         seen[stem] = path
     runs = []
     for seed in seeds:
@@ -73,10 +78,15 @@ def plan_runs(configs: list[str], seeds: list[int], overrides: list[str],
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("items", nargs="+", metavar="CONFIG|key=value",
-                        help="YAML configs to train, and overrides applied to every run")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "items",
+        nargs="+",
+        metavar="CONFIG|key=value",
+        help="YAML configs to train, and overrides applied to every run",
+    )
     parser.add_argument("--seeds", nargs="*", metavar="S", help="train.seed of each run")
     parser.add_argument("--nproc", type=int, default=2, help="processes per run (data parallel)")
     parser.add_argument("--output", default="sweep_out", help="runs and report go here")
@@ -86,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = parse_seeds([v for v in args.seeds or [] if "=" not in v])
     configs = [item for item in items if "=" not in item]
     if not configs:
-        raise UserError("give at least one config, e.g. launch/sweep.py configs/demo/crown.yaml "
-                        "--seeds 1 2 3")
+        raise UserError(
+            "give at least one config, e.g. launch/sweep.py configs/demo/crown.yaml --seeds 1 2 3"
+        )
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc}: give at least 1 process per run")
     out = Path(args.output).resolve()
@@ -106,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(done, out / "report") if done else None
     if failed:
         where = f"; the report {report} covers the other {len(done)}" if report else ""
-        raise UserError(f"{len(failed)} of {len(runs)} runs failed: {'; '.join(failed)}{where}; "
-                        "fix the cause and run the same command again to finish them")
+        raise UserError(
+            f"{len(failed)} of {len(runs)} runs failed: {'; '.join(failed)}{where}; "
+            "fix the cause and run the same command again to finish them"
+        )
     print(f"\nreport: {report}")
     return 0
 

@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-
 from torch.profiler import ProfilerActivity, profile
 
 from lws_megatron.config import Config, config_name
@@ -82,20 +81,25 @@ class BenchResult:
     @classmethod
     def from_dict(cls, row: dict) -> "BenchResult":
         profile = row.get("profile")
-        return cls(**{
-            **row,
-            "layer_timings": [LayerTiming(**t) for t in row["layer_timings"]],
-            "profile": profile and StepProfile(**{**profile,
-                                                  "top": [OpTime(**o) for o in profile["top"]]}),
-        })
+        return cls(
+            **{
+                **row,
+                "layer_timings": [LayerTiming(**t) for t in row["layer_timings"]],
+                "profile": profile
+                and StepProfile(**{**profile, "top": [OpTime(**o) for o in profile["top"]]}),
+            }
+        )
 
 
 def synthetic_batch(config: Config, micro: int, seed: int = 0) -> Batch:
     generator = torch.Generator().manual_seed(seed)
     s = config.model.seq_length
     text = torch.randint(0, config.model.vocab_size, (micro, s + 1), generator=generator)
-    return {"tokens": text[:, :-1].contiguous(), "labels": text[:, 1:].contiguous(),
-            "loss_mask": torch.ones(micro, s)}
+    return {
+        "tokens": text[:, :-1].contiguous(),
+        "labels": text[:, 1:].contiguous(),
+        "loss_mask": torch.ones(micro, s),
+    }
 
 
 class BlockTimer:
@@ -106,8 +110,7 @@ class BlockTimer:
     the very Megatron modules that train, in the run's compute dtype and attention kernel.
     """
 
-    def __init__(self, chunk, config: Config, micro: int, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(self, chunk, config: Config, micro: int, device: torch.device, dtype: torch.dtype):
         self.chunk, self.device, self.dtype = chunk, device, dtype
         s, d = config.model.seq_length, config.model.d_model
         batch = synthetic_batch(config, micro)
@@ -126,8 +129,11 @@ class BlockTimer:
             for layer in layers:
                 x, _ = layer(x, attention_mask=None, rotary_pos_emb=self.rope)
             if head:
-                weight = (chunk.shared_embedding_or_output_weight()
-                          if chunk.share_embeddings_and_output_weights else None)
+                weight = (
+                    chunk.shared_embedding_or_output_weight()
+                    if chunk.share_embeddings_and_output_weights
+                    else None
+                )
                 logits, _ = chunk.output_layer(chunk.decoder.final_layernorm(x), weight=weight)
                 out = chunk.compute_language_model_loss(self.labels, logits).float().mean()
         if head:
@@ -143,8 +149,9 @@ class BlockTimer:
         return time.perf_counter() - start
 
 
-def time_layers(chunk, config: Config, micro: int, device: torch.device, dtype: torch.dtype,
-                repeats: int = 5) -> list[LayerTiming]:
+def time_layers(
+    chunk, config: Config, micro: int, device: torch.device, dtype: torch.dtype, repeats: int = 5
+) -> list[LayerTiming]:
     """Forward + backward seconds of one micro batch through each distinct layer shape."""
     timer = BlockTimer(chunk, config, micro, device, dtype)
     shapes = config.summary().layers
@@ -190,23 +197,30 @@ def profile_steps(run_step, device: torch.device, steps: int = 2, top: int = 12)
     )
 
 
-def bench_config(config: Config, path: str, steps: int, warmup: int,
-                 time_each_layer: bool, profile: bool = False) -> BenchResult:
+def bench_config(
+    config: Config, path: str, steps: int, warmup: int, time_each_layer: bool, profile: bool = False
+) -> BenchResult:
     """Needs an initialised default process group of one rank (see launch/bench.py)."""
     device = default_device()
     with distributed.model_parallel(config) as plan:
         module = TrainModule(config, plan, device)
-        layer_timings = (time_layers(module.chunks[0], config, plan.micro_batch_size, device,
-                                     module.args.dtype) if time_each_layer else [])
+        layer_timings = (
+            time_layers(module.chunks[0], config, plan.micro_batch_size, device, module.args.dtype)
+            if time_each_layer
+            else []
+        )
         before = compile_stats()
         module.compile()
-        batches = [synthetic_batch(config, plan.micro_batch_size, seed)
-                   for seed in range(plan.micro_batches)]
+        batches = [
+            synthetic_batch(config, plan.micro_batch_size, seed)
+            for seed in range(plan.micro_batches)
+        ]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = _timed_steps(module, batches, warmup, steps)
-        step_profile = (profile_steps(lambda: module.train_batch(batches), device) if profile
-                        else None)
+        step_profile = (
+            profile_steps(lambda: module.train_batch(batches), device) if profile else None
+        )
         compiled = {k: v - before[k] for k, v in compile_stats().items()}
     summary = config.summary()
     tokens = config.train.global_batch_size * config.model.seq_length
@@ -249,9 +263,11 @@ def _timed_steps(module: TrainModule, batches: list[Batch], warmup: int, steps: 
 
 
 def render(results: list[BenchResult]) -> str:
-    lines = [f"{'config':<16} {'device':<24} {'prec':<5} {'compile':<7} {'sdpa':<9} "
-             f"{'tok/s':>10} {'MFU':>6} {'step ms (median, min-max)':>28} {'mem GB':>7} "
-             "graphs/breaks"]
+    lines = [
+        f"{'config':<16} {'device':<24} {'prec':<5} {'compile':<7} {'sdpa':<9} "
+        f"{'tok/s':>10} {'MFU':>6} {'step ms (median, min-max)':>28} {'mem GB':>7} "
+        "graphs/breaks"
+    ]
     for r in results:
         graphs = f"{r.compiled_graphs}/{r.graph_breaks}" if r.compile != "none" else "-"
         lines.append(
@@ -263,17 +279,24 @@ def render(results: list[BenchResult]) -> str:
         )
     for r in results:
         if r.layer_timings:
-            lines.append(f"\n{r.config}: forward+backward per layer shape, micro batch "
-                         f"{r.micro_batch_size} x {r.seq_length}")
+            lines.append(
+                f"\n{r.config}: forward+backward per layer shape, micro batch "
+                f"{r.micro_batch_size} x {r.seq_length}"
+            )
             for t in r.layer_timings:
-                lines.append(f"  ffn {t.ffn_hidden_size:>5}  heads {t.num_query_heads:>2}/"
-                             f"{t.num_kv_heads:<2} {1000 * t.seconds:8.2f} ms  layers {t.layers}")
+                lines.append(
+                    f"  ffn {t.ffn_hidden_size:>5}  heads {t.num_query_heads:>2}/"
+                    f"{t.num_kv_heads:<2} {1000 * t.seconds:8.2f} ms  layers {t.layers}"
+                )
     for r in results:
         if r.profile:
             p = r.profile
-            busy = (f"GPU kernels {p.busy_ms_per_step:.1f} ms, {p.launches_per_step:,.0f} kernel "
-                    "launches" if r.device != "cpu"
-                    else f"operators (self time) {p.busy_ms_per_step:.1f} ms")
+            busy = (
+                f"GPU kernels {p.busy_ms_per_step:.1f} ms, {p.launches_per_step:,.0f} kernel "
+                "launches"
+                if r.device != "cpu"
+                else f"operators (self time) {p.busy_ms_per_step:.1f} ms"
+            )
             lines.append(f"\n{r.config}: a profiled step takes {p.wall_ms_per_step:.1f} ms, {busy}")
             for o in p.top:
                 lines.append(f"  {o.ms_per_step:8.2f} ms {o.calls_per_step:7.1f} x  {o.name[:90]}")

@@ -29,7 +29,8 @@ from lws_megatron.training import distributed
 from lws_megatron.training.train_module import model_args
 
 CACHE_FILE = (
-    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lws_megatron"
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    / "lws_megatron"
     / "layer_times.json"
 )
 
@@ -37,8 +38,9 @@ CACHE_FILE = (
 @contextlib.contextmanager
 def block_timer(config: Config) -> Iterator[BlockTimer]:
     """The whole model built on this device, alone, and a timer over its blocks."""
-    single = dataclasses.replace(config, parallel=dataclasses.replace(
-        config.parallel, tp=1, pp=1, pipeline_layout=""))
+    single = dataclasses.replace(
+        config, parallel=dataclasses.replace(config.parallel, tp=1, pp=1, pipeline_layout="")
+    )
     if not dist.is_initialized():
         distributed.init_processes()
     device = default_device()
@@ -56,9 +58,11 @@ def cache_key(config: Config) -> str:
     """What a timing depends on: device, precision, widths, sequence, micro batch, kernel."""
     dims, train = config.dims, config.train
     precision = "autocast-bf16" if default_device().type == "cuda" else "fp32"
-    return (f"{device_label()}|{precision}|d_model={dims.d_model}|"
-            f"d_head={dims.d_head}|seq={dims.seq_length}|micro_batch={train.micro_batch_size}|"
-            f"qk_norm={dims.qk_norm}|sdpa={config.model.sdpa_kernel}|")
+    return (
+        f"{device_label()}|{precision}|d_model={dims.d_model}|"
+        f"d_head={dims.d_head}|seq={dims.seq_length}|micro_batch={train.micro_batch_size}|"
+        f"qk_norm={dims.qk_norm}|sdpa={config.model.sdpa_kernel}|"
+    )
 
 
 def layer_timings(config: Config, *, repeats: int = 5, cache: Path | None = None) -> Timings:
@@ -67,29 +71,42 @@ def layer_timings(config: Config, *, repeats: int = 5, cache: Path | None = None
     prefix, vocab = cache_key(config), padded_vocab_size(config.dims, config.parallel.tp)
     by_layer = config.summary().layers
     shapes = sorted(set(by_layer), key=str)
-    keys = {s: prefix + f"ffn={s.ffn_hidden_size},q={s.num_query_heads},kv={s.num_kv_heads}"
-            for s in shapes}
+    keys = {
+        s: prefix + f"ffn={s.ffn_hidden_size},q={s.num_query_heads},kv={s.num_kv_heads}"
+        for s in shapes
+    }
     keys["embedding"] = prefix + f"embedding vocab={vocab}"
     keys["output"] = prefix + f"output vocab={vocab}"
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     missing = [block for block, key in keys.items() if key not in known]
     if missing:
         with block_timer(config) as timer:
-            layer_of = {shape: timer.chunk.decoder.layers[i]
-                        for i, shape in reversed(list(enumerate(by_layer)))}
-            runs = {block: (block == "embedding",
-                            [layer_of[block]] if isinstance(block, LayerShape) else [],
-                            block == "output") for block in missing}
+            layer_of = {
+                shape: timer.chunk.decoder.layers[i]
+                for i, shape in reversed(list(enumerate(by_layer)))
+            }
+            runs = {
+                block: (
+                    block == "embedding",
+                    [layer_of[block]] if isinstance(block, LayerShape) else [],
+                    block == "output",
+                )
+                for block in missing
+            }
             times = fastest_times(timer, runs, repeats)
         known.update({keys[block]: times[block] for block in missing})
         ensure_dir(cache.parent)
         write_text_atomic(cache, json.dumps(known, indent=1, sort_keys=True))
-    return Timings(layers={s: known[keys[s]] for s in shapes},
-                   embedding=known[keys["embedding"]], output=known[keys["output"]])
+    return Timings(
+        layers={s: known[keys[s]] for s in shapes},
+        embedding=known[keys["embedding"]],
+        output=known[keys["output"]],
+    )
 
 
-def time_splits(config: Config, splits: list[tuple[int, ...]], pp: int, *,
-                repeats: int = 15) -> list[list[float]]:
+def time_splits(
+    config: Config, splits: list[tuple[int, ...]], pp: int, *, repeats: int = 15
+) -> list[list[float]]:
     """Per split, per rank: seconds of forward + backward of its chunks, timed directly."""
     with block_timer(config) as timer:
         layers = list(timer.chunk.decoder.layers)
@@ -97,7 +114,7 @@ def time_splits(config: Config, splits: list[tuple[int, ...]], pp: int, *,
         for s, bounds in enumerate(splits):
             last = len(bounds) - 2
             for c in range(last + 1):
-                runs[s, c] = (c == 0, layers[bounds[c]:bounds[c + 1]], c == last)
+                runs[s, c] = (c == 0, layers[bounds[c] : bounds[c + 1]], c == last)
         times = fastest_times(timer, runs, repeats)
     result = []
     for s, bounds in enumerate(splits):

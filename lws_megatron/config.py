@@ -39,8 +39,10 @@ class Range:
     def __str__(self) -> str:
         if self.high is None:
             return f"{'>' if self.low_open else '>='} {self.low}"
-        return (f"in {'(' if self.low_open else '['}{self.low}, "
-                f"{self.high}{')' if self.high_open else ']'}")
+        return (
+            f"in {'(' if self.low_open else '['}{self.low}, "
+            f"{self.high}{')' if self.high_open else ']'}"
+        )
 
 
 POSITIVE = Range(0, low_open=True)
@@ -191,8 +193,9 @@ class Config:
     @property
     def profile(self) -> shapes.Profile:
         lws = self.lws
-        return _project(shapes.Profile, lws, ffn_knots=tuple(lws.ffn_knots),
-                        attn_knots=tuple(lws.attn_knots))
+        return _project(
+            shapes.Profile, lws, ffn_knots=tuple(lws.ffn_knots), attn_knots=tuple(lws.attn_knots)
+        )
 
     @property
     def dims(self) -> shapes.Dims:

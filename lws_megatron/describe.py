@@ -60,7 +60,10 @@ def render_text(reports: list[dict]) -> str:
     lines = ["layer  " + "".join(f"{r['config']:<{col}}" for r in reports)]
     lines.append(
         "       "
-        + "".join(f"{'ffn':>6} {'q':>3} {'kv':>3} {'params':>9} {'share':>6} {'GFLOP/tok':>10}  " for _ in reports)
+        + "".join(
+            f"{'ffn':>6} {'q':>3} {'kv':>3} {'params':>9} {'share':>6} {'GFLOP/tok':>10}  "
+            for _ in reports
+        )
     )
     for i in range(depth):
         row = f"{i:>5}  "
@@ -109,32 +112,46 @@ def plot_profiles(
 
     image_format = Path(path).suffix.lstrip(".").lower() or matplotlib.rcParams["savefig.format"]
     if image_format not in FigureCanvasBase.get_supported_filetypes():
-        raise UserError(f"{path}: cannot write .{image_format} images; "
-                        "name a .png, .svg or .pdf file")
+        raise UserError(
+            f"{path}: cannot write .{image_format} images; name a .png, .svg or .pdf file"
+        )
     ensure_dir(Path(path).parent)
 
     n = len(reports)
     cols = min(ncols or n, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols, 4.2 * rows), sharey=True, squeeze=False
+    )
     top = max(layer["params"] for r in reports for layer in r["layers"]) / 1e6
     for ax, r in zip(axes.flat, reports):
         color = colors[r["config"]] if colors else None
         idx = [layer["index"] for layer in r["layers"]]
         ffn = [layer["params"] * _ffn_share(r, layer) / 1e6 for layer in r["layers"]]
         rest = [layer["params"] / 1e6 - f for layer, f in zip(r["layers"], ffn)]
-        ax.bar(idx, rest, color=color or "#4C72B0", alpha=0.4 if color else 1.0,
-               label="attention + norms")
+        ax.bar(
+            idx,
+            rest,
+            color=color or "#4C72B0",
+            alpha=0.4 if color else 1.0,
+            label="attention + norms",
+        )
         ax.bar(idx, ffn, bottom=rest, color=color or "#DD8452", label="FFN")
         for layer, height in zip(r["layers"], [a + f for a, f in zip(rest, ffn)]):
             ax.text(
-                layer["index"], height + top * 0.01,
+                layer["index"],
+                height + top * 0.01,
                 f"{layer['ffn_hidden_size']}  {layer['num_query_heads']}/{layer['num_kv_heads']}",
-                ha="center", va="bottom", fontsize=6, rotation=90,
+                ha="center",
+                va="bottom",
+                fontsize=6,
+                rotation=90,
             )
-        ax.set_title(f"{r['config']}  ({r['total_params'] / 1e6:.1f}M params)", fontsize=9,
-                     color=color or "black")
+        ax.set_title(
+            f"{r['config']}  ({r['total_params'] / 1e6:.1f}M params)",
+            fontsize=9,
+            color=color or "black",
+        )
         ax.set_xlabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, top * 1.35)
@@ -142,8 +159,9 @@ def plot_profiles(
         ax.set_visible(False)
     for row in axes:
         row[0].set_ylabel("parameters per layer (millions)")
-    axes[0][0].legend(loc="upper left", fontsize=7, title="labels: FFN width  query/KV heads",
-                      title_fontsize=6)
+    axes[0][0].legend(
+        loc="upper left", fontsize=7, title="labels: FFN width  query/KV heads", title_fontsize=6
+    )
     fig.tight_layout()
     try:
         with atomic_output(path) as tmp:
@@ -158,8 +176,12 @@ def _ffn_share(report: dict, layer: dict) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lws_megatron.describe", description=__doc__)
-    parser.add_argument("items", nargs="+", metavar="CONFIG|key=value",
-                        help="config files, and overrides applied to each")
+    parser.add_argument(
+        "items",
+        nargs="+",
+        metavar="CONFIG|key=value",
+        help="config files, and overrides applied to each",
+    )
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size to check")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the per-layer profile")

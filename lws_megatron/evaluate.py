@@ -21,10 +21,18 @@ from lws_megatron.generate import export_dir, go_offline
 RESULTS = "lm_eval.json"
 
 
-def evaluate(path: Path, tasks: list[str], *, include_path: Path | None = None,
-             num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 8,
-             device: str = "cpu", step: int | None = None,
-             output: Path | None = None) -> dict[str, Any]:
+def evaluate(
+    path: Path,
+    tasks: list[str],
+    *,
+    include_path: Path | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+    step: int | None = None,
+    output: Path | None = None,
+) -> dict[str, Any]:
     """Run lm-eval's `tasks` on the model of `path`; write and return the scores."""
     go_offline()
     import lm_eval
@@ -35,27 +43,51 @@ def evaluate(path: Path, tasks: list[str], *, include_path: Path | None = None,
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise UserError(f"--tasks: lm-eval knows no task {', '.join(unknown)}; list them with "
-                        "`lm-eval ls tasks`, or add their YAML folder with --include-path")
+        raise UserError(
+            f"--tasks: lm-eval knows no task {', '.join(unknown)}; list them with "
+            "`lm-eval ls tasks`, or add their YAML folder with --include-path"
+        )
     with export_dir(path, step) as model_dir:
-        model_args = {"pretrained": str(model_dir), "trust_remote_code": True,
-                      "dtype": "float32", "backend": "causal"}
+        model_args = {
+            "pretrained": str(model_dir),
+            "trust_remote_code": True,
+            "dtype": "float32",
+            "backend": "causal",
+        }
         try:
             results = lm_eval.simple_evaluate(
-                model="hf", model_args=model_args, tasks=tasks, task_manager=manager,
-                num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
-                log_samples=False)
+                model="hf",
+                model_args=model_args,
+                tasks=tasks,
+                task_manager=manager,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                batch_size=batch_size,
+                device=device,
+                log_samples=False,
+            )
         except (FileNotFoundError, ConnectionError) as err:
-            raise UserError(f"lm-eval could not load the data of {', '.join(tasks)} offline "
-                            f"({str(err).splitlines()[0][:200]}); cache it first or use a "
-                            "local task (--include-path)") from None
+            raise UserError(
+                f"lm-eval could not load the data of {', '.join(tasks)} offline "
+                f"({str(err).splitlines()[0][:200]}); cache it first or use a "
+                "local task (--include-path)"
+            ) from None
         export_step = _export_step(model_dir)
-    scores = {task: {metric: value for metric, value in metrics.items()
-                     if isinstance(value, (int, float))}
-              for task, metrics in results["results"].items()}
-    record = {"step": export_step, "tasks": scores,
-              "settings": {"num_fewshot": num_fewshot, "limit": limit,
-                           "lm_eval_version": lm_eval.__version__}}
+    scores = {
+        task: {
+            metric: value for metric, value in metrics.items() if isinstance(value, (int, float))
+        }
+        for task, metrics in results["results"].items()
+    }
+    record = {
+        "step": export_step,
+        "tasks": scores,
+        "settings": {
+            "num_fewshot": num_fewshot,
+            "limit": limit,
+            "lm_eval_version": lm_eval.__version__,
+        },
+    }
     write_json_atomic(output or path / RESULTS, record)
     return record
 
@@ -79,10 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help=f"scores JSON (default: DIR/{RESULTS})")
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    record = evaluate(args.path, tasks, include_path=args.include_path,
-                      num_fewshot=args.num_fewshot, limit=args.limit,
-                      batch_size=args.batch_size, device=args.device, step=args.step,
-                      output=args.output)
+    record = evaluate(
+        args.path,
+        tasks,
+        include_path=args.include_path,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        step=args.step,
+        output=args.output,
+    )
     for task, metrics in record["tasks"].items():
         print(task, " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     return 0

@@ -51,13 +51,17 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     found = {checkpoint_step(p): p for p in root.iterdir()} if root.is_dir() else {}
     found.pop(None, None)
     if not found:
-        raise UserError(f"{run_dir} has no complete checkpoint under checkpoints/; export a run "
-                        "that saved one (checkpoint.interval, or the save at the end of training)")
+        raise UserError(
+            f"{run_dir} has no complete checkpoint under checkpoints/; export a run "
+            "that saved one (checkpoint.interval, or the save at the end of training)"
+        )
     if step is None:
         return found[max(found)]
     if step not in found:
-        raise UserError(f"{run_dir} has no checkpoint of step {step}; it has steps "
-                        f"{', '.join(map(str, sorted(found)))}: pass one of them to --step")
+        raise UserError(
+            f"{run_dir} has no checkpoint of step {step}; it has steps "
+            f"{', '.join(map(str, sorted(found)))}: pass one of them to --step"
+        )
     return found[step]
 
 
@@ -74,8 +78,9 @@ def _stage_offsets(num_layers: int, pp: int, layout: str | None) -> dict[tuple[i
     return offsets
 
 
-def _merge(name: str, shards: list[torch.Tensor], split: dict[str, tuple[int, int]]
-           ) -> torch.Tensor:
+def _merge(
+    name: str, shards: list[torch.Tensor], split: dict[str, tuple[int, int]]
+) -> torch.Tensor:
     """The TP=1 tensor from every TP rank's shard, undoing Megatron's (strided) split."""
     rule = next((rule for suffix, rule in split.items() if name.endswith(suffix)), None)
     if rule is None or len(shards) == 1:
@@ -91,9 +96,11 @@ def megatron_state(checkpoint: Path, config: Config) -> dict[str, torch.Tensor]:
     fingerprint = meta["fingerprint"]
     tp, pp, layout = fingerprint["tp"], fingerprint["pp"], fingerprint["pipeline_layout"]
     if fingerprint.get("zero_stage") == 3:
-        raise UserError(f"{checkpoint} is a ZeRO-3 checkpoint, whose weights are partitioned "
-                        "over data-parallel ranks; export supports ZeRO 0-2 runs (retrain or "
-                        "resume with zero.stage=2 and save a checkpoint)")
+        raise UserError(
+            f"{checkpoint} is a ZeRO-3 checkpoint, whose weights are partitioned "
+            "over data-parallel ranks; export supports ZeRO 0-2 runs (retrain or "
+            "resume with zero.stage=2 and save a checkpoint)"
+        )
     split = {**_SPLIT, **(_FULL_QK_NORM if config.model.qk_norm == "full" else {})}
     offsets = _stage_offsets(config.model.num_layers, pp, layout)
     state: dict[str, torch.Tensor] = {}
@@ -118,28 +125,41 @@ def megatron_state(checkpoint: Path, config: Config) -> dict[str, torch.Tensor]:
 
 def _check_file(checkpoint: Path, rel: str, files: dict) -> None:
     if not (checkpoint / rel).is_file():
-        raise UserError(f"{checkpoint / rel} is missing; the checkpoint is incomplete, export "
-                        "another step with --step")
+        raise UserError(
+            f"{checkpoint / rel} is missing; the checkpoint is incomplete, export "
+            "another step with --step"
+        )
     if sha256_file(checkpoint / rel) != files.get(rel, {}).get("sha256"):
-        raise UserError(f"{checkpoint / rel} does not match the sha256 in meta.json; the "
-                        "checkpoint is damaged, export another step with --step")
+        raise UserError(
+            f"{checkpoint / rel} does not match the sha256 in meta.json; the "
+            "checkpoint is damaged, export another step with --step"
+        )
 
 
 def hf_state(state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
     """Megatron's TP=1 state dict under the export's names, cut to the tokenizer's vocabulary."""
     m, vocab = config.model, config.model.vocab_size
     layers = config.summary().layers
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab],
-           "model.norm.weight": state["decoder.final_layernorm.weight"]}
+    out = {
+        "model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab],
+        "model.norm.weight": state["decoder.final_layernorm.weight"],
+    }
     if not m.tie_embeddings:
         out["lm_head.weight"] = state["output_layer.weight"][:vocab]
     # Megatron's layer norms (local spec, and TE's norms fused into the next linear) -> ours.
-    norms = ({"post_attention_layernorm.weight": "post_attention_norm",
-              "post_mlp_layernorm.weight": "post_mlp_norm"} if m.norm_placement == "post" else
-             {"input_layernorm.weight": "input_norm",
-              "self_attention.linear_qkv.layer_norm_weight": "input_norm",
-              "pre_mlp_layernorm.weight": "pre_mlp_norm",
-              "mlp.linear_fc1.layer_norm_weight": "pre_mlp_norm"})
+    norms = (
+        {
+            "post_attention_layernorm.weight": "post_attention_norm",
+            "post_mlp_layernorm.weight": "post_mlp_norm",
+        }
+        if m.norm_placement == "post"
+        else {
+            "input_layernorm.weight": "input_norm",
+            "self_attention.linear_qkv.layer_norm_weight": "input_norm",
+            "pre_mlp_layernorm.weight": "pre_mlp_norm",
+            "mlp.linear_fc1.layer_norm_weight": "pre_mlp_norm",
+        }
+    )
     for i, shape in enumerate(layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         groups = shape.num_kv_heads
@@ -158,8 +178,9 @@ def hf_state(state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.
                 weight = state[src + f"self_attention.{qk}_layernorm.weight"]
                 heads = shape.num_query_heads if qk == "q" else groups
                 full = m.qk_norm == "full"
-                out[dst + f"self_attn.{qk}_norm.weight"] = (weight.view(heads, m.d_head)
-                                                            if full else weight)
+                out[dst + f"self_attn.{qk}_norm.weight"] = (
+                    weight.view(heads, m.d_head) if full else weight
+                )
         for megatron, ours in norms.items():
             if src + megatron in state:
                 out[dst + ours + ".weight"] = state[src + megatron]
@@ -172,8 +193,10 @@ def hf_config(config: Config, tokenizer_ids: dict[str, int | None]) -> dict:
     return {
         "architectures": ["LWSForCausalLM"],
         "model_type": "lws",
-        "auto_map": {"AutoConfig": "configuration_lws.LWSConfig",
-                     "AutoModelForCausalLM": "modeling_lws.LWSForCausalLM"},
+        "auto_map": {
+            "AutoConfig": "configuration_lws.LWSConfig",
+            "AutoModelForCausalLM": "modeling_lws.LWSForCausalLM",
+        },
         "vocab_size": m.vocab_size,
         "hidden_size": m.d_model,
         "head_dim": m.d_head,
@@ -197,13 +220,17 @@ def tokenizer_files(config: Config, run_dir: Path, output: Path) -> dict[str, in
     with a `tokenizer_config.json` that AutoTokenizer loads; return its special ids."""
     path = Path(config.data.tokenizer)
     if not path.is_file():
-        raise UserError(f"{run_dir / 'config.yaml'}: data.tokenizer={path} does not exist; put "
-                        "the run's tokenizer back there to export it")
+        raise UserError(
+            f"{run_dir / 'config.yaml'}: data.tokenizer={path} does not exist; put "
+            "the run's tokenizer back there to export it"
+        )
     info = run_dir / "run_info.json"
     trained = json.loads(info.read_text()).get("tokenizer_sha256") if info.is_file() else None
     if trained is not None and sha256_file(path) != trained:
-        raise UserError(f"{path} is not the tokenizer this run trained with (sha256 differs "
-                        f"from {info}); restore the original file")
+        raise UserError(
+            f"{path} is not the tokenizer this run trained with (sha256 differs "
+            f"from {info}); restore the original file"
+        )
     tok = load_tokenizer(path)
     ids = {"eos_token_id": tok.eod, "pad_token_id": tok.pad, "bos_token_id": tok.bos}
     if path.suffix == ".model":
@@ -218,8 +245,12 @@ def tokenizer_files(config: Config, run_dir: Path, output: Path) -> dict[str, in
         shutil.copyfile(path, output / "tokenizer.json")
         name = Tokenizer.from_file(str(path)).id_to_token
         settings = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    specials = {"eos_token": tok.eod, "pad_token": tok.pad, "bos_token": tok.bos,
-                "unk_token": getattr(tok, "unk", None)}
+    specials = {
+        "eos_token": tok.eod,
+        "pad_token": tok.pad,
+        "bos_token": tok.bos,
+        "unk_token": getattr(tok, "unk", None),
+    }
     settings.update({key: None if i is None else name(i) for key, i in specials.items()})
     settings["model_max_length"] = config.model.seq_length
     write_json_atomic(output / "tokenizer_config.json", settings)
@@ -232,8 +263,9 @@ def export(run_dir: Path, output: Path, step: int | None = None) -> Path:
 
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml); pass the run.dir "
-                        "of a training run")
+        raise UserError(
+            f"{run_dir} is not a run directory (no config.yaml); pass the run.dir of a training run"
+        )
     config = load_config(config_path)
     checkpoint = find_checkpoint(run_dir, step)
     if output.exists():
@@ -249,9 +281,14 @@ def export(run_dir: Path, output: Path, step: int | None = None) -> Path:
             write_json_atomic(partial / "config.json", hf_config(config, ids))
             for name in CODE_FILES:
                 shutil.copyfile(HF_CODE / name, partial / name)
-            write_json_atomic(partial / "lws_export.json", {
-                "run_dir": str(run_dir.resolve()), "step": checkpoint_step(checkpoint),
-                "tokenizer": str(config.data.tokenizer)})
+            write_json_atomic(
+                partial / "lws_export.json",
+                {
+                    "run_dir": str(run_dir.resolve()),
+                    "step": checkpoint_step(checkpoint),
+                    "tokenizer": str(config.data.tokenizer),
+                },
+            )
             partial.rename(output)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
@@ -267,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, required=True, help="the export dir to write")
     args = parser.parse_args(argv)
     out = export(args.run_dir, args.output, args.step)
-    print(f"exported {args.run_dir} to {out}: load it with transformers' "
-          "AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)")
+    print(
+        f"exported {args.run_dir} to {out}: load it with transformers' "
+        "AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)"
+    )
     return 0
 
 

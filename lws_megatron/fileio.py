@@ -96,6 +96,8 @@ def ensure_dir(path: str | os.PathLike) -> Path:
         try:
             Path(path).mkdir(parents=True, exist_ok=True)
         except FileExistsError:
-            raise UserError(f"{os.fspath(path)} exists but is not a directory; "
-                            "move it away or choose another path") from None
+            raise UserError(
+                f"{os.fspath(path)} exists but is not a directory; "
+                "move it away or choose another path"
+            ) from None
     return Path(path)

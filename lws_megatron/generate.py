@@ -41,8 +41,10 @@ def export_dir(path: Path, step: int | None = None) -> Iterator[Path]:
         with tempfile.TemporaryDirectory(prefix="lws-export-") as tmp:
             yield export(path, Path(tmp) / "model", step)
     else:
-        raise UserError(f"{path} is neither a run dir (config.yaml) nor an export dir "
-                        "(config.json, modeling_lws.py); pass one of them")
+        raise UserError(
+            f"{path} is neither a run dir (config.yaml) nor an export dir "
+            "(config.json, modeling_lws.py); pass one of them"
+        )
 
 
 def load(model_dir: Path):
@@ -52,28 +54,47 @@ def load(model_dir: Path):
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, trust_remote_code=True, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     return model.eval(), tokenizer
 
 
-def sample(model, tokenizer, prompt: str, *, temperature: float = 0.8, top_p: float = 0.95,
-           max_tokens: int = 32, seed: int = 0) -> list[int]:
+def sample(
+    model,
+    tokenizer,
+    prompt: str,
+    *,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    max_tokens: int = 32,
+    seed: int = 0,
+) -> list[int]:
     """The generated token ids after `prompt` (at most `max_tokens`; fewer at end of text)."""
     if temperature < 0 or not 0 < top_p <= 1 or max_tokens < 1:
-        raise UserError(f"--temperature {temperature} must be >= 0, --top-p {top_p} in (0, 1] "
-                        f"and --max-tokens {max_tokens} at least 1")
+        raise UserError(
+            f"--temperature {temperature} must be >= 0, --top-p {top_p} in (0, 1] "
+            f"and --max-tokens {max_tokens} at least 1"
+        )
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise UserError("--prompt is empty after tokenization; give some text to continue")
-    options = ({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
-               if temperature > 0 else {"do_sample": False})
+    options = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+        if temperature > 0
+        else {"do_sample": False}
+    )
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                             pad_token_id=tokenizer.pad_token_id, **options)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            **options,
+        )
+    return out[0, ids.shape[1] :].tolist()
 
 
 def decode(tokenizer, ids: list[int]) -> str:
@@ -97,8 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with export_dir(args.path, args.step) as model_dir:
         model, tokenizer = load(model_dir)
-        ids = sample(model, tokenizer, args.prompt, temperature=args.temperature,
-                     top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+        ids = sample(
+            model,
+            tokenizer,
+            args.prompt,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+        )
     print(args.prompt + decode(tokenizer, ids))
     return 0
 

@@ -20,22 +20,34 @@ from lws_megatron.planner.stages import format_bytes, imbalance
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lws_megatron.plan", description=__doc__)
-    parser.add_argument("items", nargs="+", metavar="CONFIG|key=value",
-                        help="one config file, and overrides applied to it")
+    parser.add_argument(
+        "items",
+        nargs="+",
+        metavar="CONFIG|key=value",
+        help="one config file, and overrides applied to it",
+    )
     parser.add_argument("--pp", type=int, help="pipeline-parallel size (default parallel.pp)")
     parser.add_argument("--vpp", type=int, default=1, help="virtual stages per rank (interleaved)")
     parser.add_argument("--tp", type=int, help="tensor-parallel size (default parallel.tp)")
     parser.add_argument("--dp", type=int, default=1, help="data-parallel size (ZeRO sharding)")
     parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="default zero.stage")
     parser.add_argument("--device-memory", metavar="SIZE", help="per-device limit, e.g. 80GB")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS),
-                        help="byte accounting (default train.precision; auto counts as bf16)")
-    parser.add_argument("--recompute", choices=RECOMPUTE, default="none",
-                        help="activation recomputation")
-    parser.add_argument("--profile", action="store_true",
-                        help="cost layers by their measured time on this device (cached)")
-    parser.add_argument("--measure", action="store_true",
-                        help="also time each stage of both splits on this device")
+    parser.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        help="byte accounting (default train.precision; auto counts as bf16)",
+    )
+    parser.add_argument(
+        "--recompute", choices=RECOMPUTE, default="none", help="activation recomputation"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cost layers by their measured time on this device (cached)",
+    )
+    parser.add_argument(
+        "--measure", action="store_true", help="also time each stage of both splits on this device"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return run(parser.parse_intermixed_args(argv))
 
@@ -46,13 +58,18 @@ def run(args: argparse.Namespace) -> int:
     overrides = [item for item in args.items if "=" in item]
     if len(paths) != 1:
         raise UserError(f"give exactly one config file, got {len(paths)}: {' '.join(paths)}")
-    for key, value in (("parallel.pp", args.pp), ("parallel.tp", args.tp),
-                       ("zero.stage", args.zero)):
+    for key, value in (
+        ("parallel.pp", args.pp),
+        ("parallel.tp", args.tp),
+        ("zero.stage", args.zero),
+    ):
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_config(paths[0], overrides)
     options = {
-        "vpp": args.vpp, "dp": args.dp, "precision": args.precision,
+        "vpp": args.vpp,
+        "dp": args.dp,
+        "precision": args.precision,
         "recompute": args.recompute,
         "device_memory": parse_bytes(args.device_memory) if args.device_memory else None,
     }
@@ -67,8 +84,11 @@ def run(args: argparse.Namespace) -> int:
         planned, even = calibration.time_splits(
             config, [result.planned.bounds, result.even.bounds], result.pp
         )
-        measured = {"device": calibration.device_label(),
-                    "planned_seconds": planned, "even_seconds": even}
+        measured = {
+            "device": calibration.device_label(),
+            "planned_seconds": planned,
+            "even_seconds": even,
+        }
     if args.json:
         report = {"config": config_name(paths[0]), **result.to_json()}
         if measured:
@@ -99,17 +119,23 @@ def render_text(name: str, p: Plan, measured: dict | None = None) -> str:
         for split, stage in ((p.planned, a), (p.even, b)):
             share = stage.cost / sum(s.cost for s in split.stages)
             over = " !" if p.device_memory and stage.memory_bytes > p.device_memory else ""
-            row += (f"{_layers(stage):<17}{len(stage.layers):>3}{share:>9.1%}"
-                    f"{format_bytes(stage.memory_bytes):>12}{over:<3}")
+            row += (
+                f"{_layers(stage):<17}{len(stage.layers):>3}{share:>9.1%}"
+                f"{format_bytes(stage.memory_bytes):>12}{over:<3}"
+            )
         lines.append(row.rstrip())
-    lines.append(f"{'imbalance (slowest / mean)':<36}{p.planned.imbalance:>7.3f}"
-                 f"{'':<{width - 7}}{p.even.imbalance:>7.3f}")
+    lines.append(
+        f"{'imbalance (slowest / mean)':<36}{p.planned.imbalance:>7.3f}"
+        f"{'':<{width - 7}}{p.even.imbalance:>7.3f}"
+    )
     if measured:
         lines += ["", f"measured forward+backward per micro batch on {measured['device']}:"]
         for r, (a, b) in enumerate(zip(measured["planned_seconds"], measured["even_seconds"])):
             lines.append(f"{r:<7}{a * 1e3:>33.1f} ms{'':<{width - 10}}{b * 1e3:>7.1f} ms")
-        lines.append(f"{'imbalance':<36}{imbalance(measured['planned_seconds']):>7.3f}"
-                     f"{'':<{width - 7}}{imbalance(measured['even_seconds']):>7.3f}")
+        lines.append(
+            f"{'imbalance':<36}{imbalance(measured['planned_seconds']):>7.3f}"
+            f"{'':<{width - 7}}{imbalance(measured['even_seconds']):>7.3f}"
+        )
     if p.device_memory and any(s.memory_bytes > p.device_memory for s in p.even.stages):
         lines.append("! over the memory limit")
     if not p.even_is_megatron_default:

@@ -37,8 +37,15 @@ OTHER_COLORS = ("#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f"
 
 TRAIN_KEYS = ("step", "tokens", "loss", "tokens_per_s", "mfu", "time_s")
 EVAL_KEYS = ("step", "tokens", "val_loss", "val_ppl", "time_s")
-INFO_KEYS = ("total_params", "flops_per_token", "tokenizer_sha256", "valid_data_sha256",
-             "tp", "world_size", "device")
+INFO_KEYS = (
+    "total_params",
+    "flops_per_token",
+    "tokenizer_sha256",
+    "valid_data_sha256",
+    "tp",
+    "world_size",
+    "device",
+)
 ZOOM_FRACTION = 0.3  # the zoomed loss panel shows the last 30% of tokens
 DPI = 150
 
@@ -160,8 +167,11 @@ def _parse_record(text: str, where: str) -> dict[str, Any]:
     missing = [k for k in keys if k not in record]
     if missing:
         raise UserError(f"{where}: {kind} record lacks {', '.join(missing)}")
-    bad = [f"{k}={record[k]!r}" for k in keys
-           if isinstance(record[k], bool) or not isinstance(record[k], (int, float))]
+    bad = [
+        f"{k}={record[k]!r}"
+        for k in keys
+        if isinstance(record[k], bool) or not isinstance(record[k], (int, float))
+    ]
     if bad:
         raise UserError(f"{where}: {', '.join(bad)} should be numbers")
     return record
@@ -324,23 +334,30 @@ def _seeds_note(profile: Profile) -> str:
     return f" (mean of {len(profile.runs)} seeds)" if profile.seeded else ""
 
 
-def baseline_delta(profile: Profile, base: Profile, stats: dict[str, ProfileStats],
-                   key: str) -> str:
+def baseline_delta(
+    profile: Profile, base: Profile, stats: dict[str, ProfileStats], key: str
+) -> str:
     """The final loss of `profile` minus the baseline's. Over seeds, paired by seed (both saw
     the same data order), so that its spread is that of the differences themselves."""
     ref = getattr(stats[base.name], key).mean
     value = getattr(stats[profile.name], key).mean
     if not (profile.seeded or base.seeded):
         return f"{profile.name} {value - ref:+.4f} ({(value - ref) / ref:+.2%})"
-    per_seed = [{r.config.train.seed: getattr(s, key) for r, s in zip(p.runs, stats[p.name].runs)}
-                for p in (profile, base)]
+    per_seed = [
+        {r.config.train.seed: getattr(s, key) for r, s in zip(p.runs, stats[p.name].runs)}
+        for p in (profile, base)
+    ]
     shared = [seed for seed in per_seed[0] if seed in per_seed[1]]
     if len(shared) < 2:
-        return (f"{profile.name} {value - ref:+.4f} ({(value - ref) / ref:+.2%}; a difference "
-                f"of means, as fewer than two seeds are shared with {base.name})")
+        return (
+            f"{profile.name} {value - ref:+.4f} ({(value - ref) / ref:+.2%}; a difference "
+            f"of means, as fewer than two seeds are shared with {base.name})"
+        )
     diff = Spread.of([per_seed[0][seed] - per_seed[1][seed] for seed in shared])
-    return (f"{profile.name} {diff.mean:+.4f} ± {diff.std:.4f} ({diff.mean / ref:+.2%}; "
-            f"paired over seeds {', '.join(map(str, shared))})")
+    return (
+        f"{profile.name} {diff.mean:+.4f} ± {diff.std:.4f} ({diff.mean / ref:+.2%}; "
+        f"paired over seeds {', '.join(map(str, shared))})"
+    )
 
 
 def findings(profiles: list[Profile], stats: dict[str, ProfileStats], warned: bool) -> list[str]:
@@ -349,32 +366,48 @@ def findings(profiles: list[Profile], stats: dict[str, ProfileStats], warned: bo
     unevaluated = [p.name for p in profiles if stats[p.name].final_val_loss is None]
     key, label = ("final_loss", "training") if unevaluated else ("final_val_loss", "validation")
     if unevaluated and len(unevaluated) < len(profiles):
-        lines.append(f"No evaluation logged for {', '.join(unevaluated)}, so runs are compared "
-                     "on training loss.")
+        lines.append(
+            f"No evaluation logged for {', '.join(unevaluated)}, so runs are compared "
+            "on training loss."
+        )
     by_name = {p.name: p for p in profiles}
     # A profile whose last logged loss is not finite (diverged) is left out of the ranking.
-    losses = {p.name: v for p in profiles
-              if math.isfinite(v := getattr(stats[p.name], key).mean)}
+    losses = {p.name: v for p in profiles if math.isfinite(v := getattr(stats[p.name], key).mean)}
     if losses:
         best = min(losses, key=losses.get)
         caveat = " (but see the warning above: not all runs are comparable)" if warned else ""
-        lines.append(f"Lowest final {label} loss: **{best}**, {losses[best]:.4f} nats"
-                     f"{_seeds_note(by_name[best])}{caveat}.")
-    spreads = [f"{p.name} {getattr(stats[p.name], key).std:.4f} ({len(p.runs)} seeds)"
-               for p in profiles if p.seeded and p.name in losses]
+        lines.append(
+            f"Lowest final {label} loss: **{best}**, {losses[best]:.4f} nats"
+            f"{_seeds_note(by_name[best])}{caveat}."
+        )
+    spreads = [
+        f"{p.name} {getattr(stats[p.name], key).std:.4f} ({len(p.runs)} seeds)"
+        for p in profiles
+        if p.seeded and p.name in losses
+    ]
     if spreads:
-        lines.append(f"Seed-to-seed standard deviation of the final {label} loss: "
-                     f"{', '.join(spreads)}; a difference of that size between two profiles' "
-                     "means can come from the seeds alone.")
+        lines.append(
+            f"Seed-to-seed standard deviation of the final {label} loss: "
+            f"{', '.join(spreads)}; a difference of that size between two profiles' "
+            "means can come from the seeds alone."
+        )
     base = baseline_profile(profiles)
     if base is not None and base.name in losses and len(losses) > 1:
-        deltas = ", ".join(baseline_delta(by_name[name], base, stats, key)
-                           for name in sorted(losses, key=losses.get) if name != base.name)
+        deltas = ", ".join(
+            baseline_delta(by_name[name], base, stats, key)
+            for name in sorted(losses, key=losses.get)
+            if name != base.name
+        )
         over = f", mean of {len(base.runs)} seeds" if base.seeded else ""
-        spread = ("; ± is the sample standard deviation of the per-seed differences"
-                  if any(p.seeded for p in profiles) else "")
-        lines.append(f"Final {label} loss relative to {base.name} ({losses[base.name]:.4f} nats"
-                     f"{over}): {deltas}{spread}.")
+        spread = (
+            "; ± is the sample standard deviation of the per-seed differences"
+            if any(p.seeded for p in profiles)
+            else ""
+        )
+        lines.append(
+            f"Final {label} loss relative to {base.name} ({losses[base.name]:.4f} nats"
+            f"{over}): {deltas}{spread}."
+        )
     fastest = max(stats, key=lambda n: stats[n].tokens_per_s)
     slowest = min(stats, key=lambda n: stats[n].tokens_per_s)
     if fastest != slowest:
@@ -386,14 +419,18 @@ def findings(profiles: list[Profile], stats: dict[str, ProfileStats], warned: bo
     tokens = {p.label(r): s.tokens for p in profiles for r, s in zip(p.runs, stats[p.name].runs)}
     if len(set(tokens.values())) > 1:
         ends = ", ".join(f"{n} {_si(t)}" for n, t in tokens.items())
-        lines.append(f"The runs stopped at different token counts ({ends}): their final losses "
-                     "are taken at different points of training.")
+        lines.append(
+            f"The runs stopped at different token counts ({ends}): their final losses "
+            "are taken at different points of training."
+        )
     else:
         lines.append(f"Every run consumed {_si(next(iter(tokens.values())))} training tokens.")
     unfinished = [p.label(r) for p in profiles for r in p.runs if not r.finished]
     if unfinished:
-        lines.append(f"No summary.json for {', '.join(unfinished)}: still running or stopped "
-                     "early; the numbers are those of the last logged step.")
+        lines.append(
+            f"No summary.json for {', '.join(unfinished)}: still running or stopped "
+            "early; the numbers are those of the last logged step."
+        )
     return lines
 
 
@@ -425,8 +462,17 @@ def _spread(value: Spread | None, fmt: str) -> str:
     return f"{value.mean:{fmt}} ± {value.std:{fmt}}"
 
 
-TABLE_COLUMNS = ("run", "params (M)", "GFLOPs/token", "final train loss", "final val loss",
-                 "val ppl", "tokens/s", "MFU", "wall time")
+TABLE_COLUMNS = (
+    "run",
+    "params (M)",
+    "GFLOPs/token",
+    "final train loss",
+    "final val loss",
+    "val ppl",
+    "tokens/s",
+    "MFU",
+    "wall time",
+)
 
 
 def render_table(profiles: list[Profile], stats: dict[str, ProfileStats]) -> str:
@@ -448,21 +494,25 @@ def render_table(profiles: list[Profile], stats: dict[str, ProfileStats]) -> str
         )
         for p, s in ((p, stats[p.name]) for p in profiles)
     ]
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join([":--"] + ["--:"] * (len(columns) - 1)) + "|"]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join([":--"] + ["--:"] * (len(columns) - 1)) + "|",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def render_markdown(profiles: list[Profile], stats: dict[str, ProfileStats],
-                    figures: dict[str, str], date: str) -> str:
+def render_markdown(
+    profiles: list[Profile], stats: dict[str, ProfileStats], figures: dict[str, str], date: str
+) -> str:
     warnings = comparability_warnings(profiles)
     runs = [r for p in profiles for r in p.runs]
     parts = [
         "# LWS training report",
         "",
         f"{date}. Read from {len(runs)} run directories: "
-        + ", ".join(f"`{r.path}`" for r in runs) + ".",
+        + ", ".join(f"`{r.path}`" for r in runs)
+        + ".",
         "",
         "Final losses are in nats per token at the last logged step (validation: last evaluation); "
         "tokens/s and MFU are means over the logged intervals after the first; "
@@ -470,9 +520,12 @@ def render_markdown(profiles: list[Profile], stats: dict[str, ProfileStats],
         "",
     ]
     if any(p.seeded for p in profiles):
-        parts += ["Runs that share a name and a config apart from `train.seed` are the seeds of "
-                  "one profile: its final losses are the mean ± sample standard deviation over "
-                  "the seeds, its other columns their means.", ""]
+        parts += [
+            "Runs that share a name and a config apart from `train.seed` are the seeds of "
+            "one profile: its final losses are the mean ± sample standard deviation over "
+            "the seeds, its other columns their means.",
+            "",
+        ]
     parts += [f"> **Warning:** {w}\n" for w in warnings]
     parts += [render_table(profiles, stats), "", "## Findings", ""]
     parts += [f"- {line}" for line in findings(profiles, stats, bool(warnings))]
@@ -489,7 +542,7 @@ def _smooth(values: list[float]) -> list[float]:
     at the ends so that the first and last points stay where they are."""
     half, n = len(values) // 50, len(values)
     spans = (min(half, i, n - 1 - i) for i in range(n))
-    return [sum(values[i - h: i + h + 1]) / (2 * h + 1) for i, h in zip(range(n), spans)]
+    return [sum(values[i - h : i + h + 1]) / (2 * h + 1) for i, h in zip(range(n), spans)]
 
 
 def _seed_mean(curves: list[list[tuple[int, float, float]]]) -> tuple[list[float], list[float]]:
@@ -497,8 +550,10 @@ def _seed_mean(curves: list[list[tuple[int, float, float]]]) -> tuple[list[float
     shared = set.intersection(*({step for step, _, _ in curve} for curve in curves))
     by_step = [{step: (t, v) for step, t, v in curve} for curve in curves]
     steps = sorted(shared)
-    return ([by_step[0][step][0] for step in steps],
-            [math.fsum(c[step][1] for c in by_step) / len(by_step) for step in steps])
+    return (
+        [by_step[0][step][0] for step in steps],
+        [math.fsum(c[step][1] for c in by_step) / len(by_step) for step in steps],
+    )
 
 
 def plot_loss(profiles: list[Profile], colors: dict[str, str], path: Path) -> None:
@@ -515,20 +570,35 @@ def plot_loss(profiles: list[Profile], colors: dict[str, str], path: Path) -> No
     in_zoom: list[float] = []
     for profile in profiles:
         color = colors[profile.name]
-        curves = [[(r["step"], r["tokens"], y) for r, y in
-                   zip(run.train, _smooth([r["loss"] for r in run.train]))]
-                  for run in profile.runs]
+        curves = [
+            [
+                (r["step"], r["tokens"], y)
+                for r, y in zip(run.train, _smooth([r["loss"] for r in run.train]))
+            ]
+            for run in profile.runs
+        ]
         x, smooth = _seed_mean(curves)
-        vx, vy = _seed_mean([[(r["step"], r["tokens"], r["val_loss"]) for r in run.evals]
-                             for run in profile.runs])
+        vx, vy = _seed_mean(
+            [[(r["step"], r["tokens"], r["val_loss"]) for r in run.evals] for run in profile.runs]
+        )
         for ax in (full, zoom):
             if profile.seeded:
                 for curve in curves:
-                    ax.plot([t for _, t, _ in curve], [y for _, _, y in curve], color=color,
-                            alpha=0.45, linewidth=0.7)
+                    ax.plot(
+                        [t for _, t, _ in curve],
+                        [y for _, _, y in curve],
+                        color=color,
+                        alpha=0.45,
+                        linewidth=0.7,
+                    )
             else:
-                ax.plot(x, [r["loss"] for r in profile.runs[0].train], color=color, alpha=0.2,
-                        linewidth=0.8)
+                ax.plot(
+                    x,
+                    [r["loss"] for r in profile.runs[0].train],
+                    color=color,
+                    alpha=0.2,
+                    linewidth=0.8,
+                )
             ax.plot(x, smooth, color=color, linewidth=1.8)
             ax.plot(vx, vy, color=color, linestyle="--", marker="o", markersize=4, linewidth=1.2)
         in_zoom += [y for curve in curves for _, t, y in curve if t >= start and math.isfinite(y)]
@@ -548,14 +618,28 @@ def plot_loss(profiles: list[Profile], colors: dict[str, str], path: Path) -> No
     seeded = any(p.seeded for p in profiles)
     single = not all(p.seeded for p in profiles)
     over_seeds = ", mean over seeds" if seeded else ""
-    styles = [Line2D([], [], color="0.45", linewidth=1.8,
-                     label=f"train loss (smoothed{over_seeds})")]
-    styles += [Line2D([], [], color="0.45", alpha=0.35, linewidth=1.5,
-                      label="train loss (raw)")] * single
-    styles += [Line2D([], [], color="0.45", alpha=0.6, linewidth=0.7,
-                      label="train loss, each seed (smoothed)")] * seeded
-    styles += [Line2D([], [], color="0.45", linestyle="--", marker="o", markersize=4,
-                      label="validation loss" + " (mean over seeds)" * seeded)]
+    styles = [
+        Line2D([], [], color="0.45", linewidth=1.8, label=f"train loss (smoothed{over_seeds})")
+    ]
+    styles += [
+        Line2D([], [], color="0.45", alpha=0.35, linewidth=1.5, label="train loss (raw)")
+    ] * single
+    styles += [
+        Line2D(
+            [], [], color="0.45", alpha=0.6, linewidth=0.7, label="train loss, each seed (smoothed)"
+        )
+    ] * seeded
+    styles += [
+        Line2D(
+            [],
+            [],
+            color="0.45",
+            linestyle="--",
+            marker="o",
+            markersize=4,
+            label="validation loss" + " (mean over seeds)" * seeded,
+        )
+    ]
     # Below the axes, so that no legend hides a curve, in two rows, so that the grey
     # line-style keys are not read as the dark baseline; the figure grows to hold them.
     ncol = min(len(profiles), 6)
@@ -564,19 +648,39 @@ def plot_loss(profiles: list[Profile], colors: dict[str, str], path: Path) -> No
     legend_in = row_in * (run_rows + 1) + 0.1
     fig.set_figheight(height + legend_in)
     total = height + legend_in
-    fig.legend(handles=[Line2D([], [], color=colors[p.name], linewidth=2.5,
-                               label=p.name + f" ({len(p.runs)} seeds)" * p.seeded)
-                        for p in profiles], loc="lower center", ncol=ncol, frameon=False,
-               bbox_to_anchor=(0.5, 0))
-    fig.legend(handles=styles, loc="lower center", ncol=len(styles), frameon=False, fontsize=8,
-               handlelength=3, bbox_to_anchor=(0.5, row_in * run_rows / total + 0.01))
+    fig.legend(
+        handles=[
+            Line2D(
+                [],
+                [],
+                color=colors[p.name],
+                linewidth=2.5,
+                label=p.name + f" ({len(p.runs)} seeds)" * p.seeded,
+            )
+            for p in profiles
+        ],
+        loc="lower center",
+        ncol=ncol,
+        frameon=False,
+        bbox_to_anchor=(0.5, 0),
+    )
+    fig.legend(
+        handles=styles,
+        loc="lower center",
+        ncol=len(styles),
+        frameon=False,
+        fontsize=8,
+        handlelength=3,
+        bbox_to_anchor=(0.5, row_in * run_rows / total + 0.01),
+    )
     fig.tight_layout(rect=(0, legend_in / total, 1, 1))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
 
 
-def plot_throughput(profiles: list[Profile], stats: dict[str, ProfileStats],
-                    colors: dict[str, str], path: Path) -> None:
+def plot_throughput(
+    profiles: list[Profile], stats: dict[str, ProfileStats], colors: dict[str, str], path: Path
+) -> None:
     """Horizontal bars (room for long names) of throughput and MFU per profile (the mean over
     its seeds), values written on."""
     import matplotlib.pyplot as plt
@@ -584,9 +688,11 @@ def plot_throughput(profiles: list[Profile], stats: dict[str, ProfileStats],
     names = [p.name for p in profiles]
     where = [{f"{r.info['world_size']} × {r.info['device']}" for r in p.runs} for p in profiles]
     hardware = set.union(*where)
-    labels = names if len(hardware) == 1 else [
-        f"{p.name}\n{' / '.join(sorted(w))}" for p, w in zip(profiles, where)
-    ]
+    labels = (
+        names
+        if len(hardware) == 1
+        else [f"{p.name}\n{' / '.join(sorted(w))}" for p, w in zip(profiles, where)]
+    )
     fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.55 * len(profiles)), sharey=True)
     for ax, values, xlabel, fmt in (
         (axes[0], [stats[n].tokens_per_s for n in names], "throughput (tokens/s)", "{:,.0f}"),
@@ -601,8 +707,9 @@ def plot_throughput(profiles: list[Profile], stats: dict[str, ProfileStats],
     axes[0].invert_yaxis()
     subtitle = f" on {hardware.pop()}" if len(hardware) == 1 else ""
     seeds = ", and over seeds" if any(p.seeded for p in profiles) else ""
-    fig.suptitle(f"Training speed{subtitle}: mean over logged intervals after the first{seeds}",
-                 fontsize=10)
+    fig.suptitle(
+        f"Training speed{subtitle}: mean over logged intervals after the first{seeds}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -629,15 +736,22 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path) -> Path:
     colors = run_colors([p.name for p in profiles])
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figures = {"Loss": "loss.png", "Throughput": "throughput.png",
-               "Per-layer parameter profiles": "profiles.png"}
+    figures = {
+        "Loss": "loss.png",
+        "Throughput": "throughput.png",
+        "Per-layer parameter profiles": "profiles.png",
+    }
     with _atomic(out / figures["Loss"]) as tmp:
         plot_loss(profiles, colors, tmp)
     with _atomic(out / figures["Throughput"]) as tmp:
         plot_throughput(profiles, stats, colors, tmp)
     with _atomic(out / figures["Per-layer parameter profiles"]) as tmp:
-        plot_profiles([describe_json(p.name, p.runs[0].config, int(p.runs[0].info["tp"]))
-                       for p in profiles], str(tmp), colors=colors, ncols=3)
+        plot_profiles(
+            [describe_json(p.name, p.runs[0].config, int(p.runs[0].info["tp"])) for p in profiles],
+            str(tmp),
+            colors=colors,
+            ncols=3,
+        )
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     report = out / "report.md"
     with _atomic(report) as tmp:
@@ -647,11 +761,19 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path) -> Path:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lws_megatron.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lws_megatron.report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories")
-    parser.add_argument("--output", "-o", required=True, metavar="DIR",
-                        help="where report.md and the figures go (created if missing)")
+    parser.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        metavar="DIR",
+        help="where report.md and the figures go (created if missing)",
+    )
     args = parser.parse_args(argv)
     print(write_report(args.run_dirs, args.output))
     return 0

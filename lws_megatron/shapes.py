@@ -159,8 +159,10 @@ def _check_profile(profile: Profile, dims: Dims, tp: int) -> None:
     if _group(profile) < 1:
         key = "kv_group_size" if profile.gqa == "group_size" else "num_kv_heads"
         raise UserError(f"lws.{key}={_group(profile)}: must be at least 1")
-    for key, value in (("lws.ffn_multiple", profile.ffn_multiple),
-                       ("model.make_vocab_size_divisible_by", dims.make_vocab_size_divisible_by)):
+    for key, value in (
+        ("lws.ffn_multiple", profile.ffn_multiple),
+        ("model.make_vocab_size_divisible_by", dims.make_vocab_size_divisible_by),
+    ):
         if value < 1:
             raise UserError(f"{key}={value}: must be at least 1 (sizes are rounded to it)")
     if tp < 1:

@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_IMPLIED = {"slurm_cluster": ("slurm", "slow", "distributed"), "two_proc": ("distributed", "slow"),
-            "single_rank": ("distributed",), "reference": ("distributed", "slow")}
+_IMPLIED = {
+    "slurm_cluster": ("slurm", "slow", "distributed"),
+    "two_proc": ("distributed", "slow"),
+    "single_rank": ("distributed",),
+    "reference": ("distributed", "slow"),
+}
 
 
 def pytest_collection_modifyitems(items):
@@ -30,9 +34,27 @@ def tiny_data(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny_data")
     assert demo_corpus.main(["--output", str(root / "corpus")]) == 0
     corpus = sorted(str(p) for p in (root / "corpus").glob("*.jsonl"))
-    assert tokenizer.main(["train", "--input", *corpus, "--vocab-size", "512",
-                           "--output", str(root / "tok")]) == 0
-    assert preprocess.main(["--input", *corpus, "--tokenizer", str(root / "tok.model"),
-                            "--output-prefix", str(root / "data"), "--append-eod",
-                            "--valid-fraction", "0.05", "--quiet"]) == 0
+    assert (
+        tokenizer.main(
+            ["train", "--input", *corpus, "--vocab-size", "512", "--output", str(root / "tok")]
+        )
+        == 0
+    )
+    assert (
+        preprocess.main(
+            [
+                "--input",
+                *corpus,
+                "--tokenizer",
+                str(root / "tok.model"),
+                "--output-prefix",
+                str(root / "data"),
+                "--append-eod",
+                "--valid-fraction",
+                "0.05",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return {"prefix": str(root / "data"), "tokenizer": str(root / "tok.model")}

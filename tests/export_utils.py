@@ -19,8 +19,9 @@ from lws_megatron.training.train_module import model_args
 SHORT = ("train.max_steps=3", "eval.interval=0")
 
 
-def trained_export(root: Path, data: dict[str, str], name: str, nproc: int,
-                   *overrides: str) -> tuple[Path, Path]:
+def trained_export(
+    root: Path, data: dict[str, str], name: str, nproc: int, *overrides: str
+) -> tuple[Path, Path]:
     """(run dir, export dir) of a 3-step tiny run under `overrides`."""
     run_dir, _ = train(root, name, nproc, data, *SHORT, *overrides)
     return run_dir, export(run_dir, root / f"{name}-hf")
@@ -33,8 +34,9 @@ def megatron_logits(run_dir: str, batches: list[torch.Tensor]) -> list[torch.Ten
     config = load_config(Path(run_dir) / "config.yaml")
     checkpoint = find_checkpoint(Path(run_dir), None)
     with model_parallel(config) as plan, torch.no_grad():
-        [model] = build_model_chunks(model_args(config, plan, torch.device("cpu")), seed=0,
-                                     device="cpu")
+        [model] = build_model_chunks(
+            model_args(config, plan, torch.device("cpu")), seed=0, device="cpu"
+        )
         stage, rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
         files = checkpoint / f"pp{stage}" / "state" / f"mp_rank_{rank:02d}_model_states.pt"
         model.load_state_dict(safe_load(files)["module"])

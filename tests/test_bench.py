@@ -17,10 +17,26 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("compile", ["none", "model"])
 def test_bench_measures_steps_and_every_layer_shape(compile):
     proc = subprocess.run(
-        [sys.executable, "launch/bench.py", "tests/configs/tiny.yaml", "--steps", "2",
-         "--warmup", "1", "--micro-batch", "2", "--compile", compile, "--json",
-         *(["--profile", "model.sdpa_kernel=math"] if compile == "model" else [])],
-        capture_output=True, text=True, cwd=ROOT, timeout=300)
+        [
+            sys.executable,
+            "launch/bench.py",
+            "tests/configs/tiny.yaml",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--micro-batch",
+            "2",
+            "--compile",
+            compile,
+            "--json",
+            *(["--profile", "model.sdpa_kernel=math"] if compile == "model" else []),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = json.loads(proc.stdout.strip().splitlines()[-1])  # libraries log above it
     assert result["config"] == "tiny" and result["device"] == "cpu"
@@ -28,8 +44,9 @@ def test_bench_measures_steps_and_every_layer_shape(compile):
     assert result["compile"] == compile
     assert result["sdpa_kernel"] == ("math" if compile == "model" else "auto")
     # one compiled graph for the one chunk, kept through every step: no break, no recompile
-    assert (result["compiled_graphs"], result["graph_breaks"]) == \
-        ((1, 0) if compile == "model" else (0, 0))
+    assert (result["compiled_graphs"], result["graph_breaks"]) == (
+        (1, 0) if compile == "model" else (0, 0)
+    )
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1
     assert result["step_time_min_s"] <= result["step_time_median_s"] <= result["step_time_max_s"]
     assert result["tokens_per_s"] == 2 * 32 / result["step_time_median_s"]
@@ -49,6 +66,13 @@ def test_bench_measures_steps_and_every_layer_shape(compile):
 
 
 def test_bench_reports_a_missing_config_in_one_line():
-    proc = subprocess.run([sys.executable, "launch/bench.py", "missing.yaml"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: missing.yaml: config file not found"
+    proc = subprocess.run(
+        [sys.executable, "launch/bench.py", "missing.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert (
+        proc.returncode == 2 and proc.stderr.strip() == "error: missing.yaml: config file not found"
+    )

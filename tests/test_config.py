@@ -28,11 +28,22 @@ def test_paper_configs_follow_the_spec_table_and_share_the_reference(name):
     assert (config.lws.ffn_knots, config.lws.attn_knots, config.lws.framed) == (beta, alpha, framed)
     m = config.model
     assert (m.d_model, m.d_head, m.vocab_size, m.seq_length, m.rope_theta) == (
-        768, 64, 50280, 1024, 500000.0)
+        768,
+        64,
+        50280,
+        1024,
+        500000.0,
+    )
     assert (config.lws.gqa, config.lws.kv_group_size, m.tie_embeddings) == ("group_size", 3, False)
     o = config.optim
     assert (o.lr, o.betas, o.eps, o.weight_decay, o.clip_grad, o.schedule) == (
-        6e-4, [0.9, 0.95], 1e-8, 0.01, 1.0, "constant")
+        6e-4,
+        [0.9, 0.95],
+        1e-8,
+        0.01,
+        1.0,
+        "constant",
+    )
     assert config.train.global_batch_size * config.train.max_steps * m.seq_length == 5_111_808_000
 
 
@@ -41,15 +52,19 @@ def test_demo_configs_have_equal_params_and_run_at_tp2():
     for path in sorted((ROOT / "configs" / "demo").glob("[!_]*.yaml")):
         summary = load_config(path, ["parallel.tp=2"]).summary()
         totals[path.stem] = summary.total_params
-        assert all(l.num_query_heads % 2 == 0 and l.num_kv_heads % 2 == 0 for l in summary.layers)
-        assert len({l.ffn_hidden_size for l in summary.layers}) > 1 or path.stem == "baseline"
+        assert all(
+            row.num_query_heads % 2 == 0 and row.num_kv_heads % 2 == 0 for row in summary.layers
+        )
+        assert len({row.ffn_hidden_size for row in summary.layers}) > 1 or path.stem == "baseline"
     assert set(totals) == {"baseline", "vanilla", "framed", "reverse", "crown"}
     assert max(totals.values()) / min(totals.values()) < 1.01
 
 
 def test_dotted_overrides_parse_yaml_values():
-    config = load_config(PAPER / "crown-18l.yaml", ["model.num_layers=12", "lws.ffn_knots=[1.0,4.0]",
-                                                    "train.precision=fp32", "optim.lr=1e-3"])
+    config = load_config(
+        PAPER / "crown-18l.yaml",
+        ["model.num_layers=12", "lws.ffn_knots=[1.0,4.0]", "train.precision=fp32", "optim.lr=1e-3"],
+    )
     assert config.model.num_layers == 12
     assert config.lws.ffn_knots == [1.0, 4.0]
     assert config.train.precision == "fp32"
@@ -72,21 +87,36 @@ def write(tmp_path, text, name="c.yaml"):
 @pytest.mark.parametrize(
     "text, overrides, message",
     [
-        ("model: {num_layrs: 3}\n", [], r"unknown key model.num_layrs \(did you mean 'num_layers'\?\)"),
+        (
+            "model: {num_layrs: 3}\n",
+            [],
+            r"unknown key model.num_layrs \(did you mean 'num_layers'\?\)",
+        ),
         ("modle: {}\n", [], r"unknown key modle .*valid keys: run, model, lws"),
         ("model: {num_layers: three}\n", [], r"model.num_layers='three' should be int, got str"),
         ("model: {num_layers: 2.5}\n", [], r"model.num_layers=2.5 should be int"),
-        ("lws: {gqa: grouped}\n", [], r"lws.gqa='grouped' is not allowed; choose one of 'group_size', 'fixed_kv'"),
+        (
+            "lws: {gqa: grouped}\n",
+            [],
+            r"lws.gqa='grouped' is not allowed; choose one of 'group_size', 'fixed_kv'",
+        ),
         ("zero: {stage: 4}\n", [], r"zero.stage=4 is not allowed"),
         ("model: {d_model: 100}\n", [], r"model.d_head=64 must divide model.d_model=100"),
-        ("train: {global_batch_size: 6, micro_batch_size: 4}\n", [], r"multiple of train.micro_batch_size"),
+        (
+            "train: {global_batch_size: 6, micro_batch_size: 4}\n",
+            [],
+            r"multiple of train.micro_batch_size",
+        ),
         ("zero: {stage: 2}\nparallel: {pp: 2}\n", [], r"zero.stage=2 needs parallel.pp=1"),
         ("model: [1, 2]\n", [], r"model must be a mapping"),
         ("model: {num_layers: 4\n", [], r"not valid YAML"),
         ("{}", ["model.num_layers"], r"write it as section.key=value"),
         ("{}", ["lws.ffn_knots=[0.0, 4.0]", "model.num_layers=4"], r"layer 0: .*non-positive"),
-        ("{}", ["parallel.tp=2", "lws.attn_knots=[0.75]", "model.num_layers=2"],
-         r"layer 0 has 9 query / 3 KV heads, not divisible by TP=2"),
+        (
+            "{}",
+            ["parallel.tp=2", "lws.attn_knots=[0.75]", "model.num_layers=2"],
+            r"layer 0 has 9 query / 3 KV heads, not divisible by TP=2",
+        ),
     ],
 )
 def test_bad_configs_are_refused_with_file_key_and_fix(tmp_path, text, overrides, message):

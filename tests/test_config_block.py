@@ -10,8 +10,10 @@ from lws_megatron.errors import UserError
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
 
-@pytest.mark.parametrize("value, meaning", [("true", "head"), ("false", "none"),
-                                            ("head", "head"), ("full", "full"), ("none", "none")])
+@pytest.mark.parametrize(
+    "value, meaning",
+    [("true", "head"), ("false", "none"), ("head", "head"), ("full", "full"), ("none", "none")],
+)
 def test_qk_norm_reads_the_old_booleans_with_their_old_meaning(value, meaning):
     assert load_config(TINY, [f"model.qk_norm={value}"]).model.qk_norm == meaning
 
@@ -21,8 +23,9 @@ def test_defaults_keep_the_megatron_block():
     assert (m.norm_placement, m.qk_norm, m.init) == ("pre", "head", "megatron")
 
 
-@pytest.mark.parametrize("key, value", [("qk_norm", "partial"), ("norm_placement", "sandwich"),
-                                        ("init", "xavier")])
+@pytest.mark.parametrize(
+    "key, value", [("qk_norm", "partial"), ("norm_placement", "sandwich"), ("init", "xavier")]
+)
 def test_an_unknown_choice_names_the_key_and_the_choices(key, value):
     with pytest.raises(UserError, match=rf"model\.{key}='{value}' is not allowed; choose one of"):
         load_config(TINY, [f"model.{key}={value}"])
@@ -38,8 +41,7 @@ def test_a_dumped_config_loads_back_the_same(tmp_path):
 def test_checkpoints_of_the_default_block_keep_their_fingerprint():
     # Older checkpoints recorded qk_norm as a boolean and no norm placement.
     assert block_fingerprint(load_config(TINY).model) == {"qk_norm": True}
-    assert block_fingerprint(load_config(TINY, ["model.qk_norm=none"]).model) == {
-        "qk_norm": False}
+    assert block_fingerprint(load_config(TINY, ["model.qk_norm=none"]).model) == {"qk_norm": False}
     olmo = load_config(TINY, ["model.qk_norm=full", "model.norm_placement=post"]).model
     assert block_fingerprint(olmo) == {"qk_norm": "full", "norm_placement": "post"}
 

@@ -22,29 +22,39 @@ CROWN = Path(__file__).resolve().parents[1] / "configs" / "demo" / "crown.yaml"
         (["model.init_std=nan"], r"model.init_std='nan' must be a finite number"),
         (["model.rope_theta=.inf"], r"model.rope_theta=inf must be a finite number"),
         (["lws.ffn_multiple=0"], r"lws.ffn_multiple=0: must be at least 1"),
-        (["model.make_vocab_size_divisible_by=0"],
-         r"model.make_vocab_size_divisible_by=0: must be at least 1"),
+        (
+            ["model.make_vocab_size_divisible_by=0"],
+            r"model.make_vocab_size_divisible_by=0: must be at least 1",
+        ),
         (["checkpoint.interval=-1"], r"checkpoint.interval=-1 is out of range: must be >= 0"),
         (["checkpoint.keep=0"], r"checkpoint.keep=0 is out of range: must be >= 1"),
         (["checkpoint.keep=-2"], r"checkpoint.keep=-2 is out of range: must be >= 1"),
-        (["eval.interval=4", "eval.batches=0"],
-         r"eval.batches=0 must be >= 1 while eval.interval=4 > 0; set eval.interval=0"),
+        (
+            ["eval.interval=4", "eval.batches=0"],
+            r"eval.batches=0 must be >= 1 while eval.interval=4 > 0; set eval.interval=0",
+        ),
         (["eval.interval=-1"], r"eval.interval=-1 is out of range: must be >= 0"),
         (["optim.warmup_steps=-1"], r"optim.warmup_steps=-1 is out of range: must be >= 0"),
         (["optim.eps=0"], r"optim.eps=0.0 is out of range: must be > 0"),
         (["optim.eps=-1e-8"], r"optim.eps=-1e-08 is out of range: must be > 0"),
         (["optim.clip_grad=-1"], r"optim.clip_grad=-1.0 is out of range: must be >= 0"),
         (["model.norm_eps=0"], r"model.norm_eps=0.0 is out of range: must be > 0"),
-        (["optim.betas=[1.5,-1]"],
-         r"optim.betas=\[1.5, -1.0\] is out of range: each value must be in \[0, 1\)"),
+        (
+            ["optim.betas=[1.5,-1]"],
+            r"optim.betas=\[1.5, -1.0\] is out of range: each value must be in \[0, 1\)",
+        ),
         (["optim.betas=[0.9, 1.0]"], r"optim.betas=\[0.9, 1.0\] is out of range"),
         (["optim.min_lr=-1e-5"], r"optim.min_lr=-1e-05 is out of range: must be >= 0"),
-        (["optim.lr=1e-3", "optim.min_lr=2e-3"],
-         r"optim.min_lr=0.002 must not exceed optim.lr=0.001"),
+        (
+            ["optim.lr=1e-3", "optim.min_lr=2e-3"],
+            r"optim.min_lr=0.002 must not exceed optim.lr=0.001",
+        ),
         (["optim.weight_decay=-0.1"], r"optim.weight_decay=-0.1 is out of range: must be >= 0"),
         (["optim.decay_fraction=1.5"], r"optim.decay_fraction=1.5 is out of range: must be in"),
-        (["train.max_nonfinite_steps=0"],
-         r"train.max_nonfinite_steps=0 is out of range: must be >= 1"),
+        (
+            ["train.max_nonfinite_steps=0"],
+            r"train.max_nonfinite_steps=0 is out of range: must be >= 1",
+        ),
         (["train.seed=-1"], r"train.seed=-1 is out of range: must be in \[0, 4294967295\]"),
         (["data.num_workers=-1"], r"data.num_workers=-1 is out of range: must be >= 0"),
         (["train.log_interval=0"], r"train.log_interval=0 is out of range: must be >= 1"),
@@ -59,12 +69,25 @@ def test_out_of_range_values_are_refused_naming_file_and_key(overrides, message)
 
 
 def test_the_edges_of_each_range_are_accepted():
-    config = load_config(CROWN, [
-        "optim.clip_grad=0", "optim.warmup_steps=0", "optim.weight_decay=0", "optim.min_lr=2e-3",
-        "optim.lr=2e-3", "optim.betas=[0, 0.999]", "optim.decay_fraction=1", "train.seed=0",
-        "eval.interval=0", "eval.batches=0", "checkpoint.interval=0", "checkpoint.keep=1",
-        "train.max_nonfinite_steps=1", "data.num_workers=0",
-    ])
+    config = load_config(
+        CROWN,
+        [
+            "optim.clip_grad=0",
+            "optim.warmup_steps=0",
+            "optim.weight_decay=0",
+            "optim.min_lr=2e-3",
+            "optim.lr=2e-3",
+            "optim.betas=[0, 0.999]",
+            "optim.decay_fraction=1",
+            "train.seed=0",
+            "eval.interval=0",
+            "eval.batches=0",
+            "checkpoint.interval=0",
+            "checkpoint.keep=1",
+            "train.max_nonfinite_steps=1",
+            "data.num_workers=0",
+        ],
+    )
     assert (config.optim.betas, config.checkpoint.keep, config.eval.batches) == ([0.0, 0.999], 1, 0)
 
 

@@ -39,8 +39,11 @@ def run(tmp_path_factory, tiny_data):
 @pytest.fixture()
 def task_dir(tmp_path):
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": c, "label": label}) + "\n"
-                            for q, c, label in DOCS))
+    data.write_text(
+        "".join(
+            json.dumps({"question": q, "choices": c, "label": label}) + "\n" for q, c, label in DOCS
+        )
+    )
     (tmp_path / "local_mc.yaml").write_text(f"""task: lws_local_mc
 dataset_path: json
 dataset_kwargs:
@@ -71,11 +74,12 @@ def direct_accuracy(run_dir, tokenizer_path) -> float:
     scores = []
     for (start, tokens), out in zip(pairs, logits):
         logprobs = torch.log_softmax(out[0, :, :512].double(), dim=-1)
-        scores.append(sum(float(logprobs[i - 1, tokens[0, i]])
-                          for i in range(start, tokens.shape[1])))
+        scores.append(
+            sum(float(logprobs[i - 1, tokens[0, i]]) for i in range(start, tokens.shape[1]))
+        )
     correct, at = 0, 0
     for _, choices, label in DOCS:
-        mine = scores[at:at + len(choices)]
+        mine = scores[at : at + len(choices)]
         correct += max(range(len(choices)), key=mine.__getitem__) == label
         at += len(choices)
     return correct / len(DOCS)

@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
-
 from dist_utils import run_distributed
 from export_utils import megatron_logits, trained_export
 
@@ -20,11 +17,18 @@ from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
 from lws_megatron.export import export, main
 
+transformers = pytest.importorskip("transformers")
+
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 RUNS = {
-    "tp2_olmo_zero2": ("parallel.tp=2", "zero.stage=2", "model.norm_placement=post",
-                       "model.qk_norm=full", "model.init=olmo"),
+    "tp2_olmo_zero2": (
+        "parallel.tp=2",
+        "zero.stage=2",
+        "model.norm_placement=post",
+        "model.qk_norm=full",
+        "model.init=olmo",
+    ),
     "pp2": ("parallel.pp=2",),
 }
 
@@ -32,18 +36,22 @@ RUNS = {
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, tiny_data) -> dict[str, tuple[Path, Path]]:
     root = tmp_path_factory.mktemp("export")
-    return {name: trained_export(root, tiny_data, name, 2, *overrides)
-            for name, overrides in RUNS.items()}
+    return {
+        name: trained_export(root, tiny_data, name, 2, *overrides)
+        for name, overrides in RUNS.items()
+    }
 
 
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_exported_logits_equal_megatron(exports, name):
     run_dir, out = exports[name]
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
-    [[reference]] = [r for r in run_distributed(megatron_logits, 2, str(run_dir), [tokens])
-                     if r[0] is not None]
-    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
-                                                              dtype=torch.float32)
+    [[reference]] = [
+        r for r in run_distributed(megatron_logits, 2, str(run_dir), [tokens]) if r[0] is not None
+    ]
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        out, trust_remote_code=True, dtype=torch.float32
+    )
     config = load_config(run_dir / "config.yaml").model
     assert model.config.intermediate_sizes == [64, 128, 192, 256]
     assert model.config.norm_placement == config.norm_placement

@@ -32,11 +32,14 @@ def test_replicated_parameters_are_taken_once():
     assert _merge("decoder.final_layernorm.weight", [norm, norm.clone()], _SPLIT) is norm
 
 
-@pytest.mark.parametrize("layout,pp,want", [
-    (None, 2, {(0, 0): 0, (1, 0): 2}),
-    ("Et|t*3L", 2, {(0, 0): 0, (1, 0): 1}),
-    ("Et|t|t|tL", 2, {(0, 0): 0, (1, 0): 1, (0, 1): 2, (1, 1): 3}),
-    ("Et*4|L", 2, {(0, 0): 0, (1, 0): 4}),
-])
+@pytest.mark.parametrize(
+    "layout,pp,want",
+    [
+        (None, 2, {(0, 0): 0, (1, 0): 2}),
+        ("Et|t*3L", 2, {(0, 0): 0, (1, 0): 1}),
+        ("Et|t|t|tL", 2, {(0, 0): 0, (1, 0): 1, (0, 1): 2, (1, 1): 3}),
+        ("Et*4|L", 2, {(0, 0): 0, (1, 0): 4}),
+    ],
+)
 def test_pipeline_chunks_get_their_global_layer_numbers(layout, pp, want):
     assert _stage_offsets(4, pp, layout) == want

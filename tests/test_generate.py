@@ -32,8 +32,10 @@ def test_sampling_repeats_for_a_seed(loaded):
     first = sample(model, tokenizer, PROMPT, temperature=1.0, max_tokens=12, seed=3)
     assert 1 <= len(first) <= 12 and all(0 <= t < 512 for t in first)
     assert sample(model, tokenizer, PROMPT, temperature=1.0, max_tokens=12, seed=3) == first
-    others = [sample(model, tokenizer, PROMPT, temperature=1.0, max_tokens=12, seed=s)
-              for s in range(4, 8)]
+    others = [
+        sample(model, tokenizer, PROMPT, temperature=1.0, max_tokens=12, seed=s)
+        for s in range(4, 8)
+    ]
     assert any(o != first for o in others)
 
 

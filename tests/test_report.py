@@ -16,9 +16,19 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 SHA_A, SHA_B = "a" * 64, "b" * 64
 
 
-def make_run(root: Path, profile: str, *, name: str = "", final_loss: float = 4.0,
-             tokenizer: str = SHA_A, valid: str = SHA_A, resume_from: int | None = None,
-             finished: bool = True, steps: int = 200, overrides: tuple[str, ...] = ()) -> Path:
+def make_run(
+    root: Path,
+    profile: str,
+    *,
+    name: str = "",
+    final_loss: float = 4.0,
+    tokenizer: str = SHA_A,
+    valid: str = SHA_A,
+    resume_from: int | None = None,
+    finished: bool = True,
+    steps: int = 200,
+    overrides: tuple[str, ...] = (),
+) -> Path:
     """A run directory `root/profile` exactly as the training runtime writes it, its config
     the demo profile's with `overrides`.
 
@@ -27,9 +37,16 @@ def make_run(root: Path, profile: str, *, name: str = "", final_loss: float = 4.
     """
     run_dir = root / profile
     run_dir.mkdir(parents=True)
-    config = load_config(DEMO / f"{profile}.yaml", [f"run.dir={run_dir}", f"run.name={name!r}",
-                                                     "train.log_interval=10", "eval.interval=50",
-                                                     *overrides])
+    config = load_config(
+        DEMO / f"{profile}.yaml",
+        [
+            f"run.dir={run_dir}",
+            f"run.name={name!r}",
+            "train.log_interval=10",
+            "eval.interval=50",
+            *overrides,
+        ],
+    )
     (run_dir / "config.yaml").write_text(dump_config(config))
     summary = config.summary()
     tokens_per_step = config.train.global_batch_size * config.model.seq_length
@@ -43,34 +60,73 @@ def make_run(root: Path, profile: str, *, name: str = "", final_loss: float = 4.
         out = []
         for step in range(first, steps + 1, interval):
             t = t0 + 0.5 * step
-            out.append({"step": step, "tokens": step * tokens_per_step, "loss": loss(step, shift),
-                        "lr": 1e-3, "grad_norm": 0.9, "tokens_per_s": 8000.0 + step,
-                        "mfu": 0.01 + step / 1e5, "step_time_s": 0.5, "mem_gb": 1.2,
-                        "skipped_steps": 0, "time_s": t})
+            out.append(
+                {
+                    "step": step,
+                    "tokens": step * tokens_per_step,
+                    "loss": loss(step, shift),
+                    "lr": 1e-3,
+                    "grad_norm": 0.9,
+                    "tokens_per_s": 8000.0 + step,
+                    "mfu": 0.01 + step / 1e5,
+                    "step_time_s": 0.5,
+                    "mem_gb": 1.2,
+                    "skipped_steps": 0,
+                    "time_s": t,
+                }
+            )
             if step % eval_interval == 0:
                 v = loss(step, shift) + 0.1
-                out.append({"step": step, "tokens": step * tokens_per_step, "val_loss": v,
-                            "val_ppl": math.exp(v), "time_s": t + 0.1})
+                out.append(
+                    {
+                        "step": step,
+                        "tokens": step * tokens_per_step,
+                        "val_loss": v,
+                        "val_ppl": math.exp(v),
+                        "time_s": t + 0.1,
+                    }
+                )
         return out
 
     records = lines(interval, 0.0, 0.0)
     if resume_from is not None:
         records += lines(resume_from, -0.2, 150.0)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (run_dir / "run_info.json").write_text(json.dumps({
-        "name": config.run.name or run_dir.name, "total_params": summary.total_params,
-        "flops_per_token": summary.flops_per_token, "tokenizer_sha256": tokenizer,
-        "valid_data_sha256": valid, "valid_data": ["demo_out/data/demo_valid"], "world_size": 1,
-        "tp": 1, "pp": 1, "dp": 1, "device": "cpu", "peak_flops": 1e12,
-        "started": "2025-01-01T00:00:00+00:00",
-    }))
+    (run_dir / "run_info.json").write_text(
+        json.dumps(
+            {
+                "name": config.run.name or run_dir.name,
+                "total_params": summary.total_params,
+                "flops_per_token": summary.flops_per_token,
+                "tokenizer_sha256": tokenizer,
+                "valid_data_sha256": valid,
+                "valid_data": ["demo_out/data/demo_valid"],
+                "world_size": 1,
+                "tp": 1,
+                "pp": 1,
+                "dp": 1,
+                "device": "cpu",
+                "peak_flops": 1e12,
+                "started": "2025-01-01T00:00:00+00:00",
+            }
+        )
+    )
     if finished:
         last = records[-1]
-        (run_dir / "summary.json").write_text(json.dumps({
-            "wall_time_s": last["time_s"], "steps": steps, "tokens": steps * tokens_per_step,
-            "final_loss": loss(steps, 0.0), "final_val_loss": None, "final_val_ppl": None,
-            "tokens_per_s": 8000.0, "mfu": 0.01,
-        }))
+        (run_dir / "summary.json").write_text(
+            json.dumps(
+                {
+                    "wall_time_s": last["time_s"],
+                    "steps": steps,
+                    "tokens": steps * tokens_per_step,
+                    "final_loss": loss(steps, 0.0),
+                    "final_val_loss": None,
+                    "final_val_ppl": None,
+                    "tokens_per_s": 8000.0,
+                    "mfu": 0.01,
+                }
+            )
+        )
     return run_dir
 
 
@@ -148,8 +204,10 @@ def test_findings_are_computed(rendered):
 
 
 def test_warns_when_tokenizer_or_validation_data_differ(tmp_path):
-    runs = [make_run(tmp_path, "baseline", name="baseline", steps=60),
-            make_run(tmp_path, "vanilla", name="vanilla", tokenizer=SHA_B, valid=SHA_B, steps=60)]
+    runs = [
+        make_run(tmp_path, "baseline", name="baseline", steps=60),
+        make_run(tmp_path, "vanilla", name="vanilla", tokenizer=SHA_B, valid=SHA_B, steps=60),
+    ]
     assert main([*map(str, runs), "--output", str(tmp_path / "out")]) == 0
     report = (tmp_path / "out" / "report.md").read_text()
     warnings = [line for line in report.splitlines() if line.startswith("> **Warning:**")]
@@ -175,15 +233,22 @@ def append(path: Path, line: str) -> None:
         f.write(line + "\n")
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: (d / "metrics.jsonl").unlink(), "metrics.jsonl: not found"),
-    (lambda d: (d / "metrics.jsonl").write_text(""), "metrics.jsonl: no training records"),
-    (lambda d: append(d / "metrics.jsonl", '{"step": 210, "loss": 4.'),
-     "metrics.jsonl:25: not valid JSON"),
-    (lambda d: append(d / "metrics.jsonl", '{"step": 210, "loss": 4.0}'),
-     "metrics.jsonl:25: training record lacks tokens"),
-    (lambda d: (d / "run_info.json").write_text("{}"), "run_info.json: lacks total_params"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "metrics.jsonl").unlink(), "metrics.jsonl: not found"),
+        (lambda d: (d / "metrics.jsonl").write_text(""), "metrics.jsonl: no training records"),
+        (
+            lambda d: append(d / "metrics.jsonl", '{"step": 210, "loss": 4.'),
+            "metrics.jsonl:25: not valid JSON",
+        ),
+        (
+            lambda d: append(d / "metrics.jsonl", '{"step": 210, "loss": 4.0}'),
+            "metrics.jsonl:25: training record lacks tokens",
+        ),
+        (lambda d: (d / "run_info.json").write_text("{}"), "run_info.json: lacks total_params"),
+    ],
+)
 def test_bad_run_dir_is_one_line_error(tmp_path, capsys, damage, message):
     run_dir = make_run(tmp_path, "baseline")
     damage(run_dir)

@@ -17,10 +17,14 @@ BASELINE = {1: 4.20, 2: 4.26, 3: 4.17}
 CROWN = {1: 4.05, 2: 4.13, 3: 4.04}
 
 
-def seeded_run(root: Path, profile: str, seed: int, final_loss: float,
-               *overrides: str) -> Path:
-    return make_run(root / f"seed{seed}", profile, name=profile, final_loss=final_loss,
-                    overrides=(f"train.seed={seed}", *overrides))
+def seeded_run(root: Path, profile: str, seed: int, final_loss: float, *overrides: str) -> Path:
+    return make_run(
+        root / f"seed{seed}",
+        profile,
+        name=profile,
+        final_loss=final_loss,
+        overrides=(f"train.seed={seed}", *overrides),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +53,9 @@ def test_table_gives_mean_and_sample_std_per_profile(sweep):
         assert rows[profile]["seeds"] == "3"
         for column, key in (("final train loss", "loss"), ("final val loss", "val_loss")):
             values = list(finals(dirs, profile, key).values())
-            assert rows[profile][column] == (f"{statistics.mean(values):.4f} ± "
-                                             f"{statistics.stdev(values):.4f}")
+            assert rows[profile][column] == (
+                f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+            )
     assert rows["framed"]["seeds"] == "1"
     assert rows["framed"]["final val loss"] == f"{last_of(dirs['framed', 9], 'val_loss'):.4f}"
 
@@ -62,14 +67,17 @@ def test_difference_to_baseline_is_paired_by_seed(sweep):
     diffs = [crown[seed] - base[seed] for seed in BASELINE]
     mean, std = statistics.mean(diffs), statistics.stdev(diffs)
     ref = statistics.mean(base.values())
-    assert f"crown {mean:+.4f} ± {std:.4f} ({mean / ref:+.2%}; paired over seeds 1, 2, 3)" \
-        in report
+    assert f"crown {mean:+.4f} ± {std:.4f} ({mean / ref:+.2%}; paired over seeds 1, 2, 3)" in report
     framed = last_of(dirs["framed", 9], "val_loss") - ref  # seed 9: nothing to pair with
-    assert (f"framed {framed:+.4f} ({framed / ref:+.2%}; a difference of means, as fewer than "
-            "two seeds are shared with baseline)") in report
-    assert (f"Seed-to-seed standard deviation of the final validation loss: baseline "
-            f"{statistics.stdev(base.values()):.4f} (3 seeds), crown "
-            f"{statistics.stdev(crown.values()):.4f} (3 seeds)") in report
+    assert (
+        f"framed {framed:+.4f} ({framed / ref:+.2%}; a difference of means, as fewer than "
+        "two seeds are shared with baseline)"
+    ) in report
+    assert (
+        f"Seed-to-seed standard deviation of the final validation loss: baseline "
+        f"{statistics.stdev(base.values()):.4f} (3 seeds), crown "
+        f"{statistics.stdev(crown.values()):.4f} (3 seeds)"
+    ) in report
     assert "Lowest final validation loss: **crown**" in report and "(mean of 3 seeds)" in report
 
 
@@ -102,18 +110,23 @@ def test_only_seeds_of_one_experiment_are_grouped(tmp_path):
 def test_a_repeated_seed_groups_nothing(tmp_path):
     """A second run at a seed is a rerun, not a new sample, and which of the two belongs to the
     sample is unknown: every run keeps its own row."""
-    runs = [seeded_run(tmp_path, "crown", 1, 4.0), seeded_run(tmp_path, "crown", 2, 4.1),
-            seeded_run(tmp_path / "again", "crown", 2, 4.3)]
+    runs = [
+        seeded_run(tmp_path, "crown", 1, 4.0),
+        seeded_run(tmp_path, "crown", 2, 4.1),
+        seeded_run(tmp_path / "again", "crown", 2, 4.3),
+    ]
     profiles = group_runs([load_run(r) for r in runs])
     assert [p.name for p in profiles] == [f"crown ({r})" for r in runs]
 
 
 def test_single_runs_render_without_a_seeds_column(tmp_path):
-    runs = [seeded_run(tmp_path, "crown", 1, 4.0), seeded_run(tmp_path / "lr", "crown", 1, 4.2,
-                                                              "optim.lr=1e-3")]
+    runs = [
+        seeded_run(tmp_path, "crown", 1, 4.0),
+        seeded_run(tmp_path / "lr", "crown", 1, 4.2, "optim.lr=1e-3"),
+    ]
     assert main([*map(str, runs), "--output", str(tmp_path / "out")]) == 0
     report = (tmp_path / "out" / "report.md").read_text()
-    header = report[report.index("| run |"):].splitlines()[0]
+    header = report[report.index("| run |") :].splitlines()[0]
     assert "seeds" not in header and "± " not in report and "mean over" not in report
 
 
@@ -128,8 +141,10 @@ def test_same_directory_spelled_twice_is_refused(tmp_path, capsys, monkeypatch):
 def test_a_diverged_seed_leaves_its_profile_without_a_mean(tmp_path):
     runs = [seeded_run(tmp_path, "crown", 1, 4.0), seeded_run(tmp_path, "crown", 2, 4.1)]
     with (runs[1] / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 210, "tokens": 1, "loss": NaN, "tokens_per_s": 1.0, "mfu": 0.0, '
-                '"time_s": 200.0}\n')
+        f.write(
+            '{"step": 210, "tokens": 1, "loss": NaN, "tokens_per_s": 1.0, "mfu": 0.0, '
+            '"time_s": 200.0}\n'
+        )
     assert main([*map(str, runs), "--output", str(tmp_path / "out")]) == 0
     row = table((tmp_path / "out" / "report.md").read_text())["crown"]
     assert row["final train loss"] == "—" and " ± " in row["final val loss"]

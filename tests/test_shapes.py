@@ -27,12 +27,28 @@ def test_make_divisible_rules():
 
 def test_vanilla_18l_matches_the_spec_exactly():
     s = shapes.summarize(paper_profile([1.0, 4.0], [0.5, 1.0]), PAPER)
-    assert [l.ffn_hidden_size for l in s.layers] == [
-        768, 1024, 1024, 1280, 1280, 1536, 1536, 1792, 1792,
-        2048, 2048, 2304, 2304, 2560, 2560, 2816, 2816, 3072,
+    assert [row.ffn_hidden_size for row in s.layers] == [
+        768,
+        1024,
+        1024,
+        1280,
+        1280,
+        1536,
+        1536,
+        1792,
+        1792,
+        2048,
+        2048,
+        2304,
+        2304,
+        2560,
+        2560,
+        2816,
+        2816,
+        3072,
     ]
-    assert [l.num_query_heads for l in s.layers] == [6, 6] + [9] * 10 + [12] * 6
-    assert [l.num_kv_heads for l in s.layers] == [2, 2] + [3] * 10 + [4] * 6
+    assert [row.num_query_heads for row in s.layers] == [6, 6] + [9] * 10 + [12] * 6
+    assert [row.num_kv_heads for row in s.layers] == [2, 2] + [3] * 10 + [4] * 6
     assert round(s.total_params / 1e6, 1) == 179.7
     assert shapes.padded_vocab_size(PAPER) == 50304
 
@@ -81,14 +97,14 @@ def test_frame_overwrites_ends_and_keeps_interior_from_n_point_interpolation():
 
 def test_group_size_convention_varies_kv_heads():
     layers = shapes.layer_shapes(paper_profile([1.0, 4.0], [0.5, 1.0]), PAPER)
-    assert all(l.num_query_heads == 3 * l.num_kv_heads for l in layers)
+    assert all(row.num_query_heads == 3 * row.num_kv_heads for row in layers)
 
 
 def test_fixed_kv_convention_keeps_kv_and_rounds_queries_to_its_multiple():
     profile = paper_profile([1.0, 4.0], [0.5, 1.0], gqa="fixed_kv", num_kv_heads=4)
     layers = shapes.layer_shapes(profile, PAPER)
-    assert {l.num_kv_heads for l in layers} == {4}
-    assert all(l.num_query_heads % 4 == 0 for l in layers)
+    assert {row.num_kv_heads for row in layers} == {4}
+    assert all(row.num_query_heads % 4 == 0 for row in layers)
     assert layers[0].num_query_heads == 8  # 384 / 64 = 6 heads, nearest multiple of 4 is 8
     assert layers[-1].num_query_heads == 12
 
@@ -99,7 +115,7 @@ def test_tp_rule_names_the_layer_and_tp_aware_rounding_fixes_it():
         shapes.layer_shapes(crown, PAPER, tp=2)
     aware = paper_profile([0.5, 3.8, 0.5], [0.5, 1.0, 0.5], framed=True, tp_aware_rounding=True)
     layers = shapes.layer_shapes(aware, PAPER, tp=2)
-    assert all(l.num_query_heads % 2 == 0 and l.num_kv_heads % 2 == 0 for l in layers)
+    assert all(row.num_query_heads % 2 == 0 and row.num_kv_heads % 2 == 0 for row in layers)
     moved = shapes.tp_adjustments(aware, PAPER, 2)
     assert [(a.layer, a.heads_before, a.heads_after) for a in moved][0] == (1, 9, 12)
     assert all(a.heads_after % 6 == 0 for a in moved)

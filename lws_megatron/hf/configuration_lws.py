@@ -36,17 +36,25 @@ class LWSConfig(PreTrainedConfig):
         self.intermediate_sizes = list(self.intermediate_sizes or [4 * self.hidden_size])
         heads = self.hidden_size // self.head_dim
         self.layer_num_attention_heads = list(self.layer_num_attention_heads or [heads])
-        self.layer_num_key_value_heads = list(self.layer_num_key_value_heads
-                                              or self.layer_num_attention_heads)
+        self.layer_num_key_value_heads = list(
+            self.layer_num_key_value_heads or self.layer_num_attention_heads
+        )
         self.num_hidden_layers = len(self.intermediate_sizes)
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
         counts = {len(self.layer_num_attention_heads), len(self.layer_num_key_value_heads)}
         if counts != {self.num_hidden_layers}:
-            raise ValueError("intermediate_sizes, layer_num_attention_heads and "
-                             "layer_num_key_value_heads need one entry per layer")
-        if self.norm_placement not in ("pre", "post") or self.qk_norm not in ("none", "head",
-                                                                             "full"):
-            raise ValueError(f"norm_placement={self.norm_placement!r} (pre|post), "
-                             f"qk_norm={self.qk_norm!r} (none|head|full)")
+            raise ValueError(
+                "intermediate_sizes, layer_num_attention_heads and "
+                "layer_num_key_value_heads need one entry per layer"
+            )
+        if self.norm_placement not in ("pre", "post") or self.qk_norm not in (
+            "none",
+            "head",
+            "full",
+        ):
+            raise ValueError(
+                f"norm_placement={self.norm_placement!r} (pre|post), "
+                f"qk_norm={self.qk_norm!r} (none|head|full)"
+            )

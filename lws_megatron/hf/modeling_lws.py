@@ -44,7 +44,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tens
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [b, 1, s, d]
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * emb.cos().to(x.dtype) + rotated * emb.sin().to(x.dtype))
+    return x * emb.cos().to(x.dtype) + rotated * emb.sin().to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -78,8 +78,9 @@ class Attention(nn.Module):
         q, k = rotate(q, positions, self.theta), rotate(k, positions, self.theta)
         if cache is not None:
             k, v = cache.update(k, v, self.layer)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.kv_heads != self.heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads
+        )
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.d_head))
 
 
@@ -101,8 +102,11 @@ class DecoderLayer(nn.Module):
         self.post = config.norm_placement == "post"
         self.self_attn = Attention(config, layer)
         self.mlp = MLP(config, layer)
-        names = ("post_attention_norm", "post_mlp_norm") if self.post else ("input_norm",
-                                                                            "pre_mlp_norm")
+        names = (
+            ("post_attention_norm", "post_mlp_norm")
+            if self.post
+            else ("input_norm", "pre_mlp_norm")
+        )
         self.attn_norm_name, self.mlp_norm_name = names
         for name in names:
             self.add_module(name, RMSNorm((config.hidden_size,), config.rms_norm_eps))
@@ -134,8 +138,9 @@ class LWSModel(LWSPreTrainedModel):
     def __init__(self, config: LWSConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm((config.hidden_size,), config.rms_norm_eps)
         self.post_init()
 
@@ -166,7 +171,7 @@ def _mask(attention_mask, b: int, s: int, past: int, device) -> torch.Tensor | N
     rows = (torch.arange(s, device=device) + past)[:, None]
     mask = (keys <= rows)[None, None].expand(b, 1, s, past + s)
     if padded:
-        mask = mask & attention_mask[:, None, None, -(past + s):].bool()
+        mask = mask & attention_mask[:, None, None, -(past + s) :].bool()
         # A padding query would attend to nothing (NaN); it attends to itself instead.
         mask = mask | (keys == rows)[None, None]
     return mask
@@ -193,9 +198,18 @@ class LWSForCausalLM(LWSPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                labels=None, use_cache=None, past_key_values=None, logits_to_keep=0,
-                **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        labels=None,
+        use_cache=None,
+        past_key_values=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = DynamicCache()
@@ -205,6 +219,7 @@ class LWSForCausalLM(LWSPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                   labels[:, 1:].flatten(), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)

@@ -28,8 +28,15 @@ class ModelArgs:
     fused_kernels: bool = False  # Megatron's jit-fused SwiGLU and cross-entropy
 
     @classmethod
-    def from_config(cls, config: Config, *, layout: str | None, tp: int | None = None,
-                    dtype: torch.dtype = torch.float32, fused_kernels: bool = False) -> ModelArgs:
+    def from_config(
+        cls,
+        config: Config,
+        *,
+        layout: str | None,
+        tp: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        fused_kernels: bool = False,
+    ) -> ModelArgs:
         """The model of `config` at `tp` (default parallel.tp) and a resolved `layout`."""
         tp = config.parallel.tp if tp is None else tp
         pp = config.parallel.pp
@@ -37,7 +44,9 @@ class ModelArgs:
             model=config.model,
             layers=tuple(config.summary(tp).layers),
             padded_vocab_size=shapes.padded_vocab_size(config.dims, tp),
-            tp=tp, pp=pp,
+            tp=tp,
+            pp=pp,
             layout=check_layout(config.model.num_layers, pp, layout),
-            dtype=dtype, fused_kernels=fused_kernels,
+            dtype=dtype,
+            fused_kernels=fused_kernels,
         )

@@ -39,23 +39,39 @@ def attend(q, k, v, *, kernel: str, dropout: float = 0.0, scale: Optional[float]
         # counts are equal; math materialises the scores anyway, so the copies cost nothing.
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     with contextlib.nullcontext() if kernel == "auto" else sdpa_kernel(KERNELS[kernel]):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
-                                              scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            dropout_p=dropout,
+            is_causal=True,
+            scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
 
 
-def check_kernel(kernel: str, heads: set[tuple[int, int]], head_dim: int, seq_length: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+def check_kernel(
+    kernel: str,
+    heads: set[tuple[int, int]],
+    head_dim: int,
+    seq_length: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
     """Refuse a pinned kernel that cannot run these (query heads, KV heads) at this dtype,
     before training: PyTorch would only fail at the first forward, with a list of warnings.
     The probe has the model's sequence length and SDPAttention's strides."""
     if kernel == "auto" or device.type == "meta":
         return
     if kernel in CUDA_ONLY and device.type != "cuda":
-        raise UserError(f"model.sdpa_kernel={kernel} needs a CUDA device; use auto, flash or "
-                        "math here")
+        raise UserError(
+            f"model.sdpa_kernel={kernel} needs a CUDA device; use auto, flash or math here"
+        )
     for num_heads, num_kv in sorted(heads):
-        q, kv = (torch.zeros(seq_length, 1, h, head_dim, device=device, dtype=dtype,
-                             requires_grad=True) for h in (num_heads, num_kv))
+        q, kv = (
+            torch.zeros(seq_length, 1, h, head_dim, device=device, dtype=dtype, requires_grad=True)
+            for h in (num_heads, num_kv)
+        )
         try:
             attend(*(t.permute(1, 2, 0, 3) for t in (q, kv, kv)), kernel=kernel).sum().backward()
         except RuntimeError as err:
@@ -107,6 +123,12 @@ class SDPAttention(MegatronModule):
             raise NotImplementedError("SDPAttention takes no attention_bias or packed sequences")
         seq, batch = query.shape[:2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = attend(q, k, v, kernel=self.kernel, dropout=self.dropout if self.training else 0.0,
-                     scale=self.softmax_scale)
+        out = attend(
+            q,
+            k,
+            v,
+            kernel=self.kernel,
+            dropout=self.dropout if self.training else 0.0,
+            scale=self.softmax_scale,
+        )
         return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)

@@ -40,9 +40,11 @@ def transformer_config(
     m, layers = args.model, args.layers
     backend = resolve_backend(m.attention_backend, device)
     if backend == "te" and m.sdpa_kernel != "auto":
-        raise UserError(f"model.sdpa_kernel={m.sdpa_kernel} picks a kernel of the sdpa attention "
-                        "backend, but Transformer Engine runs this model; set "
-                        "model.attention_backend=sdpa or model.sdpa_kernel=auto")
+        raise UserError(
+            f"model.sdpa_kernel={m.sdpa_kernel} picks a kernel of the sdpa attention "
+            "backend, but Transformer Engine runs this model; set "
+            "model.attention_backend=sdpa or model.sdpa_kernel=auto"
+        )
     return LWSTransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.d_model,
@@ -118,13 +120,20 @@ def build_model(
     meta = device.type == "meta"
     if backend == "sdpa" and not meta:
         heads = {(s.num_query_heads // args.tp, s.num_kv_heads // args.tp) for s in args.layers}
-        check_kernel(args.model.sdpa_kernel, heads, args.model.d_head, args.model.seq_length,
-                     device, args.dtype)
+        check_kernel(
+            args.model.sdpa_kernel,
+            heads,
+            args.model.d_head,
+            args.model.seq_length,
+            device,
+            args.dtype,
+        )
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = GPTModel(
             config=tconfig,
-            transformer_layer_spec=layer_spec(backend, qk_norm=args.model.qk_norm,
-                                              norm_placement=args.model.norm_placement),
+            transformer_layer_spec=layer_spec(
+                backend, qk_norm=args.model.qk_norm, norm_placement=args.model.norm_placement
+            ),
             vocab_size=args.padded_vocab_size,
             max_sequence_length=args.model.seq_length,
             pre_process=pre_process,
@@ -194,8 +203,9 @@ def init_weights(model: GPTModel, seed: int) -> None:
             generator = torch.Generator().manual_seed(_name_seed(seed, name))
             full = torch.empty(full_shape, dtype=torch.float32)
             if olmo:
-                torch.nn.init.trunc_normal_(full, 0.0, sigma, -3 * sigma, 3 * sigma,
-                                            generator=generator)
+                torch.nn.init.trunc_normal_(
+                    full, 0.0, sigma, -3 * sigma, 3 * sigma, generator=generator
+                )
             else:
                 full.normal_(0.0, sigma, generator=generator)
             if parallel:

@@ -29,6 +29,7 @@ def with_submodules(spec: ModuleSpec | functools.partial, **changes: Any):
     """`spec` with the named submodules replaced, in the form this Megatron-Core gave it."""
     if isinstance(spec, functools.partial):
         submodules = dataclasses.replace(spec.keywords["submodules"], **changes)
-        return functools.partial(spec.func, *spec.args, **{**spec.keywords,
-                                                           "submodules": submodules})
+        return functools.partial(
+            spec.func, *spec.args, **{**spec.keywords, "submodules": submodules}
+        )
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **changes))

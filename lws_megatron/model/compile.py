@@ -49,5 +49,7 @@ def prepare_for_compile(chunk) -> None:
 def compile_stats() -> dict[str, int]:
     """Graphs Dynamo built in this process and the graph breaks it hit: a break splits a
     compiled region, and each piece costs its own launches and guards."""
-    return {"compiled_graphs": counters["stats"]["unique_graphs"],
-            "graph_breaks": sum(counters["graph_break"].values())}
+    return {
+        "compiled_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }

@@ -7,8 +7,9 @@ import torch
 from lws_megatron.errors import UserError
 
 
-def check_batch(tokens: torch.Tensor, vocab_size: int, seq_length: int,
-                labels: torch.Tensor | None = None) -> None:
+def check_batch(
+    tokens: torch.Tensor, vocab_size: int, seq_length: int, labels: torch.Tensor | None = None
+) -> None:
     """Refuse token ids outside the vocabulary and sequences longer than the model's.
 
     Megatron would index past the embedding (a crash or silent garbage on GPU) or run RoPE past

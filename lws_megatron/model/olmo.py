@@ -23,12 +23,12 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
-
-from lws_megatron.model.compat import with_submodules
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
 )
+
+from lws_megatron.model.compat import with_submodules
 
 
 class FullQKNorm(torch.nn.Module):
@@ -38,8 +38,13 @@ class FullQKNorm(torch.nn.Module):
     [s, b, heads per rank, d_head] tensor. The result is the same at any TP size.
     """
 
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6,
-                 heads: Literal["query", "kv"] = "query"):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        hidden_size: int,
+        eps: float = 1e-6,
+        heads: Literal["query", "kv"] = "query",
+    ):
         super().__init__()
         tp = config.tensor_model_parallel_size
         count = config.num_attention_heads if heads == "query" else config.num_query_groups
@@ -83,8 +88,10 @@ class _SumOverRanks(torch.autograd.Function):
 
 def full_qk_norm_specs() -> tuple[ModuleSpec, ModuleSpec]:
     """(q_layernorm, k_layernorm) specs for `model.qk_norm=full`."""
-    return (ModuleSpec(module=FullQKNorm, params={"heads": "query"}),
-            ModuleSpec(module=FullQKNorm, params={"heads": "kv"}))
+    return (
+        ModuleSpec(module=FullQKNorm, params={"heads": "query"}),
+        ModuleSpec(module=FullQKNorm, params={"heads": "kv"}),
+    )
 
 
 @dataclass
@@ -97,8 +104,9 @@ class PostNormTransformerLayer(TransformerLayer):
     """Megatron's layer with OLMo-2's reordered norm; `input_layernorm` and
     `pre_mlp_layernorm` should be identities in its spec (see `post_norm_spec`)."""
 
-    def __init__(self, config: TransformerConfig, submodules: PostNormLayerSubmodules,
-                 *args, **kwargs):
+    def __init__(
+        self, config: TransformerConfig, submodules: PostNormLayerSubmodules, *args, **kwargs
+    ):
         super().__init__(config, submodules, *args, **kwargs)
         self.post_attention_layernorm = self._norm(submodules.post_attention_layernorm)
         self.post_mlp_layernorm = self._norm(submodules.post_mlp_layernorm)
@@ -106,8 +114,12 @@ class PostNormTransformerLayer(TransformerLayer):
         self.mlp_bda = _norm_then(self.post_mlp_layernorm, self.mlp_bda)
 
     def _norm(self, spec: Union[ModuleSpec, type]) -> torch.nn.Module:
-        return build_module(spec, config=self.config, hidden_size=self.config.hidden_size,
-                            eps=self.config.layernorm_epsilon)
+        return build_module(
+            spec,
+            config=self.config,
+            hidden_size=self.config.hidden_size,
+            eps=self.config.layernorm_epsilon,
+        )
 
 
 def _norm_then(norm: torch.nn.Module, bda: Callable) -> Callable:
@@ -127,8 +139,7 @@ def _norm_then(norm: torch.nn.Module, bda: Callable) -> Callable:
     return factory
 
 
-def post_norm_spec(spec: ModuleSpec, norm: type,
-                   unfused_linear: type | None = None) -> ModuleSpec:
+def post_norm_spec(spec: ModuleSpec, norm: type, unfused_linear: type | None = None) -> ModuleSpec:
     """`spec` (a freshly built pre-norm layer spec, changed in place) as a post-norm layer with
     `norm` after each sublayer.
 
@@ -140,7 +151,14 @@ def post_norm_spec(spec: ModuleSpec, norm: type,
         sub.self_attention = with_submodules(sub.self_attention, linear_qkv=unfused_linear)
         sub.mlp = with_submodules(sub.mlp, linear_fc1=unfused_linear)
     fields = {f.name: getattr(sub, f.name) for f in dataclasses.fields(sub)}
-    fields.update(input_layernorm=IdentityOp, pre_mlp_layernorm=IdentityOp,
-                  post_attention_layernorm=norm, post_mlp_layernorm=norm)
-    return ModuleSpec(module=PostNormTransformerLayer, params=spec.params,
-                      submodules=PostNormLayerSubmodules(**fields))
+    fields.update(
+        input_layernorm=IdentityOp,
+        pre_mlp_layernorm=IdentityOp,
+        post_attention_layernorm=norm,
+        post_mlp_layernorm=norm,
+    )
+    return ModuleSpec(
+        module=PostNormTransformerLayer,
+        params=spec.params,
+        submodules=PostNormLayerSubmodules(**fields),
+    )

@@ -96,8 +96,9 @@ def resolve_backend(requested: str, device: torch.device) -> Backend:
     return "te" if te_ok else "sdpa"
 
 
-def layer_spec(backend: Backend, *, qk_norm: str = "head", norm_placement: str = "pre"
-               ) -> ModuleSpec:
+def layer_spec(
+    backend: Backend, *, qk_norm: str = "head", norm_placement: str = "pre"
+) -> ModuleSpec:
     """Megatron's GPT layer spec with RMSNorm, SDPA or TE attention, and the block's choices:
     `model.qk_norm` (none | head | full) and `model.norm_placement` (pre | post, olmo.py).
 
@@ -110,12 +111,14 @@ def layer_spec(backend: Backend, *, qk_norm: str = "head", norm_placement: str =
         spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm == "head", normalization="RMSNorm")
         layer = spec.submodules
         layer.self_attention = with_submodules(
-            layer.self_attention, core_attention=SDPAttention, linear_proj=GroupedRowParallelLinear)
+            layer.self_attention, core_attention=SDPAttention, linear_proj=GroupedRowParallelLinear
+        )
         layer.mlp = with_submodules(layer.mlp, linear_fc2=GroupedRowParallelLinear)
     if qk_norm == "full":
         q_norm, k_norm = full_qk_norm_specs()
         spec.submodules.self_attention = with_submodules(
-            spec.submodules.self_attention, q_layernorm=q_norm, k_layernorm=k_norm)
+            spec.submodules.self_attention, q_layernorm=q_norm, k_layernorm=k_norm
+        )
     if norm_placement == "pre":
         return spec
     if backend == "te":

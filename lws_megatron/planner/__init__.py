@@ -9,6 +9,14 @@ from lws_megatron.planner.costs import PRECISIONS, CostModel, Timings, cost_mode
 from lws_megatron.planner.stages import Plan, Split, Stage, parse_bytes, plan, plan_layout
 
 __all__ = [
-    "PRECISIONS", "CostModel", "Plan", "Split", "Stage", "Timings", "cost_model",
-    "parse_bytes", "plan", "plan_layout",
+    "PRECISIONS",
+    "CostModel",
+    "Plan",
+    "Split",
+    "Stage",
+    "Timings",
+    "cost_model",
+    "parse_bytes",
+    "plan",
+    "plan_layout",
 ]

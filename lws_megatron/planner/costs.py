@@ -88,8 +88,13 @@ def state_bytes_per_param(precision: Precision, zero: int, dp: int) -> float:
 
 
 def layer_activation_bytes(
-    shape: shapes.LayerShape, dims: shapes.Dims, *, tp: int, micro_batch: int,
-    precision: Precision, recompute: str,
+    shape: shapes.LayerShape,
+    dims: shapes.Dims,
+    *,
+    tp: int,
+    micro_batch: int,
+    precision: Precision,
+    recompute: str,
 ) -> float:
     """Bytes one layer keeps for its backward, per micro batch of `micro_batch` sequences.
 
@@ -116,8 +121,13 @@ def layer_activation_bytes(
 
 
 def cost_model(
-    config: Config, *, pp: int, dp: int = 1, precision: Precision = PRECISIONS["bf16"],
-    recompute: str = "none", timings: Timings | None = None,
+    config: Config,
+    *,
+    pp: int,
+    dp: int = 1,
+    precision: Precision = PRECISIONS["bf16"],
+    recompute: str = "none",
+    timings: Timings | None = None,
 ) -> CostModel:
     """The blocks of `config` at its TP size and ZeRO stage, for PP ranks and DP replicas.
 
@@ -140,7 +150,11 @@ def cost_model(
             cost=float(flops if timings is None else timings.layers[shape]),
             params=(params - norms) / tp + norms,
             activation_bytes=layer_activation_bytes(
-                shape, dims, tp=tp, micro_batch=micro_batch, precision=precision,
+                shape,
+                dims,
+                tp=tp,
+                micro_batch=micro_batch,
+                precision=precision,
                 recompute=recompute,
             ),
         )
@@ -161,7 +175,8 @@ def cost_model(
             cost=float(head_flops if timings is None else timings.output),
             params=head_params / tp + summary.final_norm_params,
             # The final norm's input, the output layer's input, the fp32 softmax.
-            activation_bytes=tokens * (
+            activation_bytes=tokens
+            * (
                 (precision.residual + precision.activation) * dims.d_model
                 + SOFTMAX_BYTES * vocab / tp
             ),

@@ -175,8 +175,10 @@ def _search(t: Tables, limit: float | None, budget: int) -> Solution | None:
             loads[r], mems[r] = load, used
             state = (c + 1, j, *loads, *mems)
             rest = remaining[c + 1][j]
-            if state not in explored and math.isfinite(rest) and _promising(
-                loads, rest, chunks - c - 1, head, incumbent[0]
+            if (
+                state not in explored
+                and math.isfinite(rest)
+                and _promising(loads, rest, chunks - c - 1, head, incumbent[0])
             ):
                 explored.add(state)
                 if len(explored) > budget:
@@ -203,7 +205,11 @@ class _Budget(Exception):
 
 
 def _promising(
-    loads: list[float], rest: float, left: int, head: float, best: tuple[float, float],
+    loads: list[float],
+    rest: float,
+    left: int,
+    head: float,
+    best: tuple[float, float],
 ) -> bool:
     """Whether `left` more chunks holding `rest` load can beat `best` = (max, sum of squares).
 
@@ -245,6 +251,7 @@ def _improve(bounds: tuple[int, ...], w: list, mem: list, cap: float, pp: int) -
 
     Returns [key, bounds], the key infinite if the split breaks the memory limit.
     """
+
     def key(b: list[int]) -> tuple[float, float]:
         loads, used = [0.0] * pp, [0.0] * pp
         for c in range(len(b) - 1):
@@ -260,7 +267,7 @@ def _improve(bounds: tuple[int, ...], w: list, mem: list, cap: float, pp: int) -
         moved = False
         for k in range(1, len(current) - 1):
             for b in range(current[k - 1], current[k + 1] + 1):
-                trial = current[:k] + [b] + current[k + 1:]
+                trial = current[:k] + [b] + current[k + 1 :]
                 if (score := key(trial)) < best:
                     current, best, moved = trial, score, True
     return [best, tuple(current)] if math.isfinite(best[0]) else [(INF, INF), None]

@@ -17,12 +17,24 @@ import numpy as np
 from lws_megatron.config import Config
 from lws_megatron.errors import UserError
 from lws_megatron.planner.costs import (
-    PRECISIONS, Timings, cost_model, micro_batches_in_flight,
+    PRECISIONS,
+    Timings,
+    cost_model,
+    micro_batches_in_flight,
 )
 from lws_megatron.planner.partition import INF, Tables, even_bounds, rank_totals, solve, tables
 
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-          "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+_UNITS = {
+    "": 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "KI": 2**10,
+    "MI": 2**20,
+    "GI": 2**30,
+    "TI": 2**40,
+}
 
 
 @dataclass(frozen=True)
@@ -95,14 +107,22 @@ class Plan:
 
     def to_json(self) -> dict:
         return {
-            "pp": self.pp, "vpp": self.vpp, "tp": self.tp, "dp": self.dp, "zero": self.zero,
-            "micro_batches": self.micro_batches, "precision": self.precision,
-            "recompute": self.recompute, "device_memory": self.device_memory,
-            "cost_unit": self.unit, "proven_optimal": self.proven,
+            "pp": self.pp,
+            "vpp": self.vpp,
+            "tp": self.tp,
+            "dp": self.dp,
+            "zero": self.zero,
+            "micro_batches": self.micro_batches,
+            "precision": self.precision,
+            "recompute": self.recompute,
+            "device_memory": self.device_memory,
+            "cost_unit": self.unit,
+            "proven_optimal": self.proven,
             **self.planned.to_json(),
             "even_split_imbalance": self.even.imbalance,
             "even_split": {
-                **self.even.to_json(), "megatron_default": self.even_is_megatron_default,
+                **self.even.to_json(),
+                "megatron_default": self.even_is_megatron_default,
             },
         }
 
@@ -127,8 +147,14 @@ def format_bytes(n: float) -> str:
 
 
 def plan(
-    config: Config, *, pp: int | None = None, vpp: int = 1, dp: int = 1,
-    device_memory: int | None = None, precision: str | None = None, recompute: str = "none",
+    config: Config,
+    *,
+    pp: int | None = None,
+    vpp: int = 1,
+    dp: int = 1,
+    device_memory: int | None = None,
+    precision: str | None = None,
+    recompute: str = "none",
     timings: Timings | None = None,
 ) -> Plan:
     """Plan `config`'s pipeline at PP ranks (default parallel.pp), VPP virtual stages each.
@@ -143,7 +169,12 @@ def plan(
     if name not in PRECISIONS:
         raise UserError(f"precision {name!r}: choose one of {', '.join(PRECISIONS)}")
     model = cost_model(
-        config, pp=pp, dp=dp, precision=PRECISIONS[name], recompute=recompute, timings=timings,
+        config,
+        pp=pp,
+        dp=dp,
+        precision=PRECISIONS[name],
+        recompute=recompute,
+        timings=timings,
     )
     t = tables(model, pp, micro_batches_in_flight(pp, vpp, micro_batches))
     solution = solve(t, device_memory)
@@ -155,14 +186,25 @@ def plan(
         even=_split(t, even),
         even_is_megatron_default=exact,
         proven=solution.proven,
-        pp=pp, vpp=vpp, tp=config.parallel.tp, dp=dp, zero=config.zero.stage,
-        micro_batches=micro_batches, precision=name, recompute=recompute,
-        device_memory=device_memory, unit=model.unit,
+        pp=pp,
+        vpp=vpp,
+        tp=config.parallel.tp,
+        dp=dp,
+        zero=config.zero.stage,
+        micro_batches=micro_batches,
+        precision=name,
+        recompute=recompute,
+        device_memory=device_memory,
+        unit=model.unit,
     )
 
 
 def plan_layout(
-    config: Config, *, pp: int | None = None, vpp: int = 1, dp: int = 1,
+    config: Config,
+    *,
+    pp: int | None = None,
+    vpp: int = 1,
+    dp: int = 1,
     device_memory: int | None = None,
 ) -> str:
     """The `pipeline_model_parallel_layout` for `parallel.pipeline_layout: auto`.
@@ -179,9 +221,7 @@ def _check(config: Config, pp: int, vpp: int, dp: int) -> int:
         if value < 1:
             raise UserError(f"{key}={value}: must be at least 1")
     if pp > n:
-        raise UserError(
-            f"PP={pp} is more than the model's {n} layers; choose PP <= {n}"
-        )
+        raise UserError(f"PP={pp} is more than the model's {n} layers; choose PP <= {n}")
     if config.zero.stage >= 2 and pp > 1:
         raise UserError(
             f"zero.stage={config.zero.stage} with PP={pp}: ZeRO-2/3 break pipeline schedules; "

@@ -55,9 +55,11 @@ def safe_load(path: str | os.PathLike, map_location: Any = None) -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
             reason = str(err).strip().splitlines()[0][:200]
-            raise UserError(f"{path}: refused to load: it holds objects that could run code "
-                            f"({reason}); load checkpoints only from sources you trust, or "
-                            "resume from another checkpoint") from None
+            raise UserError(
+                f"{path}: refused to load: it holds objects that could run code "
+                f"({reason}); load checkpoints only from sources you trust, or "
+                "resume from another checkpoint"
+            ) from None
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
@@ -73,8 +75,12 @@ def rng_state() -> dict[str, Any]:
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": {"version": version, "state": torch.tensor(internal), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
@@ -86,8 +92,15 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     py, npy = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"],
-                         npy["has_gauss"], npy["cached"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
@@ -133,12 +146,20 @@ class Checkpointer:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        files = _gathered({rel: {"bytes": (tmp / rel).stat().st_size,
-                                 "sha256": sha256_file(tmp / rel)}
-                           for rel in _my_share(_files(tmp))})
+        files = _gathered(
+            {
+                rel: {"bytes": (tmp / rel).stat().st_size, "sha256": sha256_file(tmp / rel)}
+                for rel in _my_share(_files(tmp))
+            }
+        )
         if rank == 0:
-            meta = {"format": FORMAT, "step": step, "state": state,
-                    "fingerprint": self.fingerprint, "files": dict(sorted(files.items()))}
+            meta = {
+                "format": FORMAT,
+                "step": step,
+                "state": state,
+                "fingerprint": self.fingerprint,
+                "files": dict(sorted(files.items())),
+            }
             with os_errors(tmp):
                 write_text_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
                 shutil.rmtree(final, ignore_errors=True)
@@ -150,8 +171,11 @@ class Checkpointer:
 
     def _write(self, engine, tmp: Path) -> None:
         with os_errors(tmp):
-            engine.save_checkpoint(str(tmp / f"pp{ps.get_pipeline_model_parallel_rank()}"),
-                                   tag="state", save_latest=False)
+            engine.save_checkpoint(
+                str(tmp / f"pp{ps.get_pipeline_model_parallel_rank()}"),
+                tag="state",
+                save_latest=False,
+            )
             torch.save(rng_state(), tmp / "rng" / f"rank{dist.get_rank():05d}.pt")
 
     def resume(self, engine) -> dict[str, Any] | None:
@@ -164,12 +188,17 @@ class Checkpointer:
                 damaged = path.with_name(path.name + ".damaged")
                 shutil.rmtree(damaged, ignore_errors=True)
                 os.replace(path, damaged)
-                print(f"warning: {path} is damaged ({problem}); set aside as {damaged.name}, "
-                      "resuming from the checkpoint before it", flush=True)
+                print(
+                    f"warning: {path} is damaged ({problem}); set aside as {damaged.name}, "
+                    "resuming from the checkpoint before it",
+                    flush=True,
+                )
             dist.barrier()
         if any(self.root.glob("step_*.damaged")):
-            raise UserError(f"no intact checkpoint left in {self.root} (the damaged ones are set "
-                            "aside as step_*.damaged); restore one, or start a new run.dir")
+            raise UserError(
+                f"no intact checkpoint left in {self.root} (the damaged ones are set "
+                "aside as step_*.damaged); restore one, or start a new run.dir"
+            )
         return None
 
     def _load(self, engine, path: Path) -> dict[str, Any]:
@@ -177,8 +206,10 @@ class Checkpointer:
         meta = json.loads((path / "meta.json").read_text())
         self._check_fingerprint(path, meta["fingerprint"])
         loaded, _ = engine.load_checkpoint(
-            str(path / f"pp{ps.get_pipeline_model_parallel_rank()}"), tag="state",
-            load_optimizer_states=True, load_lr_scheduler_states=False,
+            str(path / f"pp{ps.get_pipeline_model_parallel_rank()}"),
+            tag="state",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
         )
         if loaded is None:
             raise UserError(f"{path}: checkpoint files are missing for this rank; it is incomplete")
@@ -186,11 +217,17 @@ class Checkpointer:
         return {"step": meta["step"], "path": str(path), **meta["state"]}
 
     def _check_fingerprint(self, path: Path, saved: dict[str, Any]) -> None:
-        different = [k for k in sorted(set(saved) | set(self.fingerprint))
-                     if saved.get(k) != self.fingerprint.get(k)]
+        different = [
+            k
+            for k in sorted(set(saved) | set(self.fingerprint))
+            if saved.get(k) != self.fingerprint.get(k)
+        ]
         if different:
-            detail = "; ".join(f"{k}: checkpoint {_short(saved.get(k))}, this run "
-                               f"{_short(self.fingerprint.get(k))}" for k in different)
+            detail = "; ".join(
+                f"{k}: checkpoint {_short(saved.get(k))}, this run "
+                f"{_short(self.fingerprint.get(k))}"
+                for k in different
+            )
             raise UserError(
                 f"{path} was written by a different model or parallel layout ({detail}); resume "
                 "with the same model and parallel settings, or start a fresh run.dir"
@@ -199,7 +236,7 @@ class Checkpointer:
     def _prune(self, saved: int) -> None:
         """Keep the newest `keep` checkpoints, never one newer than the save just completed."""
         older = [p for p in self.complete() if checkpoint_step(p) < saved]
-        for old in older[self.keep - 1:]:
+        for old in older[self.keep - 1 :]:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -209,7 +246,7 @@ def _files(root: Path) -> list[str]:
 
 def _my_share(items: list[str]) -> list[str]:
     """Round-robin share of a list that every rank sees alike (files on the shared filesystem)."""
-    return items[dist.get_rank()::dist.get_world_size()]
+    return items[dist.get_rank() :: dist.get_world_size()]
 
 
 def _verify(path: Path) -> str | None:
@@ -219,8 +256,10 @@ def _verify(path: Path) -> str | None:
     except ValueError:
         meta = {"format": FORMAT, "files": {"meta.json": {"bytes": -1, "sha256": ""}}}
     if meta.get("format") != FORMAT:
-        raise UserError(f"{path} was written by an earlier lws-megatron, whose checkpoints load "
-                        "by unpickling; it is not loaded: start a new run.dir")
+        raise UserError(
+            f"{path} was written by an earlier lws-megatron, whose checkpoints load "
+            "by unpickling; it is not loaded: start a new run.dir"
+        )
     files = meta.get("files", {})
     problems = []
     for rel in _my_share(sorted(files)):

@@ -40,8 +40,10 @@ from lws_megatron.training.sampling import Blend, Epochs
 
 Batch = dict[str, torch.Tensor]  # tokens, labels: [b, s] int64; loss_mask: [b, s] float
 
-_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0}
+_NPY_HEADERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,10 @@ class Sources:
 def parse_blend(paths: list[str]) -> tuple[list[str], list[float] | None]:
     """["a", "b"] -> (["a", "b"], None); ["0.7", "a", "0.3", "b"] -> weights [0.7, 0.3]."""
     if not paths:
-        raise UserError("data.path is empty; give one or more dataset prefixes written by "
-                        "python -m data_prep.preprocess")
+        raise UserError(
+            "data.path is empty; give one or more dataset prefixes written by "
+            "python -m data_prep.preprocess"
+        )
     try:
         float(paths[0])
     except ValueError:
@@ -68,7 +72,8 @@ def parse_blend(paths: list[str]) -> tuple[list[str], list[float] | None]:
         weights = [float(w) for w in paths[0::2]]
     except ValueError:
         raise UserError(
-            f"data.path {paths}: a weighted blend alternates weight and prefix") from None
+            f"data.path {paths}: a weighted blend alternates weight and prefix"
+        ) from None
     if any(w <= 0 for w in weights):
         raise UserError(f"data.path {paths}: blend weights must be > 0")
     return list(paths[1::2]), weights
@@ -78,8 +83,10 @@ def resolve_sources(config: Config, verify: bool = True) -> Sources:
     """Check tokenizer, vocabulary and (with `verify`, on one rank) every dataset's integrity
     before training reads anything."""
     if not config.data.tokenizer:
-        raise UserError("data.tokenizer is empty; give the sentencepiece .model or tokenizer.json "
-                        "the data was prepared with")
+        raise UserError(
+            "data.tokenizer is empty; give the sentencepiece .model or tokenizer.json "
+            "the data was prepared with"
+        )
     tokenizer = load_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size != config.model.vocab_size:
         raise UserError(
@@ -92,13 +99,21 @@ def resolve_sources(config: Config, verify: bool = True) -> Sources:
     data_hashes = []
     for prefix in prefixes:
         if verify:
-            verify_dataset(prefix, tokenizer_fingerprint=tokenizer.fingerprint,
-                           tokenizer_path=config.data.tokenizer, vocab_size=config.model.vocab_size)
+            verify_dataset(
+                prefix,
+                tokenizer_fingerprint=tokenizer.fingerprint,
+                tokenizer_path=config.data.tokenizer,
+                vocab_size=config.model.vocab_size,
+            )
         splits = read_manifest(manifest_path(prefix)).splits
         valid = splits.get("valid")
         fingerprint.update(f"{valid.bin_sha256}:{valid.idx_sha256};".encode() if valid else b"-;")
-        data_hashes.append(";".join(f"{name}:{record.bin_sha256}:{record.idx_sha256}"
-                                    for name, record in sorted(splits.items())))
+        data_hashes.append(
+            ";".join(
+                f"{name}:{record.bin_sha256}:{record.idx_sha256}"
+                for name, record in sorted(splits.items())
+            )
+        )
     return Sources(prefixes, weights, tokenizer, fingerprint.hexdigest(), data_hashes)
 
 
@@ -141,8 +156,9 @@ def _blend(config: Config, sources: Sources, epochs: list[GPTDataset], split: Sp
     return Blend(streams, sources.weights or [len(e) for e in epochs], names)
 
 
-def _cached_epochs(config: Config, sources: Sources, splits: list[Split],
-                   cache_dir: Path) -> list[dict[Split, GPTDataset]]:
+def _cached_epochs(
+    config: Config, sources: Sources, splits: list[Split], cache_dir: Path
+) -> list[dict[Split, GPTDataset]]:
     """One epoch of each split of each dataset. Megatron caches its indices; they live in a
     directory named by everything they depend on (the data's fingerprint first), so data
     re-prepared under the same prefix never meets indices built for the old files. Rank 0
@@ -155,22 +171,30 @@ def _cached_epochs(config: Config, sources: Sources, splits: list[Split],
                 _build_cache(config, sources, prefix, splits, directory)
     if dist.is_initialized():
         dist.barrier()
-    return [_open_epochs(config, sources, prefix, splits, directory, check=True)
-            for prefix, directory in zip(sources.prefixes, directories)]
+    return [
+        _open_epochs(config, sources, prefix, splits, directory, check=True)
+        for prefix, directory in zip(sources.prefixes, directories)
+    ]
 
 
 def _cache_key(config: Config, sources: Sources, k: int) -> str:
     """What the cached indices of dataset k depend on: its files (their sha256 as its manifest
     recorded them, not re-hashed), where they are, the tokenizer, seed, sequence length and the
     Megatron version that wrote them."""
-    parts = [sources.data_hashes[k], os.path.abspath(sources.prefixes[k]),
-             sources.tokenizer.fingerprint, str(config.train.seed), str(config.model.seq_length),
-             megatron.core.__version__]
+    parts = [
+        sources.data_hashes[k],
+        os.path.abspath(sources.prefixes[k]),
+        sources.tokenizer.fingerprint,
+        str(config.train.seed),
+        str(config.model.seq_length),
+        megatron.core.__version__,
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def _build_cache(config: Config, sources: Sources, prefix: str, splits: list[Split],
-                 directory: Path) -> None:
+def _build_cache(
+    config: Config, sources: Sources, prefix: str, splits: list[Split], directory: Path
+) -> None:
     scratch = Path(partial_path(directory))
     try:
         with os_errors(directory):
@@ -182,8 +206,9 @@ def _build_cache(config: Config, sources: Sources, prefix: str, splits: list[Spl
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _open_epochs(config: Config, sources: Sources, prefix: str, splits: list[Split],
-                 cache: Path, check: bool) -> dict[Split, GPTDataset]:
+def _open_epochs(
+    config: Config, sources: Sources, prefix: str, splits: list[Split], cache: Path, check: bool
+) -> dict[Split, GPTDataset]:
     """Megatron's one-epoch GPTDataset of each split, its indices built in or loaded from
     `cache` (checked first with `check`)."""
     if check:
@@ -191,8 +216,9 @@ def _open_epochs(config: Config, sources: Sources, prefix: str, splits: list[Spl
     gpt_config = GPTDatasetConfig(
         random_seed=config.train.seed,
         sequence_length=config.model.seq_length,
-        blend_per_split=[([split_prefix(prefix, s.name)], None) if s in splits else None
-                         for s in Split],
+        blend_per_split=[
+            ([split_prefix(prefix, s.name)], None) if s in splits else None for s in Split
+        ],
         path_to_cache=str(cache),
         tokenizer=_MegatronTokenizer(sources.tokenizer),
         reset_position_ids=False,
@@ -217,8 +243,10 @@ def check_cached_indices(directory: Path) -> None:
         for path in sorted(directory.glob("*.npy")):
             problem = _npy_problem(path)
             if problem:
-                raise UserError(f"cached index {path} {problem}: damaged or planted; delete "
-                                f"{directory} (it is rebuilt from the data)")
+                raise UserError(
+                    f"cached index {path} {problem}: damaged or planted; delete "
+                    f"{directory} (it is rebuilt from the data)"
+                )
 
 
 def _npy_problem(path: Path) -> str | None:
@@ -248,16 +276,21 @@ def micro_batches(dataset, start: int, count: int, micro: int) -> list[Batch]:
     out = []
     for first in range(start, start + count, micro):
         samples = [dataset[i] for i in range(first, first + micro)]
-        out.append({key: torch.stack([s[key] for s in samples])
-                    for key in ("tokens", "labels", "loss_mask")})
+        out.append(
+            {
+                key: torch.stack([s[key] for s in samples])
+                for key in ("tokens", "labels", "loss_mask")
+            }
+        )
     return out
 
 
 def step_batches(dataset, step: int, plan: ParallelPlan, dp_rank: int) -> list[Batch]:
     """This data-parallel rank's micro batches of the global batch of `step`."""
     share = plan.global_batch_size // plan.dp
-    return micro_batches(dataset, step * plan.global_batch_size + dp_rank * share, share,
-                         plan.micro_batch_size)
+    return micro_batches(
+        dataset, step * plan.global_batch_size + dp_rank * share, share, plan.micro_batch_size
+    )
 
 
 def validation_batches(config: Config, dataset, plan: ParallelPlan) -> list[Batch]:
@@ -265,5 +298,4 @@ def validation_batches(config: Config, dataset, plan: ParallelPlan) -> list[Batc
     if dataset is None:
         return []
     share = eval_samples(config, 1)
-    return micro_batches(dataset, ps.get_data_parallel_rank() * share, share,
-                         plan.micro_batch_size)
+    return micro_batches(dataset, ps.get_data_parallel_rank() * share, share, plan.micro_batch_size)

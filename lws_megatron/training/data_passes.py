@@ -10,8 +10,9 @@ from data_prep.manifest import manifest_path, read_manifest
 from lws_megatron.config import Config
 
 
-def data_passes(config: Config, prefixes: list[str],
-                weights: list[float] | None) -> dict[str, float]:
+def data_passes(
+    config: Config, prefixes: list[str], weights: list[float] | None
+) -> dict[str, float]:
     """Passes over each prefix's training split (the whole blend's when it has no weights)."""
     t = config.train
     read = t.max_steps * t.global_batch_size * config.model.seq_length
@@ -29,6 +30,8 @@ def passes_warning(config: Config, prefixes: list[str], weights: list[float] | N
     t = config.train
     read = t.max_steps * t.global_batch_size * config.model.seq_length
     detail = ", ".join(f"{p}: {n:.2f}" for p, n in passes.items())
-    return (f"warning: the run reads {read:,} training tokens (train.max_steps={t.max_steps} x "
-            f"{t.global_batch_size} x {config.model.seq_length}), more than the training data "
-            f"holds: passes over the data {detail}; documents will repeat")
+    return (
+        f"warning: the run reads {read:,} training tokens (train.max_steps={t.max_steps} x "
+        f"{t.global_batch_size} x {config.model.seq_length}), more than the training data "
+        f"holds: passes over the data {detail}; documents will repeat"
+    )

@@ -68,7 +68,7 @@ def _from_mpi() -> LaunchEnv:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     if comm.Get_rank() == 0:
         host = socket.gethostname()
-        address = (socket.gethostbyname(host) if comm.Get_size() > local.Get_size() else "127.0.0.1")
+        address = socket.gethostbyname(host) if comm.Get_size() > local.Get_size() else "127.0.0.1"
         rendezvous = (address, free_port())
     else:
         rendezvous = None
@@ -97,8 +97,11 @@ def init_processes() -> torch.device:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if device.type == "cuda" else "gloo",
+            auto_mpi_discovery=False,
+            verbose=False,
+        )
     return device
 
 
@@ -159,8 +162,16 @@ def resolve_plan(config: Config, world: int, launched: str | None = None) -> Par
     if layout == "auto":
         layout = plan_layout(config)
     layout = check_layout(config.model.num_layers, pp, layout)
-    return ParallelPlan(world, tp, pp, dp, layout, virtual_pipeline_size(layout, pp),
-                        t.micro_batch_size, t.global_batch_size)
+    return ParallelPlan(
+        world,
+        tp,
+        pp,
+        dp,
+        layout,
+        virtual_pipeline_size(layout, pp),
+        t.micro_batch_size,
+        t.global_batch_size,
+    )
 
 
 def initialize_model_parallel(plan: ParallelPlan, seed: int) -> None:
@@ -170,8 +181,9 @@ def initialize_model_parallel(plan: ParallelPlan, seed: int) -> None:
     tracker that TE attention and dropout draw from.
     """
     if dist.get_world_size() != plan.world:
-        raise UserError(f"the plan is for {plan.world} processes but {dist.get_world_size()} "
-                        "joined the job")
+        raise UserError(
+            f"the plan is for {plan.world} processes but {dist.get_world_size()} joined the job"
+        )
     cuda_bridge.install()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=plan.tp,

@@ -22,15 +22,16 @@ from lws_megatron.training.data import Batch
 class DocumentBatches(Sequence):
     """This rank's micro batches of whole documents, built when read (a split can be large)."""
 
-    def __init__(self, prefixes: list[str], seq_length: int, micro: int, dp_rank: int, dp: int,
-                 pad_id: int):
+    def __init__(
+        self, prefixes: list[str], seq_length: int, micro: int, dp_rank: int, dp: int, pad_id: int
+    ):
         self.seq_length, self.micro, self.pad_id = seq_length, micro, pad_id
         self._docs: list[np.ndarray] = []
         for prefix in prefixes:
             index = read_index(prefix)
             tokens = read_tokens(prefix, index.dtype)
             starts = index.pointers // index.dtype.itemsize
-            self._docs += [tokens[s:s + n] for s, n in zip(starts, index.lengths) if n >= 2]
+            self._docs += [tokens[s : s + n] for s, n in zip(starts, index.lengths) if n >= 2]
         self.total_documents = len(self._docs)
         self._mine = self._docs[dp_rank::dp]
         per_rank = math.ceil(self.total_documents / dp)  # every rank pads to the largest share

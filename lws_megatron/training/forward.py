@@ -42,8 +42,7 @@ def forward_step(args: ModelArgs) -> ForwardStep:
             with autocast(device, args.dtype):
                 return model(None, None, None), partial(loss_func, None)
         batch = next(data_iterator)
-        check_batch(batch["tokens"], args.model.vocab_size, args.model.seq_length,
-                    batch["labels"])
+        check_batch(batch["tokens"], args.model.vocab_size, args.model.seq_length, batch["labels"])
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         tokens = batch["tokens"] if gpt.pre_process else None
         labels = batch["labels"] if gpt.post_process else None
@@ -75,25 +74,35 @@ def global_tokens(batches: list[Batch], device: torch.device) -> torch.Tensor:
     return total
 
 
-def world_sums(loss_sum: torch.Tensor, tokens: torch.Tensor,
-               *flags: bool | torch.Tensor) -> torch.Tensor:
+def world_sums(
+    loss_sum: torch.Tensor, tokens: torch.Tensor, *flags: bool | torch.Tensor
+) -> torch.Tensor:
     """[mean loss per token, flag sums...] over the world, in one all-reduce on the device.
 
     The loss is held by the last stage's first TP rank of each DP rank; a flag counts the
     ranks that raise it. Nothing here waits for the device: the step reads all its numbers at
     once, with one host sync.
     """
-    holder = (ps.is_pipeline_last_stage(ignore_virtual=True)
-              and ps.get_tensor_model_parallel_rank() == 0)
+    holder = (
+        ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+    )
     loss = loss_sum.detach().float() if holder else torch.zeros((), device=tokens.device)
-    values = torch.stack([loss, *(torch.as_tensor(f, dtype=torch.float32, device=tokens.device)
-                                  for f in flags)])
+    values = torch.stack(
+        [loss, *(torch.as_tensor(f, dtype=torch.float32, device=tokens.device) for f in flags)]
+    )
     dist.all_reduce(values)
     return torch.cat([values[:1] / tokens, values[1:]])
 
 
-def run_schedule(args: ModelArgs, chunks, batches: list[Batch], device: torch.device,
-                 tokens: torch.Tensor, scale: float, forward_only: bool) -> torch.Tensor:
+def run_schedule(
+    args: ModelArgs,
+    chunks,
+    batches: list[Batch],
+    device: torch.device,
+    tokens: torch.Tensor,
+    scale: float,
+    forward_only: bool,
+) -> torch.Tensor:
     """Megatron's forward-backward schedule (1F1B with PP > 1); returns the local loss sum."""
     sums: list[torch.Tensor] = []
     model_step = forward_step(args)

@@ -1,4 +1,5 @@
-"""Run metrics: a console line per interval, `metrics.jsonl`, TensorBoard; MFU from the shape engine."""
+"""Run metrics: a console line per interval, `metrics.jsonl`, TensorBoard; MFU from the shape
+engine."""
 
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def memory_gb(device: torch.device) -> float:
 class MetricsWriter:
     """Written by global rank 0 only; every line is flushed so a killed run keeps its history."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True,
-                 purge_after: int = 0):
+    def __init__(
+        self, run_dir: Path, enabled: bool, tensorboard: bool = True, purge_after: int = 0
+    ):
         """`purge_after`: the step a run resumed at; records of later steps (logged by the run
         before it stopped) are dropped, since this run logs them again."""
         self.enabled = enabled
@@ -62,8 +64,10 @@ class MetricsWriter:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"),
-                                         purge_step=purge_after + 1 if purge_after else None)
+                self._tb = SummaryWriter(
+                    str(run_dir / "tensorboard"),
+                    purge_step=purge_after + 1 if purge_after else None,
+                )
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

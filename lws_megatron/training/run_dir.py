@@ -37,19 +37,28 @@ class RunLock:
             os.close(fd)
             if err.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            raise UserError(f"{self.path.parent} is in use by another run ({_describe(holder)}); "
-                            "wait for it to end, or give this run another run.dir") from None
+            raise UserError(
+                f"{self.path.parent} is in use by another run ({_describe(holder)}); "
+                "wait for it to end, or give this run another run.dir"
+            ) from None
         holder = _read(fd)
         if holder and holder.get("host") != socket.gethostname():
             os.close(fd)
             raise UserError(
                 f"{self.path} says a run on host {holder.get('host')} ({_describe(holder)}) holds "
-                f"{self.path.parent}; if that run has ended, delete {self.path} and launch again")
+                f"{self.path.parent}; if that run has ended, delete {self.path} and launch again"
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_me()).encode(), 0)
         self._fd = fd
-        return (f"note: {self.path} was left by {_describe(holder)}, which ended without "
-                "releasing it; this run takes it over") if holder else None
+        return (
+            (
+                f"note: {self.path} was left by {_describe(holder)}, which ended without "
+                "releasing it; this run takes it over"
+            )
+            if holder
+            else None
+        )
 
     def release(self) -> None:
         if self._fd is None:
@@ -60,8 +69,11 @@ class RunLock:
 
 
 def _me() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _read(fd: int) -> dict | None:
@@ -87,12 +99,14 @@ def refuse_foreign_records(run_dir: Path, resume: bool, has_checkpoint: bool) ->
         raise UserError(
             f"{run_dir} holds checkpoints of an earlier run and checkpoint.resume=false: a fresh "
             "run there would mix with them; resume it (checkpoint.resume=true) or give this run "
-            "a new run.dir")
+            "a new run.dir"
+        )
     if written and not has_checkpoint:
         raise UserError(
             f"{metrics} holds the metrics of an earlier run, but {run_dir}/checkpoints has no "
             "complete checkpoint to resume from; give this run a new run.dir (or delete that "
-            "run's records to start it again)")
+            "run's records to start it again)"
+        )
 
 
 def trim_metrics(run_dir: Path, step: int) -> None:

@@ -71,8 +71,14 @@ class Blend:
         self.streams = list(streams)
         self.dataset_index = np.zeros(self.period, dtype=np.int16)
         self.dataset_sample_index = np.zeros(self.period, dtype=np.int64)
-        build_blending_indices(self.dataset_index, self.dataset_sample_index, shares,
-                               len(self.streams), self.period, False)
+        build_blending_indices(
+            self.dataset_index,
+            self.dataset_sample_index,
+            shares,
+            len(self.streams),
+            self.period,
+            False,
+        )
         self.per_period = np.bincount(self.dataset_index, minlength=len(self.streams))
 
     def source(self, i: int) -> tuple[int, int]:

@@ -51,8 +51,9 @@ def seed_everything(seed: int) -> None:
 def model_args(config: Config, plan: ParallelPlan, device: torch.device) -> ModelArgs:
     """The model a run of `config` builds under `plan` on `device`."""
     dtype = compute_dtype(config.train.precision, device)
-    return ModelArgs.from_config(config, layout=plan.layout, dtype=dtype,
-                                 fused_kernels=config.train.compile == "none")
+    return ModelArgs.from_config(
+        config, layout=plan.layout, dtype=dtype, fused_kernels=config.train.compile == "none"
+    )
 
 
 class TrainModule:
@@ -65,7 +66,10 @@ class TrainModule:
         o = config.optim
         optimizer = torch.optim.AdamW(
             param_groups.param_groups(module, o.weight_decay, o.no_decay),
-            lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True,
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            fused=True,
         )
         self.engine = zero.initialize_engine(config, module, optimizer, plan.dp)
 
@@ -90,12 +94,14 @@ class TrainModule:
         tokens = global_tokens(batches, self.device)
         if zero.uses_deepspeed_backward(self.config):
             return self._engine_backward_step(batches, tokens, stop_requested)
-        loss_sum = run_schedule(self.args, self.chunks, batches, self.device, tokens,
-                                self.plan.dp * len(batches), False)
+        loss_sum = run_schedule(
+            self.args, self.chunks, batches, self.device, tokens, self.plan.dp * len(batches), False
+        )
         if self.config.zero.stage == 0:
             return self._plain_step(loss_sum, tokens, stop_requested)
-        loss, stops, nonfinite = world_sums(loss_sum, tokens, stop_requested,
-                                            _local_nonfinite(self.chunks)).tolist()
+        loss, stops, nonfinite = world_sums(
+            loss_sum, tokens, stop_requested, _local_nonfinite(self.chunks)
+        ).tolist()
         if nonfinite or not math.isfinite(loss):
             self.engine.zero_grad()
             return StepResult(loss, float("nan"), skipped=True, stop_requested=stops > 0)
@@ -127,8 +133,9 @@ class TrainModule:
             # gradient: ~740 kernels a step on the 18-layer model, for nothing.
             self.engine.allreduce_gradients()
         norm_sq = _counted_norm_sq(self.chunks, tokens.device)
-        loss, stops, norm = torch.cat([world_sums(loss_sum, tokens, stop_requested),
-                                       norm_sq.sqrt().reshape(1)]).tolist()
+        loss, stops, norm = torch.cat(
+            [world_sums(loss_sum, tokens, stop_requested), norm_sq.sqrt().reshape(1)]
+        ).tolist()
         if not (math.isfinite(loss) and math.isfinite(norm)):
             self.engine.zero_grad()
             return StepResult(loss, float("nan"), skipped=True, stop_requested=stops > 0)
@@ -153,8 +160,7 @@ class TrainModule:
             loss_sum += batch_sum.detach()
         loss, stops = world_sums(loss_sum, tokens, stop_requested).tolist()
         skipped = engine.skipped_steps > skipped_before
-        return StepResult(loss, float("nan") if skipped else _grad_norm(engine), skipped,
-                          stops > 0)
+        return StepResult(loss, float("nan") if skipped else _grad_norm(engine), skipped, stops > 0)
 
 
 def _grads(chunks) -> list[torch.Tensor]:
@@ -177,11 +183,19 @@ def _counted_norm_sq(chunks, device: torch.device) -> torch.Tensor:
     TP rank 0, and a tied output head only on the first stage.
     """
     tp_rank = ps.get_tensor_model_parallel_rank()
-    counted = [p.grad for c in chunks for p in c.parameters()
-               if p.grad is not None and not getattr(p, "shared", False)
-               and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)]
-    total = (torch.stack(torch._foreach_norm(counted)).float().pow(2).sum() if counted
-             else torch.zeros((), device=device))
+    counted = [
+        p.grad
+        for c in chunks
+        for p in c.parameters()
+        if p.grad is not None
+        and not getattr(p, "shared", False)
+        and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
+    ]
+    total = (
+        torch.stack(torch._foreach_norm(counted)).float().pow(2).sum()
+        if counted
+        else torch.zeros((), device=device)
+    )
     dist.all_reduce(total, group=ps.get_model_parallel_group())
     return total
 

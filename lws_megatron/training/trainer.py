@@ -51,10 +51,16 @@ def fingerprint(config: Config, plan: distributed.ParallelPlan) -> dict[str, Any
     m = config.model
     return {
         "layers": [list(vars(s).values()) for s in config.summary().layers],
-        "d_model": m.d_model, "d_head": m.d_head, "vocab_size": m.vocab_size,
-        "tie_embeddings": m.tie_embeddings, **block_fingerprint(m),
-        "tp": plan.tp, "pp": plan.pp, "dp": plan.dp,
-        "pipeline_layout": plan.layout, "zero_stage": config.zero.stage,
+        "d_model": m.d_model,
+        "d_head": m.d_head,
+        "vocab_size": m.vocab_size,
+        "tie_embeddings": m.tie_embeddings,
+        **block_fingerprint(m),
+        "tp": plan.tp,
+        "pp": plan.pp,
+        "dp": plan.dp,
+        "pipeline_layout": plan.layout,
+        "zero_stage": config.zero.stage,
         "global_batch_size": plan.global_batch_size,
     }
 
@@ -62,8 +68,9 @@ def fingerprint(config: Config, plan: distributed.ParallelPlan) -> dict[str, Any
 class Trainer:
     """The loop's state (step, counters, stop), what callbacks read, and the run's records."""
 
-    def __init__(self, config: Config, plan: distributed.ParallelPlan, device: torch.device,
-                 callbacks: list) -> None:
+    def __init__(
+        self, config: Config, plan: distributed.ParallelPlan, device: torch.device, callbacks: list
+    ) -> None:
         self.config, self.plan, self.device, self.callbacks = config, plan, device, callbacks
         self.rank = dist.get_rank()
         self.run_dir = Path(config.run.dir)
@@ -77,24 +84,26 @@ class Trainer:
             self.lock.release()
             raise
 
-    def _setup(self, config: Config, plan: distributed.ParallelPlan,
-               device: torch.device) -> None:
+    def _setup(self, config: Config, plan: distributed.ParallelPlan, device: torch.device) -> None:
         summary = config.summary()
         self.flops_per_token, self.total_params = summary.flops_per_token, summary.total_params
         self.tokens_per_step = plan.global_batch_size * config.model.seq_length
         self.peak_flops, self.peak_source = device_peak_flops(device)
-        self.sources = distributed.agreed(lambda: data.resolve_sources(config,
-                                                                       verify=self.rank == 0))
+        self.sources = distributed.agreed(
+            lambda: data.resolve_sources(config, verify=self.rank == 0)
+        )
         warning = passes_warning(config, self.sources.prefixes, self.sources.weights)
         if warning:
             self.say(warning)
         self.module = TrainModule(config, plan, device)
         self.module.compile()
-        self.train_ds, valid_ds = data.build_datasets(config, self.sources,
-                                                      self.run_dir / "data_cache")
+        self.train_ds, valid_ds = data.build_datasets(
+            config, self.sources, self.run_dir / "data_cache"
+        )
         self.valid_batches = self._validation_batches(valid_ds)
-        self.checkpointer = Checkpointer(self.run_dir, config.checkpoint.keep,
-                                         fingerprint(config, plan))
+        self.checkpointer = Checkpointer(
+            self.run_dir, config.checkpoint.keep, fingerprint(config, plan)
+        )
         if self.rank == 0:
             self.checkpointer.remove_partial()
         self.step = self.resumed_step = self.skipped_steps = 0
@@ -105,18 +114,23 @@ class Trainer:
         self.last_val_loss: float | None = None
         self._resume()
         self._write_records()
-        self.writer = MetricsWriter(self.run_dir, enabled=self.rank == 0,
-                                    purge_after=self.resumed_step)
+        self.writer = MetricsWriter(
+            self.run_dir, enabled=self.rank == 0, purge_after=self.resumed_step
+        )
 
     def _validation_batches(self, valid_ds):
         """This rank's share of the validation set, for `eval.mode`."""
         if valid_ds is None or self.config.eval.mode == "packed":
             return data.validation_batches(self.config, valid_ds, self.plan)
         pad = self.sources.tokenizer.pad
-        return DocumentBatches([split_prefix(p, "valid") for p in self.sources.prefixes],
-                               self.config.model.seq_length, self.plan.micro_batch_size,
-                               ps.get_data_parallel_rank(), self.plan.dp,
-                               pad if pad is not None else 0)
+        return DocumentBatches(
+            [split_prefix(p, "valid") for p in self.sources.prefixes],
+            self.config.model.seq_length,
+            self.plan.micro_batch_size,
+            ps.get_data_parallel_rank(),
+            self.plan.dp,
+            pad if pad is not None else 0,
+        )
 
     @property
     def stopping(self) -> bool:
@@ -150,8 +164,9 @@ class Trainer:
                 callback.before_step(self)
             self.lr = schedule.learning_rate(self.step, self.config.optim, t.max_steps)
             self.module.set_lr(self.lr)
-            batches = data.step_batches(self.train_ds, self.step, self.plan,
-                                        ps.get_data_parallel_rank())
+            batches = data.step_batches(
+                self.train_ds, self.step, self.plan, ps.get_data_parallel_rank()
+            )
             began = time.perf_counter()
             result = self.module.train_batch(batches, stop_requested=self.stop_signal)
             seconds = time.perf_counter() - began
@@ -172,8 +187,9 @@ class Trainer:
     def _resume(self) -> None:
         """Continue from the newest intact checkpoint; never start over another run's records."""
         resume = self.config.checkpoint.resume
-        distributed.agreed(lambda: refuse_foreign_records(
-            self.run_dir, resume, bool(self.checkpointer.complete())))
+        distributed.agreed(
+            lambda: refuse_foreign_records(self.run_dir, resume, bool(self.checkpointer.complete()))
+        )
         state = self.checkpointer.resume(self.module.engine) if resume else None
         if state is None:
             distributed.agreed(lambda: refuse_foreign_records(self.run_dir, resume, False))
@@ -184,9 +200,12 @@ class Trainer:
         if self.step > max_steps:
             raise UserError(
                 f"{self.run_dir} resumed at step {self.step}, past train.max_steps={max_steps}; "
-                f"set train.max_steps above {self.step} to train on")
-        self.say(f"resumed from {state['path']} at step {self.step}"
-                 + (": the run is already complete" if self.step == max_steps else ""))
+                f"set train.max_steps above {self.step} to train on"
+            )
+        self.say(
+            f"resumed from {state['path']} at step {self.step}"
+            + (": the run is already complete" if self.step == max_steps else "")
+        )
 
     def _write_records(self) -> None:
         if self.rank != 0:
@@ -195,37 +214,54 @@ class Trainer:
         device = self.device
         with os_errors(self.run_dir):
             write_text_atomic(self.run_dir / "config.yaml", dump_config(self.config))
-            write_json_atomic(self.run_dir / "run_info.json", {
-                "name": self.config.run.name or self.run_dir.name,
-                "total_params": self.total_params,
-                "flops_per_token": self.flops_per_token,
-                "tokenizer_sha256": self.sources.tokenizer.fingerprint,
-                "valid_data": [f"{p}_valid" for p in self.sources.prefixes],
-                "valid_data_sha256": self.sources.valid_fingerprint,
-                "world_size": self.plan.world, "tp": self.plan.tp, "pp": self.plan.pp,
-                "dp": self.plan.dp, "zero_stage": self.config.zero.stage,
-                "pipeline_layout": self.plan.layout,
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "precision": "bf16" if self.module.bf16 else "fp32",
-                "peak_flops": self.peak_flops, "peak_flops_source": self.peak_source,
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            })
+            write_json_atomic(
+                self.run_dir / "run_info.json",
+                {
+                    "name": self.config.run.name or self.run_dir.name,
+                    "total_params": self.total_params,
+                    "flops_per_token": self.flops_per_token,
+                    "tokenizer_sha256": self.sources.tokenizer.fingerprint,
+                    "valid_data": [f"{p}_valid" for p in self.sources.prefixes],
+                    "valid_data_sha256": self.sources.valid_fingerprint,
+                    "world_size": self.plan.world,
+                    "tp": self.plan.tp,
+                    "pp": self.plan.pp,
+                    "dp": self.plan.dp,
+                    "zero_stage": self.config.zero.stage,
+                    "pipeline_layout": self.plan.layout,
+                    "device": torch.cuda.get_device_name(device)
+                    if device.type == "cuda"
+                    else "cpu",
+                    "precision": "bf16" if self.module.bf16 else "fp32",
+                    "peak_flops": self.peak_flops,
+                    "peak_flops_source": self.peak_source,
+                    "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                },
+            )
 
     def _write_summary(self, wall: float) -> dict[str, Any]:
-        final = run_summary(self.run_dir / "metrics.jsonl", self.step, self.tokens_per_step,
-                            wall, self.last_val_loss)
+        final = run_summary(
+            self.run_dir / "metrics.jsonl",
+            self.step,
+            self.tokens_per_step,
+            wall,
+            self.last_val_loss,
+        )
         if self.config.train.compile != "none":
             final.update(compile_stats())
             if final["graph_breaks"]:
-                self.say(f"train.compile={self.config.train.compile}: {final['graph_breaks']} "
-                         "graph break(s) on rank 0 (each splits the compiled region); "
-                         "TORCH_LOGS=graph_breaks shows where")
+                self.say(
+                    f"train.compile={self.config.train.compile}: {final['graph_breaks']} "
+                    "graph break(s) on rank 0 (each splits the compiled region); "
+                    "TORCH_LOGS=graph_breaks shows where"
+                )
         write_json_atomic(self.run_dir / "summary.json", final)
         return final
 
 
-def run_summary(metrics: Path, steps: int, tokens_per_step: int, wall: float,
-                val_loss: float | None) -> dict[str, Any]:
+def run_summary(
+    metrics: Path, steps: int, tokens_per_step: int, wall: float, val_loss: float | None
+) -> dict[str, Any]:
     """The run's closing numbers; speed averages the logged intervals after the first."""
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     train_records = [r for r in records if "loss" in r]

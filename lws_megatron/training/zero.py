@@ -35,7 +35,9 @@ class MegatronMPU:
 
     @staticmethod
     def get_model_parallel_world_size() -> int:
-        return ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size()
+        return (
+            ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size()
+        )
 
 
 def uses_deepspeed_backward(config: Config) -> bool:
@@ -70,8 +72,9 @@ def deepspeed_config(config: Config, dp: int) -> dict[str, Any]:
     }
 
 
-def initialize_engine(config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      dp: int):
+def initialize_engine(
+    config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp: int
+):
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

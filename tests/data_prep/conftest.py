@@ -27,7 +27,7 @@ DOCS = [
     "The quick brown fox jumps over the lazy dog.",
     "  Leading spaces, trailing tabs\t\t",
     "Line one\nline two\n\nafter a blank line",
-    "Unicode: é ü ß 日本語 \U0001F600 and a control-looking <eod> text",
+    "Unicode: é ü ß 日本語 \U0001f600 and a control-looking <eod> text",
     "def f(x):\n    return x ** 2  # code keeps its indentation",
     "Numbers 1234567890 split into digits.",
 ]
@@ -49,8 +49,10 @@ def training_text() -> str:
 @pytest.fixture(scope="session")
 def write_jsonl() -> Callable[..., Path]:
     def write(path: Path, texts, key: str = "text") -> Path:
-        path.write_text("".join(json.dumps({key: t}, ensure_ascii=False) + "\n" for t in texts),
-                        encoding="utf-8")
+        path.write_text(
+            "".join(json.dumps({key: t}, ensure_ascii=False) + "\n" for t in texts),
+            encoding="utf-8",
+        )
         return path
 
     return write
@@ -74,8 +76,9 @@ def tok(tok_path):
 def run() -> Callable[..., tuple[str, Manifest]]:
     """preprocess(inputs) into tmp_path/name, quietly; returns (prefix, manifest)."""
 
-    def run_preprocess(tmp_path: Path, inputs, tok_path: str, name: str = "out",
-                       **kwargs) -> tuple[str, Manifest]:
+    def run_preprocess(
+        tmp_path: Path, inputs, tok_path: str, name: str = "out", **kwargs
+    ) -> tuple[str, Manifest]:
         prefix = str(tmp_path / name)
         kwargs.setdefault("progress", False)
         return prefix, preprocess([str(p) for p in inputs], tok_path, prefix, **kwargs)
@@ -98,8 +101,7 @@ def stored_documents() -> Callable[[str], list[list[int]]]:
 def make_dataset() -> Callable[..., str]:
     """A dataset with a self-consistent manifest, written without preprocess."""
 
-    def make(tmp_path: Path, docs: list[np.ndarray], vocab_size: int, dtype=None,
-             name="ds") -> str:
+    def make(tmp_path: Path, docs: list[np.ndarray], vocab_size: int, dtype=None, name="ds") -> str:
         prefix = str(tmp_path / name)
         dtype = np.dtype(dtype or token_dtype(vocab_size))
         writer = IndexedWriter(prefix + "_train", dtype)
@@ -110,10 +112,16 @@ def make_dataset() -> Callable[..., str]:
         write_manifest(
             manifest_path(prefix),
             Manifest(
-                tool="test", tool_version="0", created="now",
+                tool="test",
+                tool_version="0",
+                created="now",
                 tokenizer=TokenizerRecord("tok.model", "0" * 64, vocab_size, 1, 0),
-                dtype=dtype.name, append_eod=True, valid_fraction=0.0, split_hash="",
-                splits={"train": split}, inputs=[InputRecord("in.jsonl", 1, "0" * 64, len(docs))],
+                dtype=dtype.name,
+                append_eod=True,
+                valid_fraction=0.0,
+                split_hash="",
+                splits={"train": split},
+                inputs=[InputRecord("in.jsonl", 1, "0" * 64, len(docs))],
             ),
         )
         return prefix

@@ -34,18 +34,35 @@ def test_npy_and_raw_files_round_trip_token_for_token(tmp_path, tok, tok_path, d
     flat[cut:].astype(np.uint16).tofile(tmp_path / "b.bin")  # OLMo-style: raw ids, no header
     first = import_tokens([str(tmp_path / "a.npy")], "uint32", tok_path, str(tmp_path / "one"))
     second = import_tokens([str(tmp_path / "b.bin")], "uint16", tok_path, str(tmp_path / "two"))
-    assert stored(str(tmp_path / "one_train")) + stored(str(tmp_path / "two_train")) == \
-        documents[:k] + [documents[k][:-2], documents[k][-2:]] + documents[k + 1 :]
+    assert (
+        stored(str(tmp_path / "one_train")) + stored(str(tmp_path / "two_train"))
+        == documents[:k] + [documents[k][:-2], documents[k][-2:]] + documents[k + 1 :]
+    )
     assert first.dtype == "uint16" and first.tokenizer.eod_id == tok.eod
     assert (first.append_eod, second.append_eod) == (False, True)
     assert first.tool == "data_prep.import_tokens" and first.inputs[0].bytes == os.path.getsize(
-        tmp_path / "a.npy")
+        tmp_path / "a.npy"
+    )
     verify_dataset(str(tmp_path / "two"), tokenizer_fingerprint=tok.fingerprint)
 
     np.save(tmp_path / "all.npy", np.concatenate([flat, [tok.eod, tok.eod]]).astype(np.uint32))
-    assert import_cli.main(["--input", str(tmp_path / "all.npy"), "--dtype", "uint32",
-                            "--tokenizer", tok_path, "--output-prefix", str(tmp_path / "split"),
-                            "--valid-fraction", "0.3"]) == 0
+    assert (
+        import_cli.main(
+            [
+                "--input",
+                str(tmp_path / "all.npy"),
+                "--dtype",
+                "uint32",
+                "--tokenizer",
+                tok_path,
+                "--output-prefix",
+                str(tmp_path / "split"),
+                "--valid-fraction",
+                "0.3",
+            ]
+        )
+        == 0
+    )
     manifest = read_manifest(manifest_path(str(tmp_path / "split")))
     train, valid = stored(str(tmp_path / "split_train")), stored(str(tmp_path / "split_valid"))
     assert len(valid) > 0 and sorted(train + valid) == sorted(documents)
@@ -59,8 +76,12 @@ def test_the_stated_dtype_is_checked_never_guessed(tmp_path, tok_path, documents
     flat.astype(np.uint16)[:-1].tofile(tmp_path / "odd.bin")
     (tmp_path / "big.bin").write_bytes(np.array([5, 4000, 1], dtype=np.uint32).tobytes())
     cases = [
-        ("wide.npy", "uint16", {},
-         r"holds uint32 ids \(its .npy header says so\) but --dtype is uint16"),
+        (
+            "wide.npy",
+            "uint16",
+            {},
+            r"holds uint32 ids \(its .npy header says so\) but --dtype is uint16",
+        ),
         ("odd.bin", "uint32", {}, "not a whole number of uint32 ids"),
         ("big.bin", "uint32", {}, "id 4000 at token 1 is outside the 800-entry vocabulary"),
         ("wide.npy", "uint32", {"eod_id": 2}, "--eod-id 2 contradicts"),
@@ -69,19 +90,34 @@ def test_the_stated_dtype_is_checked_never_guessed(tmp_path, tok_path, documents
         with pytest.raises(UserError, match=words):
             import_tokens([str(tmp_path / name)], dtype, tok_path, str(tmp_path / "out"), **kwargs)
         assert not list(tmp_path.glob("out*"))
-    assert import_cli.main(["--input", str(tmp_path / "wide.npy"), "--dtype", "uint16",
-                            "--tokenizer", tok_path, "--output-prefix", str(tmp_path / "out")]) == 2
+    assert (
+        import_cli.main(
+            [
+                "--input",
+                str(tmp_path / "wide.npy"),
+                "--dtype",
+                "uint16",
+                "--tokenizer",
+                tok_path,
+                "--output-prefix",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
-def test_int32_ids_viewed_as_uint16_are_caught_by_the_integrity_check(tmp_path, tok_path,
-                                                                       documents):
+def test_int32_ids_viewed_as_uint16_are_caught_by_the_integrity_check(
+    tmp_path, tok_path, documents
+):
     viewed = np.concatenate([np.array(d, dtype=np.int32) for d in documents]).view(np.uint16)
     np.save(tmp_path / "viewed.npy", viewed)  # a header that says uint16, over int32 data
     viewed.tofile(tmp_path / "raw.bin")
     for name in ("viewed.npy", "raw.bin"):
-        with pytest.raises(UserError,
-                           match=r"the int32/uint16 mix-up\): 100% of the odd positions"):
+        with pytest.raises(
+            UserError, match=r"the int32/uint16 mix-up\): 100% of the odd positions"
+        ):
             import_tokens([str(tmp_path / name)], "uint16", tok_path, str(tmp_path / "out"))
         assert not list(tmp_path.glob("out*"))

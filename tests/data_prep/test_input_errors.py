@@ -35,10 +35,16 @@ def files_under(root: Path) -> list[str]:
         ("prog.txt", ELF_HEAD, r"prog.txt holds NUL bytes in its first 1,046 bytes: binary"),
         ("prog.jsonl", ELF_HEAD, r"prog.jsonl holds NUL bytes"),
         ("prog.txt.gz", gzip.compress(ELF_HEAD), r"prog.txt.gz holds NUL bytes"),
-        ("noise.txt", np.random.default_rng(0).integers(1, 256, 4000, dtype=np.uint8).tobytes(),
-         r"noise.txt is not UTF-8 text: [\d,]+ invalid UTF-8 sequences in its first 4,000 bytes"),
-        ("greek.txt", "Ελληνικό κείμενο σε ISO-8859-7\n".encode("iso-8859-7") * 50,
-         r"greek.txt is not UTF-8 text: .*convert it to UTF-8"),
+        (
+            "noise.txt",
+            np.random.default_rng(0).integers(1, 256, 4000, dtype=np.uint8).tobytes(),
+            r"noise.txt is not UTF-8 text: [\d,]+ invalid UTF-8 sequences in its first 4,000 bytes",
+        ),
+        (
+            "greek.txt",
+            "Ελληνικό κείμενο σε ISO-8859-7\n".encode("iso-8859-7") * 50,
+            r"greek.txt is not UTF-8 text: .*convert it to UTF-8",
+        ),
     ],
 )
 def test_binary_input_is_refused_not_indexed(tmp_path, tok_path, run, name, content, message):
@@ -72,8 +78,11 @@ def overwrite_tokens_in_place(prefix: str) -> None:
 
 def test_tokens_overwritten_in_place_fail_inspect_and_the_training_check(good_dataset, capsys):
     overwrite_tokens_in_place(good_dataset)
-    with pytest.raises(UserError, match=r"out_train.bin differs from the one the manifest "
-                                        r"recorded \(sha256\): its tokens were changed"):
+    with pytest.raises(
+        UserError,
+        match=r"out_train.bin differs from the one the manifest "
+        r"recorded \(sha256\): its tokens were changed",
+    ):
         verify_dataset(good_dataset, tokenizer_fingerprint=None, vocab_size=800)
     assert inspect_cli.main([good_dataset, "--samples", "0"]) == 2
     err = capsys.readouterr().err
@@ -88,31 +97,66 @@ def test_training_refuses_tokens_changed_in_place(tmp_path, tiny_data):
         shutil.copy(path, tmp_path / path.name)
     prefix = str(tmp_path / source.name)
     overwrite_tokens_in_place(prefix)
-    config = load_config(TINY, [f"data.path=[{prefix}]",
-                                f"data.tokenizer={tiny_data['tokenizer']}"])
+    config = load_config(
+        TINY, [f"data.path=[{prefix}]", f"data.tokenizer={tiny_data['tokenizer']}"]
+    )
     with pytest.raises(UserError, match=r"data_train.bin differs from the one the manifest"):
         resolve_sources(config)
 
 
-def test_outputs_under_a_regular_file_are_one_line_errors(tmp_path, tok_path, write_jsonl,
-                                                          sample_docs, capsys):
+def test_outputs_under_a_regular_file_are_one_line_errors(
+    tmp_path, tok_path, write_jsonl, sample_docs, capsys
+):
     source = write_jsonl(tmp_path / "in.jsonl", sample_docs * 20)
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, not a directory\n")
     before = files_under(tmp_path)
     commands = [
-        (preprocess_cli.main, ["--input", str(source), "--tokenizer", tok_path, "--quiet",
-                               "--output-prefix", str(blocker / "out")],
-         f"{blocker} exists but is not a directory"),
-        (preprocess_cli.main, ["--input", str(source), "--tokenizer", tok_path, "--quiet",
-                               "--output-prefix", str(blocker / "sub" / "out")],
-         f"{blocker / 'sub'}: Not a directory; a part of that path is a file"),
-        (tokenizer_cli.main, ["train", "--input", str(source), "--vocab-size", "300",
-                              "--output", str(blocker / "tok")],
-         f"{blocker} exists but is not a directory"),
+        (
+            preprocess_cli.main,
+            [
+                "--input",
+                str(source),
+                "--tokenizer",
+                tok_path,
+                "--quiet",
+                "--output-prefix",
+                str(blocker / "out"),
+            ],
+            f"{blocker} exists but is not a directory",
+        ),
+        (
+            preprocess_cli.main,
+            [
+                "--input",
+                str(source),
+                "--tokenizer",
+                tok_path,
+                "--quiet",
+                "--output-prefix",
+                str(blocker / "sub" / "out"),
+            ],
+            f"{blocker / 'sub'}: Not a directory; a part of that path is a file",
+        ),
+        (
+            tokenizer_cli.main,
+            [
+                "train",
+                "--input",
+                str(source),
+                "--vocab-size",
+                "300",
+                "--output",
+                str(blocker / "tok"),
+            ],
+            f"{blocker} exists but is not a directory",
+        ),
         (demo_corpus.main, ["--output", str(blocker)], f"{blocker} exists but is not a directory"),
-        (demo_corpus.main, ["--output", str(blocker / "corpus")],
-         f"{blocker / 'corpus'}: Not a directory"),
+        (
+            demo_corpus.main,
+            ["--output", str(blocker / "corpus")],
+            f"{blocker / 'corpus'}: Not a directory",
+        ),
     ]
     for main, argv, message in commands:
         assert main(argv) == 2, argv
@@ -121,8 +165,9 @@ def test_outputs_under_a_regular_file_are_one_line_errors(tmp_path, tok_path, wr
     assert files_under(tmp_path) == before
 
 
-def test_read_only_output_directory_is_a_one_line_error(tmp_path, tok_path, write_jsonl,
-                                                        sample_docs, run):
+def test_read_only_output_directory_is_a_one_line_error(
+    tmp_path, tok_path, write_jsonl, sample_docs, run
+):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -142,10 +187,12 @@ def disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("failing", ["_train.bin.partial", "_valid.bin.partial",
-                                     "_train.idx.partial"])
-def test_full_disk_while_indexing_leaves_no_partial_file(tmp_path, tok_path, run, write_jsonl,
-                                                         monkeypatch, failing):
+@pytest.mark.parametrize(
+    "failing", ["_train.bin.partial", "_valid.bin.partial", "_train.idx.partial"]
+)
+def test_full_disk_while_indexing_leaves_no_partial_file(
+    tmp_path, tok_path, run, write_jsonl, monkeypatch, failing
+):
     monkeypatch.setattr(preprocess_cli, "BATCH_DOCS", 4)
     source = write_jsonl(tmp_path / "in.jsonl", [f"document number {i}" for i in range(80)])
     write = indexed._HashingWriter.write
@@ -163,7 +210,8 @@ def test_full_disk_while_indexing_leaves_no_partial_file(tmp_path, tok_path, run
 
 
 def test_full_disk_while_writing_the_tokenizer_or_corpus_leaves_no_partial(
-        tmp_path, training_text, monkeypatch):
+    tmp_path, training_text, monkeypatch
+):
     corpus = tmp_path / "train.txt"
     corpus.write_text(training_text[:50_000], encoding="utf-8")
     monkeypatch.setattr(fileio.os, "fsync", disk_full)

@@ -24,8 +24,9 @@ def rewrite_as_paper_erratum(tmp_path: Path, source: str, make_dataset) -> str:
     return make_dataset(tmp_path, docs, manifest.tokenizer.vocab_size, name="erratum")
 
 
-def test_inspect_catches_int32_tokens_read_as_uint16(tmp_path, good_dataset, capsys,
-                                                     stored_documents, make_dataset):
+def test_inspect_catches_int32_tokens_read_as_uint16(
+    tmp_path, good_dataset, capsys, stored_documents, make_dataset
+):
     corrupted = rewrite_as_paper_erratum(tmp_path, good_dataset, make_dataset)
     first = stored_documents(corrupted + "_train")[0]
     assert first[1::2] == [0] * (len(first) // 2)
@@ -55,13 +56,16 @@ def test_uint16_tokens_read_as_int32_are_caught(tmp_path, make_dataset):
 
 def test_legitimate_zeros_pass_the_mixup_detector(tmp_path, make_dataset):
     rng = np.random.default_rng(2)
-    rare_pad = [np.where(rng.random(n) < 0.01, 0, rng.integers(2, 1000, n))
-                for n in rng.integers(50, 500, 300)]
+    rare_pad = [
+        np.where(rng.random(n) < 0.01, 0, rng.integers(2, 1000, n))
+        for n in rng.integers(50, 500, 300)
+    ]
     verify_dataset(make_dataset(tmp_path, rare_pad, 1000, name="rare"))
     eod_zero_short_docs = [np.array([rng.integers(1, 1000), 0]) for _ in range(3000)]
     prefix = make_dataset(tmp_path, eod_zero_short_docs, 1000, name="short")
-    zeros = parity_zeros(read_tokens(prefix + "_train", np.dtype(np.uint16)),
-                         read_index(prefix + "_train"))
+    zeros = parity_zeros(
+        read_tokens(prefix + "_train", np.dtype(np.uint16)), read_index(prefix + "_train")
+    )
     assert zeros.odd == 0.0
     verify_dataset(prefix)
 
@@ -93,8 +97,9 @@ def test_files_must_match_the_manifest(good_dataset, tok):
         verify_dataset(good_dataset, vocab_size=10)
     manifest = read_manifest(manifest_path(good_dataset))
     split = dataclasses.replace(manifest.splits["train"], idx_sha256="0" * 64)
-    write_manifest(manifest_path(good_dataset),
-                   dataclasses.replace(manifest, splits={"train": split}))
+    write_manifest(
+        manifest_path(good_dataset), dataclasses.replace(manifest, splits={"train": split})
+    )
     with pytest.raises(UserError, match="_train.idx differs from the one the manifest recorded"):
         verify_dataset(good_dataset + "_train")
     with pytest.raises(UserError, match="has no valid split"):

@@ -20,8 +20,9 @@ from lws_megatron.errors import UserError
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "txt-line", "txt-block"])
-def test_round_trip_matches_tokenizer_encoding(tmp_path, tok_path, tok, fmt, run, write_jsonl,
-                                               stored_documents, sample_docs):
+def test_round_trip_matches_tokenizer_encoding(
+    tmp_path, tok_path, tok, fmt, run, write_jsonl, stored_documents, sample_docs
+):
     docs = [d.replace("\n", " ") for d in sample_docs] if fmt == "txt-line" else sample_docs
     if fmt.startswith("jsonl"):
         source = write_jsonl(tmp_path / "in.jsonl", docs)
@@ -48,14 +49,17 @@ def test_round_trip_matches_tokenizer_encoding(tmp_path, tok_path, tok, fmt, run
     assert manifest.inputs[0].sha256 == hashlib.sha256(Path(source).read_bytes()).hexdigest()
     assert manifest.inputs[0].bytes == os.path.getsize(source)
     assert {n for n in os.listdir(tmp_path) if n.startswith("out")} == {
-        "out.manifest.json", "out_train.bin", "out_train.idx"
+        "out.manifest.json",
+        "out_train.bin",
+        "out_train.idx",
     }
     assert verify_dataset(prefix, tokenizer_fingerprint=tok.fingerprint) == manifest
 
 
 @pytest.mark.parametrize("vocab_size, dtype", [(65_536, "uint16"), (65_537, "int32")])
-def test_preprocess_dtype_follows_vocabulary_size(tmp_path, tok_path, tok, vocab_size, dtype,
-                                                  run, write_jsonl, stored_documents, sample_docs):
+def test_preprocess_dtype_follows_vocabulary_size(
+    tmp_path, tok_path, tok, vocab_size, dtype, run, write_jsonl, stored_documents, sample_docs
+):
     model = model_pb2.ModelProto()
     model.ParseFromString(Path(tok_path).read_bytes())
     for i in range(vocab_size - len(model.pieces)):
@@ -72,7 +76,8 @@ def test_preprocess_dtype_follows_vocabulary_size(tmp_path, tok_path, tok, vocab
 
 
 def test_split_is_stable_disjoint_and_independent_of_workers_and_order(
-        tmp_path, tok_path, tok, run, write_jsonl, stored_documents):
+    tmp_path, tok_path, tok, run, write_jsonl, stored_documents
+):
     rng = np.random.default_rng(0)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
     texts = [f"doc {i}: " + " ".join(rng.choice(words, 12)) for i in range(400)]
@@ -80,8 +85,10 @@ def test_split_is_stable_disjoint_and_independent_of_workers_and_order(
     b = write_jsonl(tmp_path / "b.jsonl", texts[200:] + [texts[5]])
 
     def splits(prefix: str) -> dict[str, set[str]]:
-        return {s: {tok.decode(ids) for ids in stored_documents(f"{prefix}_{s}")}
-                for s in ("train", "valid")}
+        return {
+            s: {tok.decode(ids) for ids in stored_documents(f"{prefix}_{s}")}
+            for s in ("train", "valid")
+        }
 
     first = splits(run(tmp_path, [a, b], tok_path, "one", workers=1, valid_fraction=0.25)[0])
     second = splits(run(tmp_path, [b, a], tok_path, "two", workers=2, valid_fraction=0.25)[0])
@@ -102,8 +109,9 @@ def test_split_hash_is_pinned():
     assert not valid_mask(docs, 0.0).any()
 
 
-def test_existing_output_is_refused_unless_overwrite(tmp_path, tok_path, run, write_jsonl,
-                                                     sample_docs):
+def test_existing_output_is_refused_unless_overwrite(
+    tmp_path, tok_path, run, write_jsonl, sample_docs
+):
     source = write_jsonl(tmp_path / "in.jsonl", sample_docs * 20)
     prefix, first = run(tmp_path, [source], tok_path, valid_fraction=0.3)
     assert set(first.splits) == {"train", "valid"}
@@ -115,8 +123,9 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, tok_path, run, wr
     verify_dataset(prefix)
 
 
-def test_interrupted_run_leaves_nothing_that_looks_complete(tmp_path, tok_path, monkeypatch, run,
-                                                            write_jsonl):
+def test_interrupted_run_leaves_nothing_that_looks_complete(
+    tmp_path, tok_path, monkeypatch, run, write_jsonl
+):
     monkeypatch.setattr(preprocess_cli, "BATCH_DOCS", 4)
     source = write_jsonl(tmp_path / "in.jsonl", [f"document number {i}" for i in range(40)])
     calls = []
@@ -162,13 +171,37 @@ def test_bad_inputs_and_options_are_refused(tmp_path, tok_path, run, write_jsonl
 
 
 def test_command_lines_end_to_end(tmp_path, capsys, write_jsonl, training_text):
-    source = write_jsonl(tmp_path / "in.jsonl",
-                         [training_text[i : i + 400] for i in range(0, 200_000, 400)])
-    assert tokenizer_cli.main(["train", "--input", str(source), "--vocab-size", "700",
-                               "--output", str(tmp_path / "tok")]) == 0
-    args = ["--input", str(tmp_path / "*.jsonl"), "--tokenizer", str(tmp_path / "tok.model"),
-            "--output-prefix", str(tmp_path / "data" / "demo"), "--append-eod",
-            "--valid-fraction", "0.1", "--workers", "2", "--quiet"]
+    source = write_jsonl(
+        tmp_path / "in.jsonl", [training_text[i : i + 400] for i in range(0, 200_000, 400)]
+    )
+    assert (
+        tokenizer_cli.main(
+            [
+                "train",
+                "--input",
+                str(source),
+                "--vocab-size",
+                "700",
+                "--output",
+                str(tmp_path / "tok"),
+            ]
+        )
+        == 0
+    )
+    args = [
+        "--input",
+        str(tmp_path / "*.jsonl"),
+        "--tokenizer",
+        str(tmp_path / "tok.model"),
+        "--output-prefix",
+        str(tmp_path / "data" / "demo"),
+        "--append-eod",
+        "--valid-fraction",
+        "0.1",
+        "--workers",
+        "2",
+        "--quiet",
+    ]
     assert preprocess_cli.main(args) == 0
     assert preprocess_cli.main(args) == 2
     assert inspect_cli.main([str(tmp_path / "data" / "demo_valid")]) == 0

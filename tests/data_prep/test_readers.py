@@ -10,18 +10,24 @@ from data_prep.readers import ReaderOptions
 from lws_megatron.errors import UserError
 
 
-def test_invalid_utf8_is_replaced_counted_and_reported(tmp_path, tok_path, tok, run,
-                                                       stored_documents):
+def test_invalid_utf8_is_replaced_counted_and_reported(
+    tmp_path, tok_path, tok, run, stored_documents
+):
     jsonl = tmp_path / "bad.jsonl"
-    jsonl.write_bytes(b'{"text": "fine"}\n{"text": "bad \xff byte"}\n'
-                      b'{"text": "lone \\ud800 surrogate"}\n')
+    jsonl.write_bytes(
+        b'{"text": "fine"}\n{"text": "bad \xff byte"}\n{"text": "lone \\ud800 surrogate"}\n'
+    )
     text = tmp_path / "bad.txt"
     text.write_bytes(b"ok line\nbroken \xc3\x28 pair\n")
     warnings: list[str] = []
     prefix, manifest = run(tmp_path, [jsonl, text], tok_path, warn=warnings.append)
     assert manifest.invalid_utf8 == {"replacements": 3, "documents": 3}
     assert [tok.decode(ids) for ids in stored_documents(prefix + "_train")] == [
-        "fine", "bad \ufffd byte", "lone \ufffd surrogate", "ok line", "broken \ufffd( pair",
+        "fine",
+        "bad \ufffd byte",
+        "lone \ufffd surrogate",
+        "ok line",
+        "broken \ufffd( pair",
     ]
     assert any(str(jsonl) in w and "line 2" in w for w in warnings)
     assert any(str(text) in w and "line 2" in w for w in warnings)
@@ -39,16 +45,23 @@ def test_empty_documents_are_skipped_and_counted(tmp_path, tok_path, run, write_
 
 def test_missing_json_key_is_an_error_or_skipped_on_request(tmp_path, tok_path, run):
     source = tmp_path / "k.jsonl"
-    source.write_text('{"text": "a"}\n{"text": "b"}\n{"body": "c"}\n{"text": "d"}\n',
-                      encoding="utf-8")
-    with pytest.raises(UserError,
-                       match=rf"{source}:3: no key 'text' \(keys: 'body'\).*--skip-missing-key"):
+    source.write_text(
+        '{"text": "a"}\n{"text": "b"}\n{"body": "c"}\n{"text": "d"}\n', encoding="utf-8"
+    )
+    with pytest.raises(
+        UserError, match=rf"{source}:3: no key 'text' \(keys: 'body'\).*--skip-missing-key"
+    ):
         run(tmp_path, [source], tok_path)
     assert os.listdir(tmp_path) == ["k.jsonl"]
     _, manifest = run(tmp_path, [source], tok_path, options=ReaderOptions(skip_missing_key=True))
     assert manifest.skipped["missing_key"] == 1 and manifest.splits["train"].documents == 3
-    _, manifest = run(tmp_path, [source], tok_path, "body",
-                      options=ReaderOptions(json_key="body", skip_missing_key=True))
+    _, manifest = run(
+        tmp_path,
+        [source],
+        tok_path,
+        "body",
+        options=ReaderOptions(json_key="body", skip_missing_key=True),
+    )
     assert manifest.splits["train"].documents == 1
 
 
@@ -67,8 +80,9 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, tok_path, content, messag
 
 
 def test_gzip_truncated_corrupt_and_multi_member(tmp_path, tok_path, run):
-    whole = gzip.compress(b"".join(json.dumps({"text": f"doc {i} " * 50}).encode() + b"\n"
-                                   for i in range(200)))
+    whole = gzip.compress(
+        b"".join(json.dumps({"text": f"doc {i} " * 50}).encode() + b"\n" for i in range(200))
+    )
     truncated = tmp_path / "cut.jsonl.gz"
     truncated.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(UserError, match="cut.jsonl.gz is truncated"):

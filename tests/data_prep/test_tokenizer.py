@@ -9,16 +9,23 @@ from data_prep.tokenizer import load_tokenizer, train_tokenizer
 from lws_megatron.errors import UserError
 
 
-def test_tokenizer_training_is_deterministic_with_fixed_special_ids(tmp_path, tok_path, tok,
-                                                                    sample_docs):
-    again = train_tokenizer([str(Path(tok_path).parent / "train.txt")], 800,
-                            str(tmp_path / "again"))
+def test_tokenizer_training_is_deterministic_with_fixed_special_ids(
+    tmp_path, tok_path, tok, sample_docs
+):
+    again = train_tokenizer(
+        [str(Path(tok_path).parent / "train.txt")], 800, str(tmp_path / "again")
+    )
     model = Path(tok_path).read_bytes()
     assert Path(again.path).read_bytes() == model
     assert again.fingerprint == tok.fingerprint == hashlib.sha256(model).hexdigest()
     assert (tok.pad, tok.eod, tok.bos, tok.unk, tok.vocab_size) == (0, 1, 2, 3, 800)
     assert [tok.processor.id_to_piece(i) for i in range(5)] == [
-        "<pad>", "<eod>", "<bos>", "<unk>", "<0x00>"]
+        "<pad>",
+        "<eod>",
+        "<bos>",
+        "<unk>",
+        "<0x00>",
+    ]
     assert tok.eod not in tok.encode(["text that says <eod> and <pad>"])[0]
     assert all(tok.decode(ids) == doc for ids, doc in zip(tok.encode(sample_docs), sample_docs))
     assert Path(tok_path).with_suffix(".vocab").read_text(encoding="utf-8").startswith("<pad>\t")

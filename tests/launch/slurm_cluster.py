@@ -53,10 +53,14 @@ def missing_reason() -> str | None:
     """Why this machine can't run the cluster, or None."""
     for name in ("munged", "slurmctld", "slurmd", "sbatch", "srun"):
         if tool(name) is None:
-            return (f"{name} is not installed: the SLURM tests need Debian's slurm-wlm and munge "
-                    "(bash .ci/system_packages.sh installs them)")
+            return (
+                f"{name} is not installed: the SLURM tests need Debian's slurm-wlm and munge "
+                "(bash .ci/system_packages.sh installs them)"
+            )
     if os.geteuid() != 0:
-        return "the one-node SLURM test cluster runs slurmd as root; run the tests as root (CI does)"
+        return (
+            "the one-node SLURM test cluster runs slurmd as root; run the tests as root (CI does)"
+        )
     return None
 
 
@@ -86,60 +90,74 @@ class SlurmCluster:
     # ---- set-up ----
     def _write_files(self) -> None:
         r = self.root
-        for sub, mode in (("munge", 0o700), ("run", 0o755), ("state", 0o755), ("spool", 0o755),
-                          ("log", 0o755)):
+        for sub, mode in (
+            ("munge", 0o700),
+            ("run", 0o755),
+            ("state", 0o755),
+            ("spool", 0o755),
+            ("log", 0o755),
+        ):
             (r / sub).mkdir(mode=mode)
             (r / sub).chmod(mode)
         key = r / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         user = "root"
-        self.conf.write_text("\n".join([
-            "# A one-node test cluster written by tests/launch/slurm_cluster.py",
-            "ClusterName=lwstest",
-            f"SlurmctldHost={NODE}(127.0.0.1)",
-            f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
-            f"SlurmUser={user}",
-            f"SlurmdUser={user}",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
-            # cred_expire also delays a requeued job's restart (120 s by default)
-            f"AuthInfo=socket={r}/run/munge.socket,cred_expire=5",
-            f"StateSaveLocation={r}/state",
-            f"SlurmdSpoolDir={r}/spool",
-            f"SlurmctldPidFile={r}/run/slurmctld.pid",
-            f"SlurmdPidFile={r}/run/slurmd.pid",
-            f"SlurmctldLogFile={r}/log/slurmctld.log",
-            f"SlurmdLogFile={r}/log/slurmd.log",
-            "SlurmctldDebug=info",
-            "SlurmdDebug=info",
-            "MailProg=/bin/true",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_CPU",
-            "SchedulerType=sched/builtin",
-            "SchedulerParameters=sched_interval=2",
-            "MpiDefault=none",
-            "ReturnToService=2",
-            "JobRequeue=1",
-            "KillWait=10",
-            "MinJobAge=600",
-            f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} "
-            f"RealMemory={max(_memory_mb() - 512, 256)} State=UNKNOWN",
-            f"PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ]))
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "# A one-node test cluster written by tests/launch/slurm_cluster.py",
+                    "ClusterName=lwstest",
+                    f"SlurmctldHost={NODE}(127.0.0.1)",
+                    f"SlurmctldPort={free_port()}",
+                    f"SlurmdPort={free_port()}",
+                    f"SlurmUser={user}",
+                    f"SlurmdUser={user}",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    # cred_expire also delays a requeued job's restart (120 s by default)
+                    f"AuthInfo=socket={r}/run/munge.socket,cred_expire=5",
+                    f"StateSaveLocation={r}/state",
+                    f"SlurmdSpoolDir={r}/spool",
+                    f"SlurmctldPidFile={r}/run/slurmctld.pid",
+                    f"SlurmdPidFile={r}/run/slurmd.pid",
+                    f"SlurmctldLogFile={r}/log/slurmctld.log",
+                    f"SlurmdLogFile={r}/log/slurmd.log",
+                    "SlurmctldDebug=info",
+                    "SlurmdDebug=info",
+                    "MailProg=/bin/true",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_CPU",
+                    "SchedulerType=sched/builtin",
+                    "SchedulerParameters=sched_interval=2",
+                    "MpiDefault=none",
+                    "ReturnToService=2",
+                    "JobRequeue=1",
+                    "KillWait=10",
+                    "MinJobAge=600",
+                    f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={self.cpus} "
+                    f"RealMemory={max(_memory_mb() - 512, 256)} State=UNKNOWN",
+                    f"PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = open(self.root / "log" / f"{name}.out", "w")
-        self.procs[name] = subprocess.Popen([tool(argv[0]), *argv[1:]], stdout=out,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.env, start_new_session=True,
-                                            preexec_fn=_die_with_parent)
+        self.procs[name] = subprocess.Popen(
+            [tool(argv[0]), *argv[1:]],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         out.close()
 
     def _check_alive(self) -> None:
@@ -151,18 +169,31 @@ class SlurmCluster:
         self._write_files()
         r = self.root
         try:
-            self._spawn("munged", ["munged", "--foreground", f"--socket={r}/run/munge.socket",
-                                   f"--key-file={r}/munge/munge.key",
-                                   f"--pid-file={r}/run/munged.pid",
-                                   f"--seed-file={r}/munge/munged.seed",
-                                   f"--log-file={r}/log/munged.log"])
+            self._spawn(
+                "munged",
+                [
+                    "munged",
+                    "--foreground",
+                    f"--socket={r}/run/munge.socket",
+                    f"--key-file={r}/munge/munge.key",
+                    f"--pid-file={r}/run/munged.pid",
+                    f"--seed-file={r}/munge/munged.seed",
+                    f"--log-file={r}/log/munged.log",
+                ],
+            )
             self._wait(lambda: (r / "run" / "munge.socket").exists(), timeout, "munged's socket")
             self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
-            self._wait(lambda: self._run(["scontrol", "ping"]).returncode == 0, timeout,
-                       "slurmctld to answer")
+            self._wait(
+                lambda: self._run(["scontrol", "ping"]).returncode == 0,
+                timeout,
+                "slurmctld to answer",
+            )
             self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", NODE])
-            self._wait(lambda: self._run(["sinfo", "-h", "-N", "-o", "%t"]).stdout.strip()
-                       == "idle", timeout, "the node to be idle")
+            self._wait(
+                lambda: self._run(["sinfo", "-h", "-N", "-o", "%t"]).stdout.strip() == "idle",
+                timeout,
+                "the node to be idle",
+            )
         except BaseException:
             self.stop()
             raise
@@ -207,8 +238,17 @@ class SlurmCluster:
 
     def wait_job(self, job_id: str, timeout: float, until=None) -> dict[str, str]:
         """Wait until the job ended (or `until(fields)` holds); return its fields."""
-        ended = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+        ended = {
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+            "DEADLINE",
+            "PREEMPTED",
+        }
         until = until or (lambda f: f.get("JobState") in ended)
         deadline = time.monotonic() + timeout
         while True:
@@ -217,8 +257,10 @@ class SlurmCluster:
                 return fields
             self._check_alive()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {fields.get('JobState')} after "
-                                   f"{timeout:.0f} s:\n{fields}\n{self.logs()}")
+                raise TimeoutError(
+                    f"job {job_id} still {fields.get('JobState')} after "
+                    f"{timeout:.0f} s:\n{fields}\n{self.logs()}"
+                )
             time.sleep(0.5)
 
     def logs(self, lines: int = 30) -> str:
@@ -237,8 +279,10 @@ class SlurmCluster:
             if jobs:
                 self._run(["scancel", *jobs])
                 deadline = time.monotonic() + 60
-                while (self._run(["squeue", "-h", "-o", "%A"]).stdout.strip()
-                       and time.monotonic() < deadline):
+                while (
+                    self._run(["squeue", "-h", "-o", "%A"]).stdout.strip()
+                    and time.monotonic() < deadline
+                ):
                     time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.pop(name, None)

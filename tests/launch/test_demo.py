@@ -16,20 +16,39 @@ PROFILES = ["baseline", "vanilla", "framed", "reverse", "crown"]
 def test_quick_demo_builds_data_trains_five_profiles_and_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "launch/demo.py", "--quick", "--output", str(out),
-         "train.max_steps=4", "eval.interval=2", "eval.batches=2", "model.seq_length=64",
-         "train.log_interval=2"],
-        capture_output=True, text=True, cwd=ROOT, timeout=900)
+        [
+            sys.executable,
+            "launch/demo.py",
+            "--quick",
+            "--output",
+            str(out),
+            "train.max_steps=4",
+            "eval.interval=2",
+            "eval.batches=2",
+            "model.seq_length=64",
+            "train.log_interval=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (out / "report" / "report.md").read_text()
     for name in ("loss.png", "throughput.png", "profiles.png"):
         assert (out / "report" / name).read_bytes()[:4] == b"\x89PNG"
-    rows = {line.split("|")[1].strip(): line for line in report.splitlines()
-            if line.startswith("| ") and line.split("|")[1].strip() in PROFILES}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in report.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip() in PROFILES
+    }
     assert sorted(rows) == sorted(PROFILES)
     final = {}
     for name in PROFILES:
-        records = [json.loads(l) for l in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(row)
+            for row in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        ]
         val = [r["val_loss"] for r in records if "val_loss" in r]
         assert len(val) == 3 and val[-1] < val[0]  # steps 0, 2, 4; it learns, even in 4 steps
         assert f"{val[-1]:.4f}" in rows[name]  # the table is read from metrics.jsonl

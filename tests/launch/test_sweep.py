@@ -18,8 +18,13 @@ TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
 
 def sweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch/sweep.py", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=900)
+    return subprocess.run(
+        [sys.executable, "launch/sweep.py", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
 
 
 @pytest.mark.slow
@@ -30,9 +35,21 @@ def test_seeds_train_apart_and_the_report_gives_their_mean_and_std(tmp_path, tin
     blocked = out / "runs" / "tiny" / "seed3"
     blocked.mkdir(parents=True)
     (blocked / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
-    proc = sweep(str(TINY), "--seeds", "1", "2", "3", "--nproc", "1", "--output", str(out),
-                 "train.max_steps=2", "eval.interval=1", f"data.path=[{tiny_data['prefix']}]",
-                 f"data.tokenizer={tiny_data['tokenizer']}")
+    proc = sweep(
+        str(TINY),
+        "--seeds",
+        "1",
+        "2",
+        "3",
+        "--nproc",
+        "1",
+        "--output",
+        str(out),
+        "train.max_steps=2",
+        "eval.interval=1",
+        f"data.path=[{tiny_data['prefix']}]",
+        f"data.tokenizer={tiny_data['tokenizer']}",
+    )
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith(f"error: 1 of 3 runs failed: {TINY} seed 3 ({blocked}")
@@ -55,16 +72,22 @@ def test_seeds_train_apart_and_the_report_gives_their_mean_and_std(tmp_path, tin
         assert row[column] == f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-@pytest.mark.parametrize("args, message", [
-    ([str(TINY)], "--seeds: give the seeds to train with"),
-    ([str(TINY), "--seeds"], "--seeds: give the seeds to train with"),
-    ([str(TINY), "--seeds", "1", "2", "1"], "--seeds: seed 1 is given twice"),
-    ([str(TINY), "--seeds", "1", "one"], "--seeds: 'one' is not an integer seed"),
-    (["configs/demo/nope.yaml", "--seeds", "1"], "configs/demo/nope.yaml: config file not found"),
-    ([str(TINY), "--seeds", "1", "train.seed=5"], "the sweep sets train.seed and run.dir"),
-    ([str(TINY), "{tmp}/tiny.yaml", "--seeds", "1"], f"configs {TINY} and {{tmp}}/tiny.yaml"),
-    ([str(TINY), str(TINY), "--seeds", "1"], "give each config once"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([str(TINY)], "--seeds: give the seeds to train with"),
+        ([str(TINY), "--seeds"], "--seeds: give the seeds to train with"),
+        ([str(TINY), "--seeds", "1", "2", "1"], "--seeds: seed 1 is given twice"),
+        ([str(TINY), "--seeds", "1", "one"], "--seeds: 'one' is not an integer seed"),
+        (
+            ["configs/demo/nope.yaml", "--seeds", "1"],
+            "configs/demo/nope.yaml: config file not found",
+        ),
+        ([str(TINY), "--seeds", "1", "train.seed=5"], "the sweep sets train.seed and run.dir"),
+        ([str(TINY), "{tmp}/tiny.yaml", "--seeds", "1"], f"configs {TINY} and {{tmp}}/tiny.yaml"),
+        ([str(TINY), str(TINY), "--seeds", "1"], "give each config once"),
+    ],
+)
 def test_bad_input_is_one_line_before_anything_trains(tmp_path, args, message):
     (tmp_path / "tiny.yaml").write_text(f"base: {TINY}\n")
     proc = sweep(*[arg.format(tmp=tmp_path) for arg in args], "--output", str(tmp_path / "out"))

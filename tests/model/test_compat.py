@@ -23,8 +23,9 @@ def test_with_submodules_replaces_in_a_module_spec_and_leaves_the_original():
 
 
 def test_with_submodules_replaces_in_a_partial_and_keeps_its_other_arguments():
-    spec = functools.partial(dict, submodules=MLPSubmodules(linear_fc1="fc1", linear_fc2="fc2"),
-                             extra=3)
+    spec = functools.partial(
+        dict, submodules=MLPSubmodules(linear_fc1="fc1", linear_fc2="fc2"), extra=3
+    )
     new = with_submodules(spec, linear_fc2="mine")
     built = new()
     assert built["extra"] == 3

@@ -41,8 +41,9 @@ def _explain_layer_and_model(path: str) -> dict[str, tuple[int, int]]:
         out = {}
         for i, layer in enumerate(model.decoder.layers):
             x = torch.randn(s, b, config.model.d_model, requires_grad=True)
-            e = torch._dynamo.explain(layer)(x, attention_mask=None,
-                                             rotary_pos_emb=model.rotary_pos_emb(s))
+            e = torch._dynamo.explain(layer)(
+                x, attention_mask=None, rotary_pos_emb=model.rotary_pos_emb(s)
+            )
             out[f"layer {i + 1}"] = (e.graph_count, e.graph_break_count)
         e = torch._dynamo.explain(model)(tokens, None, None, labels=tokens)
         out["model"] = (e.graph_count, e.graph_break_count)

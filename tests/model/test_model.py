@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_utils import built_model, run_distributed
+
 from lws_megatron.config import Config, load_config
 from lws_megatron.errors import UserError
 from lws_megatron.training.distributed import model_parallel, resolve_plan
@@ -61,8 +61,12 @@ def _attention_errors_in_groups(SDPAttention, AttnMaskType, TransformerConfig) -
     g = torch.Generator().manual_seed(0)
     for name, heads, kv, scale in (("gqa", 6, 2, None), ("mha", 4, 4, None), ("scaled", 4, 2, 0.3)):
         config = TransformerConfig(
-            num_layers=1, hidden_size=16 * heads, num_attention_heads=heads,
-            num_query_groups=kv, kv_channels=16, attention_dropout=0.0,
+            num_layers=1,
+            hidden_size=16 * heads,
+            num_attention_heads=heads,
+            num_query_groups=kv,
+            kv_channels=16,
+            attention_dropout=0.0,
         )
         attention = SDPAttention(config, 1, AttnMaskType.causal, "self", softmax_scale=scale)
         q = torch.randn(12, 3, heads, 16, generator=g)
@@ -83,15 +87,23 @@ def _te_attention_error() -> float:
     from lws_megatron.model import SDPAttention
 
     with model_parallel(load_config(DEMO)):
-        return _te_error_in_groups(SDPAttention, TEDotProductAttention, AttnMaskType,
-                                   TransformerConfig)
+        return _te_error_in_groups(
+            SDPAttention, TEDotProductAttention, AttnMaskType, TransformerConfig
+        )
 
 
-def _te_error_in_groups(SDPAttention, TEDotProductAttention, AttnMaskType,
-                        TransformerConfig) -> float:
+def _te_error_in_groups(
+    SDPAttention, TEDotProductAttention, AttnMaskType, TransformerConfig
+) -> float:
     config = TransformerConfig(
-        num_layers=1, hidden_size=96, num_attention_heads=6, num_query_groups=2,
-        kv_channels=16, attention_dropout=0.0, bf16=True, params_dtype=torch.bfloat16,
+        num_layers=1,
+        hidden_size=96,
+        num_attention_heads=6,
+        num_query_groups=2,
+        kv_channels=16,
+        attention_dropout=0.0,
+        bf16=True,
+        params_dtype=torch.bfloat16,
     )
     te = TEDotProductAttention(config, 1, AttnMaskType.causal, "self")
     sdpa = SDPAttention(config, 1, AttnMaskType.causal, "self")
@@ -188,8 +200,10 @@ def _kernel_run(model, kernel: str, tokens, out: dict, reference):
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     reference = reference or (loss.item(), grads)
-    out[kernel] = {"loss": abs(loss.item() - reference[0]),
-                   "grads": (grads - reference[1]).abs().max().item()}
+    out[kernel] = {
+        "loss": abs(loss.item() - reference[0]),
+        "grads": (grads - reference[1]).abs().max().item(),
+    }
     if kernel == "flash":
         e = torch._dynamo.explain(model)(tokens, None, None, labels=tokens)
         out["flash graphs"] = (e.graph_count, e.graph_break_count)
@@ -231,8 +245,11 @@ def test_a_pinned_sdpa_kernel_computes_the_same_model_in_one_graph(single_rank):
 def test_a_kernel_that_cannot_run_the_heads_is_refused_naming_them():
     from lws_megatron.model.attention import check_kernel
 
-    with pytest.raises(UserError, match="sdpa_kernel=flash cannot run attention with 6 query "
-                                        "and 4 KV heads of size 16 in float32 on cpu"):
+    with pytest.raises(
+        UserError,
+        match="sdpa_kernel=flash cannot run attention with 6 query "
+        "and 4 KV heads of size 16 in float32 on cpu",
+    ):
         check_kernel("flash", {(6, 2), (6, 4)}, 16, 32, torch.device("cpu"), torch.float32)
 
 
@@ -268,7 +285,10 @@ def test_tp_the_heads_cannot_take_is_refused_before_process_groups():
     from lws_megatron.model import ModelArgs
 
     config = _with(load_config(DEMO), tp=4)  # fixed_kv keeps 2 KV heads in every layer
-    for call in (lambda: resolve_plan(config, 4), lambda: ModelArgs.from_config(config, layout=None)):
+    for call in (
+        lambda: resolve_plan(config, 4),
+        lambda: ModelArgs.from_config(config, layout=None),
+    ):
         with pytest.raises(UserError, match=r"layer 0 .*TP=4"):
             call()
     assert not dist.is_initialized()

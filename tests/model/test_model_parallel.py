@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import run_distributed
+
 from lws_megatron.config import Config, load_config
 
 TOLERANCE = 1e-5
@@ -57,6 +57,7 @@ LAYOUTS = {
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 
 def _with_parallel(config: Config, tp: int, pp: int, layout: str) -> Config:
     parallel = dataclasses.replace(config.parallel, tp=tp, pp=pp, pipeline_layout=layout)
@@ -104,8 +105,11 @@ def _train_step(config: Config) -> dict:
 
 
 def _train_step_in_groups(config, plan, get_forward_backward_func, parallel_state) -> dict | None:
-    from lws_megatron.model import build_model_chunks, global_named_parameters
-    from lws_megatron.model import sync_model_parallel_grads
+    from lws_megatron.model import (
+        build_model_chunks,
+        global_named_parameters,
+        sync_model_parallel_grads,
+    )
     from lws_megatron.training.forward import forward_step
     from lws_megatron.training.train_module import model_args
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist_utils import built_model, run_distributed
+from test_compile import _explain_layer_and_model
+from test_model_parallel import TINY, _assert_same, _merge, _train_step, _with_parallel
+
 from lws_megatron.config import load_config
 from lws_megatron.describe import describe_json
 from lws_megatron.planner.costs import cost_model
 from lws_megatron.training.param_groups import param_groups
-from test_compile import _explain_layer_and_model
-from test_model_parallel import TINY, _assert_same, _merge, _train_step, _with_parallel
 
 ROOT = Path(__file__).resolve().parents[2]
 OLMO = ["model.norm_placement=post", "model.qk_norm=full", "model.init=olmo"]
@@ -47,7 +47,7 @@ def _rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     angles = torch.outer(torch.arange(s, dtype=torch.float32), inv)
     cos, sin = angles.cos(), angles.sin()
-    a, b = x[..., : d // 2], x[..., d // 2:]
+    a, b = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
 
@@ -110,17 +110,23 @@ def _one_case(config, model) -> dict:
     loss.backward()
     named = dict(global_named_parameters(model))
     return {
-        "loss": loss.item(), "tokens": tokens, "labels": labels,
+        "loss": loss.item(),
+        "tokens": tokens,
+        "labels": labels,
         "weights": {n: p.detach().clone() for n, p in named.items()},
         "grads": {n: p.grad.clone() for n, p in named.items()},
         "groups": {
             tuple(sorted(no_decay)): [
-                sorted(n for n, p in model.named_parameters()
-                       if any(p is q for q in group["params"]))
+                sorted(
+                    n for n, p in model.named_parameters() if any(p is q for q in group["params"])
+                )
                 for group in param_groups(model, 0.1, no_decay)
             ]
-            for no_decay in (["embeddings"], ["embeddings", "output_head"],
-                             ["norms", "biases", "embeddings"])
+            for no_decay in (
+                ["embeddings"],
+                ["embeddings", "output_head"],
+                ["norms", "biases", "embeddings"],
+            )
         },
     }
 
@@ -134,8 +140,12 @@ def tiny_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def single(tiny_path) -> dict:
-    cases = {"one_layer": OLMO + ONE_LAYER, "lws": OLMO, "megatron_init": [],
-             "big_olmo": OLMO + ["model.d_model=512", "model.d_head=64"]}
+    cases = {
+        "one_layer": OLMO + ONE_LAYER,
+        "lws": OLMO,
+        "megatron_init": [],
+        "big_olmo": OLMO + ["model.d_model=512", "model.d_head=64"],
+    }
     (result,) = run_distributed(_single_rank, 1, tiny_path, cases)
     return result
 
@@ -161,7 +171,13 @@ def test_olmo_init_is_a_3_sigma_truncated_normal_without_depth_scaling(single):
     std = 0.02
     matrices = {n: t for n, t in weights.items() if t.dim() == 2}
     assert {n.rsplit(".", 2)[-2] for n in matrices} >= {
-        "word_embeddings", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "output_layer"}
+        "word_embeddings",
+        "linear_qkv",
+        "linear_proj",
+        "linear_fc1",
+        "linear_fc2",
+        "output_layer",
+    }
     for name, tensor in matrices.items():
         assert tensor.abs().max().item() <= 3 * std, name
         # A normal cut at 3 sigma keeps 98.66% of sigma; no layer is scaled by depth.
@@ -191,8 +207,13 @@ def test_paper_weight_decay_spares_only_the_input_embedding(single):
     _, plain = groups[("embeddings", "output_head")]
     assert plain == ["embedding.word_embeddings.weight", "output_layer.weight"]
     decayed, plain = groups[("biases", "embeddings", "norms")]
-    assert all(n.endswith(("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight",
-                           "linear_fc2.weight")) or n == "output_layer.weight" for n in decayed)
+    assert all(
+        n.endswith(
+            ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
+        )
+        or n == "output_layer.weight"
+        for n in decayed
+    )
     assert len(plain) == 1 + 4 * 4 + 1  # embedding, 4 norms per layer, final norm
 
 
@@ -201,8 +222,9 @@ def _layouts_and_groups(configs: dict, tied) -> tuple[dict, list[str]]:
     over two pipeline stages spares from weight decay under the paper's set."""
     steps = {name: _train_step(config) for name, config in configs.items()}
     with built_model(tied) as model:
-        spared = [p for group in param_groups(model, 0.1, ["embeddings"])[1:]
-                  for p in group["params"]]
+        spared = [
+            p for group in param_groups(model, 0.1, ["embeddings"])[1:] for p in group["params"]
+        ]
         names = sorted(n for n, p in model.named_parameters() if any(p is q for q in spared))
     return steps, names
 
@@ -210,19 +232,28 @@ def _layouts_and_groups(configs: dict, tied) -> tuple[dict, list[str]]:
 @pytest.fixture(scope="module")
 def layouts(tiny_path) -> dict:
     base = load_config(tiny_path, OLMO)
-    configs = {name: _with_parallel(base, *split) for name, split in
-               {"tp1pp1": (1, 1, ""), "tp2": (2, 1, ""), "tp2pp2": (2, 2, "Et*3|tL")}.items()}
+    configs = {
+        name: _with_parallel(base, *split)
+        for name, split in {
+            "tp1pp1": (1, 1, ""),
+            "tp2": (2, 1, ""),
+            "tp2pp2": (2, 2, "Et*3|tL"),
+        }.items()
+    }
     tied = _with_parallel(load_config(tiny_path, OLMO + ["model.tie_embeddings=true"]), 1, 2, "")
-    per_rank = run_distributed(_layouts_and_groups, 4, configs, tied,
-                               env={"CUDA_VISIBLE_DEVICES": ""})
+    per_rank = run_distributed(
+        _layouts_and_groups, 4, configs, tied, env={"CUDA_VISIBLE_DEVICES": ""}
+    )
     merged = {name: _merge([steps[name] for steps, _ in per_rank]) for name in configs}
     return {**merged, "tied_spared": [names for _, names in per_rank]}
 
 
 def test_a_tied_head_on_the_last_stage_is_spared_with_the_embedding(layouts):
     # Ranks 0, 1: first stage (two data-parallel replicas); ranks 2, 3: last stage.
-    assert layouts["tied_spared"] == [["embedding.word_embeddings.weight"]] * 2 + [
-        ["output_layer.weight"]] * 2
+    assert (
+        layouts["tied_spared"]
+        == [["embedding.word_embeddings.weight"]] * 2 + [["output_layer.weight"]] * 2
+    )
 
 
 @pytest.mark.parametrize("layout", ["tp2", "tp2pp2"])
@@ -237,7 +268,10 @@ def test_describe_gives_the_paper_codes_parameter_counts():
     for path in sorted((ROOT / "configs" / "paper").glob("[!_]*.yaml")):
         config = load_config(path)
         assert (config.model.norm_placement, config.model.qk_norm, config.model.init) == (
-            "post", "full", "olmo")
+            "post",
+            "full",
+            "olmo",
+        )
         assert config.optim.no_decay == ["embeddings"]
         totals[path.stem] = describe_json(path.stem, config, 1)["total_params"]
         planned = cost_model(config, pp=1)
@@ -257,7 +291,9 @@ def test_vanilla_12l_has_the_papers_profile():
 
 def test_the_olmo_block_compiles_to_single_graphs_on_every_tp_rank(tmp_path):
     path = tmp_path / "tiny_olmo.yaml"
-    path.write_text(f"base: {ROOT / 'tests' / 'configs' / 'tiny.yaml'}\n"
-                    "model: {norm_placement: post, qk_norm: full, init: olmo}\n")
+    path.write_text(
+        f"base: {ROOT / 'tests' / 'configs' / 'tiny.yaml'}\n"
+        "model: {norm_placement: post, qk_norm: full, init: olmo}\n"
+    )
     for rank, found in enumerate(run_distributed(_explain_layer_and_model, 2, str(path))):
         assert found and all(v == (1, 0) for v in found.values()), (rank, found)

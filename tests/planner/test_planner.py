@@ -10,14 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dist_utils import run_distributed
+
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
 from lws_megatron.plan import main
 from lws_megatron.planner import PRECISIONS, cost_model, parse_bytes, plan, plan_layout
 from lws_megatron.planner.costs import (
-    Block, CostModel, layer_activation_bytes, micro_batches_in_flight, state_bytes_per_param,
+    Block,
+    CostModel,
+    layer_activation_bytes,
+    micro_batches_in_flight,
+    state_bytes_per_param,
 )
 from lws_megatron.planner.partition import solve, tables
 from lws_megatron.planner.stages import layout_string
@@ -47,7 +51,7 @@ def score_split(model, pp, in_flight, bounds, limit):
         return None
     loads, memory = [0] * pp, [0] * pp
     for c in range(chunks):
-        blocks = list(model.layers[bounds[c]:bounds[c + 1]])
+        blocks = list(model.layers[bounds[c] : bounds[c + 1]])
         blocks += [model.embedding] * (c == 0) + [model.output] * (c == chunks - 1)
         loads[c % pp] += sum(b.cost for b in blocks)
         memory[c % pp] += sum(
@@ -69,8 +73,11 @@ def random_case(rng: random.Random):
         return Block(rng.randint(0, 20), rng.randint(0, 10), rng.randint(0, 10))
 
     model = CostModel(
-        layers=tuple(block() for _ in range(n)), embedding=block(), output=block(),
-        bytes_per_param=rng.choice([1, 2]), unit="test",
+        layers=tuple(block() for _ in range(n)),
+        embedding=block(),
+        output=block(),
+        bytes_per_param=rng.choice([1, 2]),
+        unit="test",
     )
     in_flight = micro_batches_in_flight(pp, vpp, pp * rng.randint(1, 3))
     limit = None if rng.random() < 0.4 else rng.randint(0, 150)
@@ -98,8 +105,11 @@ def test_planner_equals_brute_force_on_random_cases():
 def test_interleaved_search_past_its_budget_returns_a_valid_split():
     rng = random.Random(1)
     model = CostModel(
-        tuple(Block(rng.uniform(1, 4), 1, 1) for _ in range(40)), Block(0, 1, 1),
-        Block(6, 1, 1), 1.0, "test",
+        tuple(Block(rng.uniform(1, 4), 1, 1) for _ in range(40)),
+        Block(0, 1, 1),
+        Block(6, 1, 1),
+        1.0,
+        "test",
     )
     in_flight = micro_batches_in_flight(4, 3, 8)
     solution = solve(tables(model, 4, in_flight), None, budget=50)
@@ -124,14 +134,17 @@ def test_infeasible_memory_names_stage_and_overage():
         plan(load_config(VANILLA), pp=4, device_memory=5 * GIB)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"pp": 19}, r"PP=19 is more than the model's 18 layers.*PP <= 18"),
-    ({"pp": 4, "vpp": 5}, r"VPP=5 does not divide the 18 layers.*VPP <= 4"),
-    ({"pp": 1, "vpp": 2}, r"VPP=2 needs PP >= 2"),
-    ({"pp": 4, "vpp": 2, "dp": 8}, r"3 micro batches.*multiple of PP=4"),
-    ({"pp": 2, "dp": 5}, r"global_batch_size=384 is not a multiple"),
-    ({"pp": 0}, r"PP=0: must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"pp": 19}, r"PP=19 is more than the model's 18 layers.*PP <= 18"),
+        ({"pp": 4, "vpp": 5}, r"VPP=5 does not divide the 18 layers.*VPP <= 4"),
+        ({"pp": 1, "vpp": 2}, r"VPP=2 needs PP >= 2"),
+        ({"pp": 4, "vpp": 2, "dp": 8}, r"3 micro batches.*multiple of PP=4"),
+        ({"pp": 2, "dp": 5}, r"global_batch_size=384 is not a multiple"),
+        ({"pp": 0}, r"PP=0: must be at least 1"),
+    ],
+)
 def test_bad_sizes_refused(kwargs, message):
     with pytest.raises(UserError, match=message):
         plan(load_config(VANILLA), **kwargs)
@@ -200,11 +213,13 @@ def test_memory_accounting():
     assert state_bytes_per_param(PRECISIONS["fp32"], zero=0, dp=1) == 16
     config = load_config(VANILLA)
     shape, dims = config.summary().layers[-1], config.dims  # 3072 FFN, 12 q / 4 kv heads
-    full = layer_activation_bytes(shape, dims, tp=1, micro_batch=1, precision=bf16,
-                                  recompute="none")
+    full = layer_activation_bytes(
+        shape, dims, tp=1, micro_batch=1, precision=bf16, recompute="none"
+    )
     assert full == 1024 * (4 * 2 * 768 + 2 * (2 * 768 + 3 * 768 + 3 * 256 + 3 * 3072) + 4 * 12)
-    kept = layer_activation_bytes(shape, dims, tp=1, micro_batch=1, precision=bf16,
-                                  recompute="full")
+    kept = layer_activation_bytes(
+        shape, dims, tp=1, micro_batch=1, precision=bf16, recompute="full"
+    )
     assert kept == 1024 * 4 * 768
     tied = cost_model(load_config(DEMO, ["model.tie_embeddings=true"]), pp=2)
     assert tied.output.params == tied.embedding.params + 192  # the head's copy and final norm
@@ -247,7 +262,9 @@ def test_cli_errors_one_line_status_2(capsys):
     assert err.startswith("error: device memory 5.00 GiB") and err.count("\n") == 1
     done = subprocess.run(
         [sys.executable, "-m", "lws_megatron.plan", VANILLA, "--pp", "40"],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
@@ -260,24 +277,41 @@ def _calibrate(cache: str) -> dict:
     and time two splits directly."""
     from lws_megatron import calibration
 
-    tiny = load_config(DEMO, [
-        "model.d_model=64", "model.d_head=16", "model.num_layers=4", "model.seq_length=32",
-        "model.vocab_size=512", "train.micro_batch_size=2", "train.global_batch_size=4",
-    ])
+    tiny = load_config(
+        DEMO,
+        [
+            "model.d_model=64",
+            "model.d_head=16",
+            "model.num_layers=4",
+            "model.seq_length=32",
+            "model.vocab_size=512",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=4",
+        ],
+    )
     timings = calibration.layer_timings(tiny, repeats=1, cache=Path(cache))
     measured_again = []
     original = calibration.fastest_times
     calibration.fastest_times = lambda *a: measured_again.append(1) or original(*a)
     again = calibration.layer_timings(tiny, repeats=1, cache=Path(cache))
     calibration.fastest_times = original
-    math_kernel = dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, sdpa_kernel="math"))
+    math_kernel = dataclasses.replace(
+        tiny, model=dataclasses.replace(tiny.model, sdpa_kernel="math")
+    )
     calibration.layer_timings(math_kernel, repeats=1, cache=Path(cache))
     measured = plan(tiny, pp=2, timings=timings)
-    seconds = calibration.time_splits(tiny, [measured.planned.bounds, measured.even.bounds], 2,
-                                      repeats=1)
-    return {"timings": timings, "again": again, "re_measured": bool(measured_again),
-            "shapes": set(tiny.summary().layers), "unit": measured.unit, "seconds": seconds,
-            "device": calibration.device_label()}
+    seconds = calibration.time_splits(
+        tiny, [measured.planned.bounds, measured.even.bounds], 2, repeats=1
+    )
+    return {
+        "timings": timings,
+        "again": again,
+        "re_measured": bool(measured_again),
+        "shapes": set(tiny.summary().layers),
+        "unit": measured.unit,
+        "seconds": seconds,
+        "device": calibration.device_label(),
+    }
 
 
 @pytest.mark.distributed

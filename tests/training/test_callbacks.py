@@ -38,8 +38,9 @@ def test_one_line_of_config_adds_the_watchdog():
 
 
 def test_an_unknown_callback_is_refused_naming_the_available_ones():
-    with pytest.raises(UserError, match="unknown callback 'watchdgo'; available: "
-                                        "step_time_watchdog"):
+    with pytest.raises(
+        UserError, match="unknown callback 'watchdgo'; available: step_time_watchdog"
+    ):
         build_callbacks(["watchdgo"])
 
 

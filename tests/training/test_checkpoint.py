@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_utils import run_distributed
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -69,7 +68,8 @@ def _round_trip(run_dir: str) -> dict:
         after = (random.random(), torch.rand(3))
         restored = _weights(module)
     return {
-        "state": state, "draws_equal": draws[0] == after[0] and torch.equal(draws[1], after[1]),
+        "state": state,
+        "draws_equal": draws[0] == after[0] and torch.equal(draws[1], after[1]),
         "weights_equal": all(torch.equal(saved[k], restored[k]) for k in saved),
     }
 
@@ -93,8 +93,10 @@ def _save_steps(run_dir: str, steps: list[int], keep: int, fail_at: int | None =
         ck = _checkpointer(run_dir, keep)
         for step in steps:
             if step == fail_at:
+
                 def full(*args, **kwargs):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), args[0])
+
                 module.engine.save_checkpoint = full
             try:
                 ck.save(module.engine, step, {"skipped_steps": 0})
@@ -163,13 +165,23 @@ def test_only_damaged_checkpoints_left_is_an_error_not_a_fresh_start(tmp_path):
     assert "no intact checkpoint left" in out["error"]
 
 
-@pytest.mark.parametrize("rel", ["rng/rank00000.pt", "pp0/state/mp_rank_00_model_states.pt",
-                                 "pp0/state/zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "rng/rank00000.pt",
+        "pp0/state/mp_rank_00_model_states.pt",
+        "pp0/state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    ],
+)
 def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, rel):
     run_distributed(_save_steps, 1, str(tmp_path), [1], 3)
     marker = tmp_path / MARKER_NAME
-    _damage(tmp_path / "checkpoints" / "step_00000001", rel,
-            pickle.dumps({"state": _Payload(str(marker))}), rehash=True)
+    _damage(
+        tmp_path / "checkpoints" / "step_00000001",
+        rel,
+        pickle.dumps({"state": _Payload(str(marker))}),
+        rehash=True,
+    )
     (out,) = run_distributed(_resume, 1, str(tmp_path))
     assert "refused to load: it holds objects that could run code" in out["error"]
     assert rel.split("/")[-1] in out["error"]

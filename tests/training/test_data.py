@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dist_utils import run_distributed
 
 from data_prep import preprocess
-from dist_utils import run_distributed
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
 from lws_megatron.training.data import build_datasets, parse_blend, resolve_sources, step_batches
@@ -41,25 +41,32 @@ def test_every_layout_reads_the_same_samples_per_step():
     for world, overrides in ((1, []), (2, []), (2, ["parallel.tp=2"])):
         config = load_config(TINY, overrides)
         plan = resolve_plan(config, world)
-        seen = sorted(s for rank in range(plan.dp)
-                      for s in _samples(step_batches(Numbered(), 5, plan, rank)))
+        seen = sorted(
+            s for rank in range(plan.dp) for s in _samples(step_batches(Numbered(), 5, plan, rank))
+        )
         assert seen == list(range(40, 48)), (world, overrides)
 
 
-@pytest.mark.parametrize("paths, expected", [
-    (["a", "b"], (["a", "b"], None)),
-    (["0.7", "a", "0.3", "b"], (["a", "b"], [0.7, 0.3])),
-])
+@pytest.mark.parametrize(
+    "paths, expected",
+    [
+        (["a", "b"], (["a", "b"], None)),
+        (["0.7", "a", "0.3", "b"], (["a", "b"], [0.7, 0.3])),
+    ],
+)
 def test_blend_syntax(paths, expected):
     assert parse_blend(paths) == expected
 
 
-@pytest.mark.parametrize("paths, message", [
-    ([], "data.path is empty"),
-    (["0.7", "a", "0.3"], "alternates weight and prefix"),
-    (["0.7", "a", "b", "c"], "alternates weight and prefix"),
-    (["0", "a", "1", "b"], "must be > 0"),
-])
+@pytest.mark.parametrize(
+    "paths, message",
+    [
+        ([], "data.path is empty"),
+        (["0.7", "a", "0.3"], "alternates weight and prefix"),
+        (["0.7", "a", "b", "c"], "alternates weight and prefix"),
+        (["0", "a", "1", "b"], "must be > 0"),
+    ],
+)
 def test_bad_blends_are_refused(paths, message):
     with pytest.raises(UserError, match=message):
         parse_blend(paths)
@@ -69,13 +76,31 @@ def test_bad_blends_are_refused(paths, message):
 def test_weighted_blend_draws_each_dataset_by_its_weight(tmp_path, tiny_data):
     corpus = Path(tiny_data["prefix"]).parent / "corpus" / "pydocs.jsonl"
     other = tmp_path / "other"
-    assert preprocess.main(["--input", str(corpus), "--tokenizer", tiny_data["tokenizer"],
-                            "--output-prefix", str(other), "--append-eod",
-                            "--valid-fraction", "0.05", "--quiet"]) == 0
-    config = load_config(TINY, [
-        f"data.path=['0.7', '{tiny_data['prefix']}', '0.3', '{other}']",
-        f"data.tokenizer={tiny_data['tokenizer']}", "train.max_steps=250",
-    ])
+    assert (
+        preprocess.main(
+            [
+                "--input",
+                str(corpus),
+                "--tokenizer",
+                tiny_data["tokenizer"],
+                "--output-prefix",
+                str(other),
+                "--append-eod",
+                "--valid-fraction",
+                "0.05",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    config = load_config(
+        TINY,
+        [
+            f"data.path=['0.7', '{tiny_data['prefix']}', '0.3', '{other}']",
+            f"data.tokenizer={tiny_data['tokenizer']}",
+            "train.max_steps=250",
+        ],
+    )
     (drawn,) = run_distributed(_drawn_datasets, 1, config, str(tmp_path / "cache"), 2000)
     assert abs((drawn == 0).mean() - 0.7) < 0.02 and set(np.unique(drawn)) == {0, 1}
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dist_utils import run_distributed
 
 from data_prep import preprocess
-from dist_utils import run_distributed
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
 from lws_megatron.training.data import build_datasets, resolve_sources
@@ -24,15 +24,38 @@ def prepare(tiny_data, prefix: Path, documents: slice, *extra: str) -> str:
     lines = corpus.read_text().splitlines()[documents]
     subset = prefix.with_name(f"{prefix.name}-{documents.start}-{documents.stop}.jsonl")
     subset.write_text("\n".join(lines) + "\n")
-    assert preprocess.main(["--input", str(subset), "--tokenizer", tiny_data["tokenizer"],
-                            "--output-prefix", str(prefix), "--append-eod", "--workers", "1",
-                            "--valid-fraction", "0.2", "--quiet", *extra]) == 0
+    assert (
+        preprocess.main(
+            [
+                "--input",
+                str(subset),
+                "--tokenizer",
+                tiny_data["tokenizer"],
+                "--output-prefix",
+                str(prefix),
+                "--append-eod",
+                "--workers",
+                "1",
+                "--valid-fraction",
+                "0.2",
+                "--quiet",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return str(prefix)
 
 
 def tiny_config(tiny_data, *paths: str, overrides=()):
-    return load_config(TINY, [f"data.path={json.dumps(list(paths))}",
-                              f"data.tokenizer={tiny_data['tokenizer']}", *overrides])
+    return load_config(
+        TINY,
+        [
+            f"data.path={json.dumps(list(paths))}",
+            f"data.tokenizer={tiny_data['tokenizer']}",
+            *overrides,
+        ],
+    )
 
 
 def tokens(dataset, count: int) -> torch.Tensor:
@@ -75,11 +98,15 @@ def _truncate(path: Path, marker: Path) -> None:
     path.write_bytes(path.read_bytes()[:-8])
 
 
-@pytest.mark.parametrize("plant, words", [
-    (_plant_pickle, "is not a .npy array"),
-    (_plant_object_array, "holds object, not plain numbers"),
-    (_truncate, "bytes where its header promises"),
-], ids=["pickle", "object-npy", "truncated"])
+@pytest.mark.parametrize(
+    "plant, words",
+    [
+        (_plant_pickle, "is not a .npy array"),
+        (_plant_object_array, "holds object, not plain numbers"),
+        (_truncate, "bytes where its header promises"),
+    ],
+    ids=["pickle", "object-npy", "truncated"],
+)
 def test_a_tampered_cached_index_is_refused_unread(tmp_path, tiny_data, plant, words):
     config = tiny_config(tiny_data, tiny_data["prefix"])
     sources = resolve_sources(config, verify=False)

@@ -7,13 +7,13 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from test_data_cache import prepare, tiny_config, tokens
+from test_training import ROOT, command, records, train
 
 from lws_megatron.errors import UserError
 from lws_megatron.training.data import build_datasets, resolve_sources, step_batches
 from lws_megatron.training.distributed import resolve_plan
 from lws_megatron.training.sampling import BLEND_PERIOD, Blend
-from test_data_cache import prepare, tiny_config, tokens
-from test_training import ROOT, command, records, train
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +25,18 @@ def small(tmp_path_factory, tiny_data) -> str:
 def _steps(config, cache, count: int) -> list[torch.Tensor]:
     train_ds, _ = build_datasets(config, resolve_sources(config, verify=False), cache)
     plan = resolve_plan(config, 1)
-    return [batch["tokens"] for step in range(count)
-            for batch in step_batches(train_ds, step, plan, 0)]
+    return [
+        batch["tokens"] for step in range(count) for batch in step_batches(train_ds, step, plan, 0)
+    ]
 
 
 @pytest.mark.parametrize("blend", [False, True], ids=["one-prefix", "weighted-blend"])
 def test_first_steps_are_the_same_for_any_max_steps(tmp_path, tiny_data, small, blend):
     paths = ["0.6", tiny_data["prefix"], "0.4", small] if blend else [tiny_data["prefix"]]
-    short, long = (tiny_config(tiny_data, *paths, overrides=[f"train.max_steps={steps}"])
-                   for steps in (4, 100000))  # the long run is 20 passes over the tiny corpus
+    short, long = (
+        tiny_config(tiny_data, *paths, overrides=[f"train.max_steps={steps}"])
+        for steps in (4, 100000)
+    )  # the long run is 20 passes over the tiny corpus
     first = _steps(short, tmp_path / "short", 4)
     again = _steps(long, tmp_path / "long", 4)
     assert len(first) == 16 and all(torch.equal(a, b) for a, b in zip(first, again))
@@ -76,8 +79,13 @@ def test_a_share_too_small_to_draw_is_refused():
 def test_pretrain_step_losses_do_not_depend_on_max_steps(tmp_path, tiny_data):
     short, _ = train(tmp_path, "short", 1, tiny_data, "train.max_steps=4")
     run_dir = tmp_path / "long"
-    proc = subprocess.Popen(command(1, run_dir, tiny_data, "train.max_steps=100000"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        command(1, run_dir, tiny_data, "train.max_steps=100000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     for line in proc.stdout:
         if line.startswith("step      2 |"):
             proc.send_signal(signal.SIGTERM)

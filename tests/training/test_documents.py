@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dist_utils import run_distributed
 
 from data_prep.indexed import IndexedWriter
-from dist_utils import run_distributed
 from lws_megatron.training.documents import DocumentBatches
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -16,8 +16,10 @@ DOCS = [[5, 6, 7], [8, 9], [10], list(range(100, 140)), [11, 12, 13, 14]]  # [10
 
 def _write(prefix: str, docs: list[list[int]]) -> None:
     writer = IndexedWriter(prefix, np.dtype(np.uint16))
-    writer.add(np.concatenate([np.array(d, dtype=np.uint16) for d in docs]),
-               np.array([len(d) for d in docs]))
+    writer.add(
+        np.concatenate([np.array(d, dtype=np.uint16) for d in docs]),
+        np.array([len(d) for d in docs]),
+    )
     writer.finish()
     writer.commit()
 
@@ -59,8 +61,9 @@ def _losses(prefix: str) -> tuple[float, float]:
     config = load_config(TINY)
     with model_parallel(config) as plan:
         module = TrainModule(config, plan, torch.device("cpu"))
-        evaluated = module.eval_batch(DocumentBatches([prefix], config.model.seq_length, 2, 0, 1,
-                                                      pad_id=0))
+        evaluated = module.eval_batch(
+            DocumentBatches([prefix], config.model.seq_length, 2, 0, 1, pad_id=0)
+        )
         model, total, count = module.chunks[0].eval(), 0.0, 0
         with torch.no_grad():
             for doc in DOCS:

@@ -5,11 +5,14 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from test_training import ROOT, command, losses, records, train
 
-OLMO = ("model.norm_placement=post", "model.qk_norm=full", "model.init=olmo",
-        "optim.no_decay=[embeddings]")
+OLMO = (
+    "model.norm_placement=post",
+    "model.qk_norm=full",
+    "model.init=olmo",
+    "optim.no_decay=[embeddings]",
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +30,28 @@ def test_olmo_block_trains(olmo_reference):
 def test_tp2_with_zero_matches_tp1(tmp_path, tiny_data, olmo_reference, zero, compile):
     # ZeRO-2 reduces gradients inside backward: allowed with TP because the full-width gain
     # needs no sum over TP ranks.
-    run_dir, _ = train(tmp_path, "tp2", 2, tiny_data, *OLMO, "parallel.tp=2",
-                       f"zero.stage={zero}", f"train.compile={compile}")
+    run_dir, _ = train(
+        tmp_path,
+        "tp2",
+        2,
+        tiny_data,
+        *OLMO,
+        "parallel.tp=2",
+        f"zero.stage={zero}",
+        f"train.compile={compile}",
+    )
     np.testing.assert_allclose(losses(run_dir), losses(olmo_reference), rtol=0, atol=1e-4)
 
 
 def test_killed_olmo_run_resumes_to_the_same_losses(tmp_path, tiny_data, olmo_reference):
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(command(1, run_dir, tiny_data, *OLMO, "checkpoint.interval=4"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        command(1, run_dir, tiny_data, *OLMO, "checkpoint.interval=4"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     for line in proc.stdout:
         if "step_00000004" in line and "saved checkpoint" in line:
             proc.kill()
@@ -46,7 +62,15 @@ def test_killed_olmo_run_resumes_to_the_same_losses(tmp_path, tiny_data, olmo_re
     assert "resumed from" in resumed.stdout
     assert losses(run_dir).tolist() == losses(olmo_reference).tolist()
     # The same weights under the pre-norm block would be another model: refused.
-    _, refused = train(tmp_path, "killed", 1, tiny_data, *OLMO, "model.norm_placement=pre",
-                       "train.max_steps=12", check=False)
+    _, refused = train(
+        tmp_path,
+        "killed",
+        1,
+        tiny_data,
+        *OLMO,
+        "model.norm_placement=pre",
+        "train.max_steps=12",
+        check=False,
+    )
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "norm_placement" in refused.stderr

@@ -45,8 +45,12 @@ class Tiny(torch.nn.Module):
 def test_weight_decay_skips_the_configured_kinds():
     model = Tiny()
     kinds = {n: exclusion_kind(n, p) for n, p in model.named_parameters()}
-    assert kinds == {"embedding.weight": "embeddings", "linear.weight": None,
-                     "linear.bias": "biases", "final_layernorm.weight": "norms"}
+    assert kinds == {
+        "embedding.weight": "embeddings",
+        "linear.weight": None,
+        "linear.bias": "biases",
+        "final_layernorm.weight": "norms",
+    }
     decayed, plain = param_groups(model, 0.01, ["norms", "biases", "embeddings"])
     assert decayed["params"] == [model.linear.weight] and decayed["weight_decay"] == 0.01
     assert len(plain["params"]) == 3 and plain["weight_decay"] == 0.0

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_training import records, train
 
 from lws_megatron.errors import UserError
 from lws_megatron.training.run_dir import RunLock
-from test_training import records, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -26,22 +26,41 @@ def _steps(run_dir: Path) -> list[int]:
 def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused(tmp_path, tiny_data):
     run_dir, _ = train(tmp_path, "r", 1, tiny_data, "train.max_steps=2", "checkpoint.interval=1")
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    _, proc = train(tmp_path, "r", 1, tiny_data, "train.max_steps=4", "checkpoint.resume=false",
-                    check=False)
+    _, proc = train(
+        tmp_path, "r", 1, tiny_data, "train.max_steps=4", "checkpoint.resume=false", check=False
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "holds checkpoints of an earlier run and checkpoint.resume=false" in proc.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 
 def test_a_damaged_latest_checkpoint_falls_back_and_metrics_continue(tmp_path, tiny_data):
-    run_dir, _ = train(tmp_path, "d", 1, tiny_data, "train.max_steps=4", "checkpoint.interval=2",
-                       "checkpoint.keep=3")
-    model = run_dir / "checkpoints" / "step_00000004" / "pp0" / "state" / "mp_rank_00_model_states.pt"
+    run_dir, _ = train(
+        tmp_path,
+        "d",
+        1,
+        tiny_data,
+        "train.max_steps=4",
+        "checkpoint.interval=2",
+        "checkpoint.keep=3",
+    )
+    model = (
+        run_dir / "checkpoints" / "step_00000004" / "pp0" / "state" / "mp_rank_00_model_states.pt"
+    )
     model.write_bytes(model.read_bytes()[:1000])
-    _, proc = train(tmp_path, "d", 1, tiny_data, "train.max_steps=6", "checkpoint.interval=2",
-                    "checkpoint.keep=3")
-    assert "step_00000004 is damaged (pp0/state/mp_rank_00_model_states.pt has 1000 bytes" in \
-        proc.stdout
+    _, proc = train(
+        tmp_path,
+        "d",
+        1,
+        tiny_data,
+        "train.max_steps=6",
+        "checkpoint.interval=2",
+        "checkpoint.keep=3",
+    )
+    assert (
+        "step_00000004 is damaged (pp0/state/mp_rank_00_model_states.pt has 1000 bytes"
+        in proc.stdout
+    )
     assert "at step 2" in proc.stdout
     assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 logged once, by the resume
     assert (run_dir / "checkpoints" / "step_00000004.damaged").is_dir()
@@ -59,8 +78,7 @@ def test_deleting_every_checkpoint_does_not_restart_the_run_silently(tmp_path, t
 def test_a_refused_resume_leaves_the_run_records_alone(tmp_path, tiny_data):
     run_dir, _ = train(tmp_path, "z", 1, tiny_data, "train.max_steps=2")
     config, info = (run_dir / "config.yaml").read_text(), (run_dir / "run_info.json").read_text()
-    _, proc = train(tmp_path, "z", 1, tiny_data, "train.max_steps=4", "zero.stage=1",
-                    check=False)
+    _, proc = train(tmp_path, "z", 1, tiny_data, "train.max_steps=4", "zero.stage=1", check=False)
     assert proc.returncode == 2 and "zero_stage: checkpoint 0, this run 1" in proc.stderr
     assert (run_dir / "config.yaml").read_text() == config
     assert (run_dir / "run_info.json").read_text() == info
@@ -78,6 +96,7 @@ def test_resuming_past_max_steps_says_so(tmp_path, tiny_data):
 
 # ---- the lock (no training needed) ----
 
+
 def _hold(path: str) -> None:
     RunLock(Path(path)).acquire()
     print("held", flush=True)
@@ -85,14 +104,20 @@ def _hold(path: str) -> None:
 
 
 def test_a_second_run_in_a_directory_in_use_is_refused(tmp_path):
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"import test_run_safety as t; t._hold({str(tmp_path)!r})")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"import test_run_safety as t; t._hold({str(tmp_path)!r})"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(UserError, match=rf"{tmp_path} is in use by another run \(pid "
-                                            rf"{holder.pid} on "):
+        with pytest.raises(
+            UserError,
+            match=rf"{tmp_path} is in use by another run \(pid "
+            rf"{holder.pid} on ",
+        ):
             RunLock(tmp_path).acquire()
     finally:
         holder.communicate("\n", timeout=30)
@@ -103,8 +128,11 @@ def test_a_second_run_in_a_directory_in_use_is_refused(tmp_path):
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(tmp_path):
-    (tmp_path / ".lock").write_text(json.dumps({"pid": 999999, "host": os.uname().nodename,
-                                                "started": "2026-01-01T00:00:00+00:00"}))
+    (tmp_path / ".lock").write_text(
+        json.dumps(
+            {"pid": 999999, "host": os.uname().nodename, "started": "2026-01-01T00:00:00+00:00"}
+        )
+    )
     lock = RunLock(tmp_path)
     note = lock.acquire()
     assert note and "pid 999999" in note and "ended without releasing it" in note
@@ -112,7 +140,8 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(tmp_path):
 
 
 def test_a_lock_held_from_another_host_names_the_way_to_clear_it(tmp_path):
-    (tmp_path / ".lock").write_text(json.dumps({"pid": 42, "host": "node-elsewhere",
-                                                "started": "2026-01-01T00:00:00+00:00"}))
+    (tmp_path / ".lock").write_text(
+        json.dumps({"pid": 42, "host": "node-elsewhere", "started": "2026-01-01T00:00:00+00:00"})
+    )
     with pytest.raises(UserError, match=rf"host node-elsewhere .*delete {tmp_path}/.lock"):
         RunLock(tmp_path).acquire()

@@ -19,20 +19,38 @@ TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
 
 def command(nproc: int, run_dir: Path, data: dict[str, str], *overrides: str) -> list[str]:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
-    return [*launcher, str(ROOT / "launch" / "pretrain.py"), "--config", str(TINY),
-            f"run.dir={run_dir}", f"data.path=[{data['prefix']}]",
-            f"data.tokenizer={data['tokenizer']}", *overrides]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    return [
+        *launcher,
+        str(ROOT / "launch" / "pretrain.py"),
+        "--config",
+        str(TINY),
+        f"run.dir={run_dir}",
+        f"data.path=[{data['prefix']}]",
+        f"data.tokenizer={data['tokenizer']}",
+        *overrides,
+    ]
 
 
 def train(tmp_path: Path, name: str, nproc: int, data, *overrides: str, check: bool = True):
     run_dir = tmp_path / name
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command(nproc, run_dir, data, *overrides), capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        command(nproc, run_dir, data, *overrides),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     if check and proc.returncode != 0:
-        pytest.fail(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return run_dir, proc
 
 
@@ -65,8 +83,11 @@ def test_reference_run_writes_its_run_directory(reference):
     assert load_config(reference / "config.yaml").train.max_steps == 10
     for line in (reference / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        keys = {"val_loss", "val_ppl"} if "val_loss" in record else {
-            "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
+        keys = (
+            {"val_loss", "val_ppl"}
+            if "val_loss" in record
+            else {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
+        )
         assert keys <= record.keys() and "step" in record
     assert list((reference / "tensorboard").glob("events.*"))
     assert (reference / "checkpoints" / "latest").read_text().strip() == "step_00000010"
@@ -77,12 +98,15 @@ def test_micro_batch_2_x_4_matches_4_x_2(tmp_path, tiny_data, reference):
     np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"],
-                                    ["parallel.pp=2", "parallel.pipeline_layout=Et*1|t*3L"]],
-                         ids=["tp2", "pp2-uneven"])
+@pytest.mark.parametrize(
+    "layout",
+    [["parallel.tp=2"], ["parallel.pp=2", "parallel.pipeline_layout=Et*1|t*3L"]],
+    ids=["tp2", "pp2-uneven"],
+)
 @pytest.mark.parametrize("compile", ["none", "model"])
-def test_model_parallel_layouts_match_the_reference(tmp_path, tiny_data, reference, layout,
-                                                    compile):
+def test_model_parallel_layouts_match_the_reference(
+    tmp_path, tiny_data, reference, layout, compile
+):
     run_dir, _ = train(tmp_path, "mp", 2, tiny_data, f"train.compile={compile}", *layout)
     np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=0, atol=1e-4)
     val, ref_val = records(run_dir, "val_loss"), records(reference, "val_loss")
@@ -93,8 +117,10 @@ def test_model_parallel_layouts_match_the_reference(tmp_path, tiny_data, referen
 
 
 def test_data_parallel_zero_stages_agree(tmp_path, tiny_data, reference):
-    runs = {stage: losses(train(tmp_path, f"zero{stage}", 2, tiny_data, f"zero.stage={stage}")[0])
-            for stage in (0, 1, 2)}
+    runs = {
+        stage: losses(train(tmp_path, f"zero{stage}", 2, tiny_data, f"zero.stage={stage}")[0])
+        for stage in (0, 1, 2)
+    }
     np.testing.assert_allclose(runs[1], runs[0], rtol=0, atol=1e-5)
     np.testing.assert_allclose(runs[2], runs[0], rtol=0, atol=1e-5)
     np.testing.assert_allclose(runs[0], losses(reference), rtol=0, atol=1e-4)
@@ -102,8 +128,13 @@ def test_data_parallel_zero_stages_agree(tmp_path, tiny_data, reference):
 
 def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_data, reference):
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(command(1, run_dir, tiny_data, "checkpoint.interval=4"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        command(1, run_dir, tiny_data, "checkpoint.interval=4"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     for line in proc.stdout:
         if "step_00000004" in line and "saved checkpoint" in line:
             proc.kill()
@@ -118,8 +149,13 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_data, reference):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_data):
     run_dir = tmp_path / "term"
-    proc = subprocess.Popen(command(1, run_dir, tiny_data, "train.max_steps=100000"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        command(1, run_dir, tiny_data, "train.max_steps=100000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
     for line in proc.stdout:
         if line.startswith("step      2 |"):
             proc.send_signal(signal.SIGTERM)
@@ -134,8 +170,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_data):
 
 def test_checkpoint_from_another_layout_is_refused(tmp_path, tiny_data):
     run_dir, _ = train(tmp_path, "layout", 1, tiny_data, "train.max_steps=2")
-    _, proc = train(tmp_path, "layout", 1, tiny_data, "train.max_steps=4", "model.num_layers=3",
-                    check=False)
+    _, proc = train(
+        tmp_path, "layout", 1, tiny_data, "train.max_steps=4", "model.num_layers=3", check=False
+    )
     assert proc.returncode == 2
     assert "was written by a different model or parallel layout (layers:" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -146,10 +183,25 @@ def test_mismatched_tokenizer_is_refused_before_training(tmp_path, tiny_data):
 
     other = tmp_path / "unigram"  # same corpus and vocabulary size, another model
     corpus = Path(tiny_data["prefix"]).parent / "corpus" / "pydocs.jsonl"
-    assert tokenizer.main(["train", "--input", str(corpus), "--vocab-size", "512",
-                           "--model-type", "unigram", "--output", str(other)]) == 0
-    run_dir, proc = train(tmp_path, "tok", 1, tiny_data, f"data.tokenizer={other}.model",
-                          check=False)
+    assert (
+        tokenizer.main(
+            [
+                "train",
+                "--input",
+                str(corpus),
+                "--vocab-size",
+                "512",
+                "--model-type",
+                "unigram",
+                "--output",
+                str(other),
+            ]
+        )
+        == 0
+    )
+    run_dir, proc = train(
+        tmp_path, "tok", 1, tiny_data, f"data.tokenizer={other}.model", check=False
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"not with {other}.model" in proc.stderr and tiny_data["tokenizer"] in proc.stderr
     assert not (run_dir / "metrics.jsonl").exists()
@@ -179,8 +231,16 @@ def test_bad_parallel_settings_fail_before_compute(tmp_path, tiny_data):
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_data):
     """A learning rate of 1e20 blows the weights up after one step; every later loss is inf."""
-    run_dir, proc = train(tmp_path, "nan", 1, tiny_data, "optim.lr=1e20", "optim.clip_grad=0",
-                          "train.max_nonfinite_steps=3", check=False)
+    run_dir, proc = train(
+        tmp_path,
+        "nan",
+        1,
+        tiny_data,
+        "optim.lr=1e20",
+        "optim.clip_grad=0",
+        "train.max_nonfinite_steps=3",
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "3 steps in a row had a non-finite loss or gradient (step 4)" in proc.stderr
     skipped = records(run_dir, "skipped_steps")

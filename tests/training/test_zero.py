@@ -9,8 +9,16 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def _config(stage: int, *overrides: str):
-    return load_config(TINY, [f"zero.stage={stage}", "train.global_batch_size=16",
-                              "train.micro_batch_size=2", "optim.clip_grad=0.5", *overrides])
+    return load_config(
+        TINY,
+        [
+            f"zero.stage={stage}",
+            "train.global_batch_size=16",
+            "train.micro_batch_size=2",
+            "optim.clip_grad=0.5",
+            *overrides,
+        ],
+    )
 
 
 def test_stages_0_and_1_hand_deepspeed_the_whole_batch_once():

@@ -52,8 +52,9 @@ def build_callbacks(extra: list[str]) -> list[Callback]:
     unknown = [name for name in extra if name not in _REGISTRY]
     if unknown:
         optional = sorted(n for n, (_, default) in _REGISTRY.items() if not default)
-        raise UserError(f"train.callbacks: unknown callback {unknown[0]!r}; available: "
-                        f"{', '.join(optional)}")
+        raise UserError(
+            f"train.callbacks: unknown callback {unknown[0]!r}; available: {', '.join(optional)}"
+        )
     names = [n for n, (_, default) in _REGISTRY.items() if default]
     names += [n for n in dict.fromkeys(extra) if n not in names]
     return sorted((_REGISTRY[n][0]() for n in names), key=lambda cb: cb.priority)

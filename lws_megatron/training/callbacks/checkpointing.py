@@ -18,7 +18,8 @@ class Checkpointing(Callback):
         final = trainer.step == trainer.config.train.max_steps
         if not (due or final or trainer.stopping) or self.last_saved == trainer.step:
             return
-        path = trainer.checkpointer.save(trainer.module.engine, trainer.step,
-                                         {"skipped_steps": trainer.skipped_steps})
+        path = trainer.checkpointer.save(
+            trainer.module.engine, trainer.step, {"skipped_steps": trainer.skipped_steps}
+        )
         self.last_saved = trainer.step
         trainer.say(f"saved checkpoint {path}")

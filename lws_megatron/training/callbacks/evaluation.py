@@ -26,6 +26,11 @@ class Evaluation(Callback):
     def _evaluate(self, trainer) -> None:
         loss = trainer.module.eval_batch(trainer.valid_batches)
         trainer.last_val_loss = loss
-        trainer.writer.log({"step": trainer.step,
-                            "tokens": trainer.step * trainer.tokens_per_step,
-                            "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))})
+        trainer.writer.log(
+            {
+                "step": trainer.step,
+                "tokens": trainer.step * trainer.tokens_per_step,
+                "val_loss": loss,
+                "val_ppl": math.exp(min(loss, 50.0)),
+            }
+        )

@@ -21,4 +21,6 @@ class NonFiniteStop(Callback):
             trainer.request_stop(
                 f"{self.in_a_row} steps in a row had a non-finite loss or gradient (step "
                 f"{trainer.step}); a checkpoint was saved. Lower optim.lr, raise "
-                "optim.warmup_steps or check the data, then resume", error=True)
+                "optim.warmup_steps or check the data, then resume",
+                error=True,
+            )

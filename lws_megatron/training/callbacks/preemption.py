@@ -28,5 +28,6 @@ class Preemption(Callback):
 
     def on_step_end(self, trainer, result, seconds) -> None:
         if result.stop_requested:
-            trainer.request_stop(f"pre-emption signal: checkpointed at step {trainer.step}, "
-                                 "exiting")
+            trainer.request_stop(
+                f"pre-emption signal: checkpointed at step {trainer.step}, exiting"
+            )

@@ -26,14 +26,19 @@ class SpeedMonitor(Callback):
             return
         tokens_per_s = trainer.tokens_per_step * len(self.times) / sum(self.times)
         peak = trainer.peak_flops * trainer.plan.world
-        trainer.writer.log({
-            "step": trainer.step, "tokens": trainer.step * trainer.tokens_per_step,
-            "loss": sum(self.losses) / len(self.losses) if self.losses else float("nan"),
-            "lr": trainer.lr, "grad_norm": result.grad_norm,
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_device": tokens_per_s / trainer.plan.world,
-            "mfu": tokens_per_s * trainer.flops_per_token / peak if peak else 0.0,
-            "step_time_s": sum(self.times) / len(self.times), "mem_gb": memory_gb(trainer.device),
-            "skipped_steps": trainer.skipped_steps,
-        })
+        trainer.writer.log(
+            {
+                "step": trainer.step,
+                "tokens": trainer.step * trainer.tokens_per_step,
+                "loss": sum(self.losses) / len(self.losses) if self.losses else float("nan"),
+                "lr": trainer.lr,
+                "grad_norm": result.grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "tokens_per_s_per_device": tokens_per_s / trainer.plan.world,
+                "mfu": tokens_per_s * trainer.flops_per_token / peak if peak else 0.0,
+                "step_time_s": sum(self.times) / len(self.times),
+                "mem_gb": memory_gb(trainer.device),
+                "skipped_steps": trainer.skipped_steps,
+            }
+        )
         self._reset()

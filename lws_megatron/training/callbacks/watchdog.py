@@ -24,7 +24,9 @@ class StepTimeWatchdog(Callback):
             median = statistics.median(self.times)
             if seconds > self.factor * median:
                 self.slow_steps += 1
-                trainer.say(f"warning: step {trainer.step} took {seconds:.3f} s, "
-                            f"{seconds / median:.1f}x the median {median:.3f} s of the last "
-                            f"{len(self.times)} steps")
+                trainer.say(
+                    f"warning: step {trainer.step} took {seconds:.3f} s, "
+                    f"{seconds / median:.1f}x the median {median:.3f} s of the last "
+                    f"{len(self.times)} steps"
+                )
         self.times.append(seconds)
