@@ -104,6 +104,7 @@ def resolve_sources(config: Config, verify: bool = True) -> Sources:
                 tokenizer_fingerprint=tokenizer.fingerprint,
                 tokenizer_path=config.data.tokenizer,
                 vocab_size=config.model.vocab_size,
+                hash_bin=config.data.verify_hashes,
             )
         splits = read_manifest(manifest_path(prefix)).splits
         valid = splits.get("valid")

@@ -102,6 +102,16 @@ def test_training_refuses_tokens_changed_in_place(tmp_path, tiny_data):
     )
     with pytest.raises(UserError, match=r"data_train.bin differs from the one the manifest"):
         resolve_sources(config)
+    # data.verify_hashes=false skips only the hash, for corpora too large to hash at each start
+    unhashed = load_config(
+        TINY,
+        [
+            f"data.path=[{prefix}]",
+            f"data.tokenizer={tiny_data['tokenizer']}",
+            "data.verify_hashes=false",
+        ],
+    )
+    assert resolve_sources(unhashed).prefixes == [prefix]
 
 
 def test_outputs_under_a_regular_file_are_one_line_errors(
