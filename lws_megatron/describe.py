@@ -108,7 +108,6 @@ def plot_profiles(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.backend_bases import FigureCanvasBase
-    from matplotlib.ticker import MaxNLocator
 
     image_format = Path(path).suffix.lstrip(".").lower() or matplotlib.rcParams["savefig.format"]
     if image_format not in FigureCanvasBase.get_supported_filetypes():
@@ -125,36 +124,7 @@ def plot_profiles(
     )
     top = max(layer["params"] for r in reports for layer in r["layers"]) / 1e6
     for ax, r in zip(axes.flat, reports):
-        color = colors[r["config"]] if colors else None
-        idx = [layer["index"] for layer in r["layers"]]
-        ffn = [layer["params"] * _ffn_share(r, layer) / 1e6 for layer in r["layers"]]
-        rest = [layer["params"] / 1e6 - f for layer, f in zip(r["layers"], ffn)]
-        ax.bar(
-            idx,
-            rest,
-            color=color or "#4C72B0",
-            alpha=0.4 if color else 1.0,
-            label="attention + norms",
-        )
-        ax.bar(idx, ffn, bottom=rest, color=color or "#DD8452", label="FFN")
-        for layer, height in zip(r["layers"], [a + f for a, f in zip(rest, ffn)]):
-            ax.text(
-                layer["index"],
-                height + top * 0.01,
-                f"{layer['ffn_hidden_size']}  {layer['num_query_heads']}/{layer['num_kv_heads']}",
-                ha="center",
-                va="bottom",
-                fontsize=6,
-                rotation=90,
-            )
-        ax.set_title(
-            f"{r['config']}  ({r['total_params'] / 1e6:.1f}M params)",
-            fontsize=9,
-            color=color or "black",
-        )
-        ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylim(0, top * 1.35)
+        _draw_profile(ax, r, colors[r["config"]] if colors else None, top)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     for row in axes:
@@ -168,6 +138,41 @@ def plot_profiles(
             fig.savefig(tmp, dpi=150, format=image_format)
     finally:
         plt.close(fig)
+
+
+def _draw_profile(ax, r: dict, color: str | None, top: float) -> None:
+    """One config's panel: attention + norms and FFN parameters per layer, with their widths."""
+    from matplotlib.ticker import MaxNLocator
+
+    idx = [layer["index"] for layer in r["layers"]]
+    ffn = [layer["params"] * _ffn_share(r, layer) / 1e6 for layer in r["layers"]]
+    rest = [layer["params"] / 1e6 - f for layer, f in zip(r["layers"], ffn)]
+    ax.bar(
+        idx,
+        rest,
+        color=color or "#4C72B0",
+        alpha=0.4 if color else 1.0,
+        label="attention + norms",
+    )
+    ax.bar(idx, ffn, bottom=rest, color=color or "#DD8452", label="FFN")
+    for layer, height in zip(r["layers"], [a + f for a, f in zip(rest, ffn)]):
+        ax.text(
+            layer["index"],
+            height + top * 0.01,
+            f"{layer['ffn_hidden_size']}  {layer['num_query_heads']}/{layer['num_kv_heads']}",
+            ha="center",
+            va="bottom",
+            fontsize=6,
+            rotation=90,
+        )
+    ax.set_title(
+        f"{r['config']}  ({r['total_params'] / 1e6:.1f}M params)",
+        fontsize=9,
+        color=color or "black",
+    )
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0, top * 1.35)
 
 
 def _ffn_share(report: dict, layer: dict) -> float:

@@ -21,6 +21,20 @@ from lws_megatron.generate import export_dir, go_offline
 RESULTS = "lm_eval.json"
 
 
+def _task_manager(manager_class, tasks: list[str], include_path: Path | None):
+    """lm-eval's task registry with the user's task folder; every task named must be in it."""
+    if include_path is not None and not include_path.is_dir():
+        raise UserError(f"--include-path {include_path} is not a folder of task YAMLs")
+    manager = manager_class(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(
+            f"--tasks: lm-eval knows no task {', '.join(unknown)}; list them with "
+            "`lm-eval ls tasks`, or add their YAML folder with --include-path"
+        )
+    return manager
+
+
 def evaluate(
     path: Path,
     tasks: list[str],
@@ -38,15 +52,7 @@ def evaluate(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    if include_path is not None and not include_path.is_dir():
-        raise UserError(f"--include-path {include_path} is not a folder of task YAMLs")
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise UserError(
-            f"--tasks: lm-eval knows no task {', '.join(unknown)}; list them with "
-            "`lm-eval ls tasks`, or add their YAML folder with --include-path"
-        )
+    manager = _task_manager(TaskManager, tasks, include_path)
     with export_dir(path, step) as model_dir:
         model_args = {
             "pretrained": str(model_dir),
@@ -73,23 +79,23 @@ def evaluate(
                 "local task (--include-path)"
             ) from None
         export_step = _export_step(model_dir)
+    record = _record(results, export_step, num_fewshot, limit, lm_eval.__version__)
+    write_json_atomic(output or path / RESULTS, record)
+    return record
+
+
+def _record(
+    results: dict, step: int | None, num_fewshot: int | None, limit: int | None, version: str
+) -> dict[str, Any]:
+    """What lm_eval.json holds: the numeric metrics per task, the step, the settings."""
     scores = {
         task: {
             metric: value for metric, value in metrics.items() if isinstance(value, (int, float))
         }
         for task, metrics in results["results"].items()
     }
-    record = {
-        "step": export_step,
-        "tasks": scores,
-        "settings": {
-            "num_fewshot": num_fewshot,
-            "limit": limit,
-            "lm_eval_version": lm_eval.__version__,
-        },
-    }
-    write_json_atomic(output or path / RESULTS, record)
-    return record
+    settings = {"num_fewshot": num_fewshot, "limit": limit, "lm_eval_version": version}
+    return {"step": step, "tasks": scores, "settings": settings}
 
 
 def _export_step(model_dir: Path) -> int | None:

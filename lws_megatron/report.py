@@ -408,6 +408,15 @@ def findings(profiles: list[Profile], stats: dict[str, ProfileStats], warned: bo
             f"Final {label} loss relative to {base.name} ({losses[base.name]:.4f} nats"
             f"{over}): {deltas}{spread}."
         )
+    return lines + _run_notes(profiles, stats)
+
+
+# ---------------------------------------------------------------- formatting (pure)
+
+
+def _run_notes(profiles: list[Profile], stats: dict[str, ProfileStats]) -> list[str]:
+    """Throughput, how far each run got, and which runs have not finished."""
+    lines = []
     fastest = max(stats, key=lambda n: stats[n].tokens_per_s)
     slowest = min(stats, key=lambda n: stats[n].tokens_per_s)
     if fastest != slowest:
@@ -432,9 +441,6 @@ def findings(profiles: list[Profile], stats: dict[str, ProfileStats], warned: bo
             "early; the numbers are those of the last logged step."
         )
     return lines
-
-
-# ---------------------------------------------------------------- formatting (pure)
 
 
 def _si(n: float) -> str:
@@ -561,12 +567,33 @@ def plot_loss(profiles: list[Profile], colors: dict[str, str], path: Path) -> No
     the right panel zooms into the last part, where the runs differ. A profile over seeds
     draws each seed's smoothed loss thin and their mean solid, in its one colour."""
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
     from matplotlib.ticker import EngFormatter
 
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [3, 2]})
     end = max(r.train[-1]["tokens"] for p in profiles for r in p.runs)
     start = (1 - ZOOM_FRACTION) * end
+    in_zoom = _draw_losses(profiles, colors, (full, zoom), start)
+    if in_zoom:
+        low, high = min(in_zoom), max(in_zoom)
+        pad = max(high - low, 1e-3) * 0.15
+        zoom.set_ylim(low - pad, high + pad)
+    zoom.set_xlim(start, end * 1.01)
+    full.axvspan(start, end, color="#000000", alpha=0.05, linewidth=0)
+    for ax, title in ((full, "whole run"), (zoom, f"last {ZOOM_FRACTION:.0%} of tokens (zoomed)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("loss (nats/token)")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.grid(alpha=0.3)
+    legend_in, total = _loss_legends(fig, profiles, colors)
+    fig.tight_layout(rect=(0, legend_in / total, 1, 1))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def _draw_losses(profiles: list[Profile], colors: dict[str, str], axes, start: float) -> list:
+    """Each profile's curves on both axes; the loss values inside the zoomed window."""
+    full, zoom = axes
     in_zoom: list[float] = []
     for profile in profiles:
         color = colors[profile.name]
@@ -603,43 +630,15 @@ def plot_loss(profiles: list[Profile], colors: dict[str, str], path: Path) -> No
             ax.plot(vx, vy, color=color, linestyle="--", marker="o", markersize=4, linewidth=1.2)
         in_zoom += [y for curve in curves for _, t, y in curve if t >= start and math.isfinite(y)]
         in_zoom += [y for t, y in zip(vx, vy) if t >= start and math.isfinite(y)]
-    if in_zoom:
-        low, high = min(in_zoom), max(in_zoom)
-        pad = max(high - low, 1e-3) * 0.15
-        zoom.set_ylim(low - pad, high + pad)
-    zoom.set_xlim(start, end * 1.01)
-    full.axvspan(start, end, color="#000000", alpha=0.05, linewidth=0)
-    for ax, title in ((full, "whole run"), (zoom, f"last {ZOOM_FRACTION:.0%} of tokens (zoomed)")):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("loss (nats/token)")
-        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-        ax.grid(alpha=0.3)
-    seeded = any(p.seeded for p in profiles)
-    single = not all(p.seeded for p in profiles)
-    over_seeds = ", mean over seeds" if seeded else ""
-    styles = [
-        Line2D([], [], color="0.45", linewidth=1.8, label=f"train loss (smoothed{over_seeds})")
-    ]
-    styles += [
-        Line2D([], [], color="0.45", alpha=0.35, linewidth=1.5, label="train loss (raw)")
-    ] * single
-    styles += [
-        Line2D(
-            [], [], color="0.45", alpha=0.6, linewidth=0.7, label="train loss, each seed (smoothed)"
-        )
-    ] * seeded
-    styles += [
-        Line2D(
-            [],
-            [],
-            color="0.45",
-            linestyle="--",
-            marker="o",
-            markersize=4,
-            label="validation loss" + " (mean over seeds)" * seeded,
-        )
-    ]
+    return in_zoom
+
+
+def _loss_legends(fig, profiles: list[Profile], colors: dict[str, str]) -> tuple[float, float]:
+    """The profiles' colours and the line styles, below the axes; (legend height, figure
+    height) in inches."""
+    from matplotlib.lines import Line2D
+
+    styles = _style_keys(profiles)
     # Below the axes, so that no legend hides a curve, in two rows, so that the grey
     # line-style keys are not read as the dark baseline; the figure grows to hold them.
     ncol = min(len(profiles), 6)
@@ -673,9 +672,39 @@ def plot_loss(profiles: list[Profile], colors: dict[str, str], path: Path) -> No
         handlelength=3,
         bbox_to_anchor=(0.5, row_in * run_rows / total + 0.01),
     )
-    fig.tight_layout(rect=(0, legend_in / total, 1, 1))
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    return legend_in, total
+
+
+def _style_keys(profiles: list[Profile]) -> list:
+    """Grey keys for the line styles the loss figure uses (seeded profiles draw more)."""
+    from matplotlib.lines import Line2D
+
+    seeded = any(p.seeded for p in profiles)
+    single = not all(p.seeded for p in profiles)
+    over_seeds = ", mean over seeds" if seeded else ""
+    styles = [
+        Line2D([], [], color="0.45", linewidth=1.8, label=f"train loss (smoothed{over_seeds})")
+    ]
+    styles += [
+        Line2D([], [], color="0.45", alpha=0.35, linewidth=1.5, label="train loss (raw)")
+    ] * single
+    styles += [
+        Line2D(
+            [], [], color="0.45", alpha=0.6, linewidth=0.7, label="train loss, each seed (smoothed)"
+        )
+    ] * seeded
+    styles += [
+        Line2D(
+            [],
+            [],
+            color="0.45",
+            linestyle="--",
+            marker="o",
+            markersize=4,
+            label="validation loss" + " (mean over seeds)" * seeded,
+        )
+    ]
+    return styles
 
 
 def plot_throughput(

@@ -144,19 +144,16 @@ def cost_model(
     micro_batch = config.train.micro_batch_size
     tokens = micro_batch * dims.seq_length
     norms = shapes.layer_params(shapes.LayerShape(0, 0, 0), dims)
+    per_layer = dict(tp=tp, micro_batch=micro_batch, precision=precision, recompute=recompute)
+    # The head holds the final norm's input, the output layer's input and the fp32 softmax.
+    width = (precision.residual + precision.activation) * dims.d_model
+    head_bytes = tokens * (width + SOFTMAX_BYTES * vocab / tp)
 
     def layer(shape: shapes.LayerShape, params: int, flops: int) -> Block:
         return Block(
             cost=float(flops if timings is None else timings.layers[shape]),
             params=(params - norms) / tp + norms,
-            activation_bytes=layer_activation_bytes(
-                shape,
-                dims,
-                tp=tp,
-                micro_batch=micro_batch,
-                precision=precision,
-                recompute=recompute,
-            ),
+            activation_bytes=layer_activation_bytes(shape, dims, **per_layer),
         )
 
     head_params = summary.output_params or (summary.embedding_params if pp > 1 else 0)
@@ -174,12 +171,7 @@ def cost_model(
         output=Block(
             cost=float(head_flops if timings is None else timings.output),
             params=head_params / tp + summary.final_norm_params,
-            # The final norm's input, the output layer's input, the fp32 softmax.
-            activation_bytes=tokens
-            * (
-                (precision.residual + precision.activation) * dims.d_model
-                + SOFTMAX_BYTES * vocab / tp
-            ),
+            activation_bytes=head_bytes,
         ),
         bytes_per_param=state_bytes_per_param(precision, config.zero.stage, dp),
         unit="FLOPs/token" if timings is None else "s/micro-batch",

@@ -142,8 +142,7 @@ def _search(t: Tables, limit: float | None, budget: int) -> Solution | None:
     distinct (chunk, boundary, rank loads, rank memories) state once, pruned by the incumbent
     (the chunk-balanced split, improved by moving single boundaries) against a lower bound:
     placed loads plus the least remaining load water-filled over the ranks that still have
-    chunks. The paper profiles at C <= 12 take well under a second. Past `budget` visits the
-    best split found is returned with `proven` False.
+    chunks. Past `budget` visits the best split found is returned with `proven` False.
     """
     allowed = _allowed(t, limit)
     w, mem = allowed.tolist(), t.memory.tolist()
@@ -175,11 +174,8 @@ def _search(t: Tables, limit: float | None, budget: int) -> Solution | None:
             loads[r], mems[r] = load, used
             state = (c + 1, j, *loads, *mems)
             rest = remaining[c + 1][j]
-            if (
-                state not in explored
-                and math.isfinite(rest)
-                and _promising(loads, rest, chunks - c - 1, head, incumbent[0])
-            ):
+            fresh = state not in explored and math.isfinite(rest)
+            if fresh and _promising(loads, rest, chunks - c - 1, head, incumbent[0]):
                 explored.add(state)
                 if len(explored) > budget:
                     raise _Budget
