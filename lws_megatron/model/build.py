@@ -58,9 +58,10 @@ def transformer_config(
         init=m.init,
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_eps,
-        # Megatron sums q/k_layernorm gradients over TP when this is set: right for the shared
-        # per-head gain, wrong for the full-width gain, which is split with the heads.
-        qk_layernorm=m.qk_norm == "head",
+        # Megatron-Core 0.19 refuses a q/k norm in the spec without this. Its one other use,
+        # summing q/k norm gradients over TP in finalize_model_grads, is not on our path:
+        # grads.py sums the shared per-head gain and leaves the TP-split full-width gain alone.
+        qk_layernorm=m.qk_norm != "none",
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,

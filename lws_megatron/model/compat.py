@@ -6,6 +6,10 @@ CI runs the whole test suite at both ends (.ci/run). Each difference, and how it
    `ModuleSpec(module=MLP, submodules=MLPSubmodules(...))`; 0.19 as
    `functools.partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))`.
    `with_submodules` swaps submodules in either form (spec.py swaps linear_fc2).
+2. Attention (transformer/attention.py). 0.19's SelfAttention refuses a q/k norm in the spec
+   unless `TransformerConfig.qk_layernorm` is set; 0.16 builds whatever the spec names.
+   build.py sets it for every QK-norm kind (its other use, a TP sum in finalize_model_grads,
+   is not on our path).
 
 Read in both sources and unchanged, so used directly: `heterogeneous_block_specs` and
 `get_config_for_layer` (TransformerBlock), every TransformerConfig field build.py sets,
