@@ -1,9 +1,10 @@
 """Training throughput of configs on this device: `python launch/bench.py CONFIG... [options]`.
 
-Full training steps (forward, backward, optimizer) after a warm-up, on synthetic tokens:
-tokens per second, step time (median, min-max), MFU against the shape engine's FLOPs and the
-device's peak, peak memory; each distinct layer shape timed alone; with --profile, where the
-time of a step goes.
+Full training steps (forward, backward, optimizer) after a warm-up, on synthetic tokens, back
+to back with the step's numbers read once per `train.log_interval`, as the trainer reads them:
+tokens per second over the timed steps, step time (median, min-max), host waits for the device
+per step, MFU against the shape engine's FLOPs and the device's peak, peak memory; each
+distinct layer shape timed alone; with --profile, where the time of a step goes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         "--compile",
         choices=("none", "layers", "model"),
         help="torch.compile each layer or each model chunk whole (default: train.compile)",
+    )
+    parser.add_argument(
+        "--read-every-step",
+        action="store_true",
+        help="wait for the device before each step and read its numbers after it (marked *)",
     )
     parser.add_argument("--no-layer-times", action="store_true", help="skip per-layer timings")
     parser.add_argument(
@@ -66,7 +72,13 @@ def run(args: argparse.Namespace) -> int:
     for path, config in zip(paths, configs):
         results.append(
             bench_config(
-                config, path, args.steps, args.warmup, not args.no_layer_times, args.profile
+                config,
+                path,
+                args.steps,
+                args.warmup,
+                not args.no_layer_times,
+                args.profile,
+                args.read_every_step,
             )
         )
         if torch.cuda.is_available():

@@ -7,7 +7,9 @@ run exactly as on a CPU machine) and hands over its weights, loss and gradients.
 passes when the bf16 loss agrees within bf16 tolerance and every gradient points the same way:
 eager with PyTorch's own attention kernel, with flash and with cuDNN attention pinned
 (model.sdpa_kernel), and compiled whole (train.compile=model, with no graph break on CUDA
-either). Exits 1 naming what failed.
+either). Then steady-state training steps, eager and compiled, under
+`torch.cuda.set_sync_debug_mode("error")`: a step must never make the host wait for the GPU.
+Exits 1 naming what failed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lws_megatron.benchmark import synthetic_batch
+from lws_megatron.benchmark import first_sync, synthetic_batch
 from lws_megatron.config import load_config
 from lws_megatron.device import autocast
 from lws_megatron.errors import UserError
@@ -129,6 +131,20 @@ def check(path: str, overrides: list[str]) -> list[str]:
     return failures
 
 
+def check_sync_free(path: str, overrides: list[str]) -> list[str]:
+    """Steady-state steps, eager and compiled whole, with any host wait an error."""
+    failures = []
+    for mode in ("none", "model"):
+        config = load_config(path, [*overrides, f"train.compile={mode}"])
+        distributed.init_processes()
+        sync = first_sync(config)
+        label = f"sync-free step, compile={mode}"
+        print(f"{label}: {'no host wait' if sync is None else sync}")
+        if sync is not None:
+            failures.append(f"{label}: the host waited for the device: {sync}")
+    return failures
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--reference"]:
         reference(argv[1], argv[2], argv[3:])
@@ -137,7 +153,8 @@ def main(argv: list[str]) -> int:
         print("no CUDA device: nothing to check")
         return 1
     path = argv[0] if argv and "=" not in argv[0] else DEFAULT
-    failures = check(path, [a for a in argv if "=" in a])
+    overrides = [a for a in argv if "=" in a]
+    failures = check(path, overrides) + check_sync_free(path, overrides)
     for failure in failures:
         print(f"FAILED: {failure}")
     print("GPU checks passed" if not failures else f"{len(failures)} GPU check(s) failed")

@@ -16,11 +16,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lws_megatron.config import Config, config_name
-from lws_megatron.device import autocast, default_device, synchronize
+from lws_megatron.device import autocast, count_syncs, default_device, synchronize
 from lws_megatron.model.compile import compile_stats
-from lws_megatron.training import distributed
+from lws_megatron.training import distributed, forward
 from lws_megatron.training.data import Batch
 from lws_megatron.training.metrics import device_peak_flops, memory_gb
+from lws_megatron.training.step_stats import StepStats
 from lws_megatron.training.train_module import TrainModule
 
 
@@ -74,6 +75,8 @@ class BenchResult:
     sdpa_kernel: str = "auto"
     compiled_graphs: int = 0  # more than one graph per chunk: a break or a recompile
     graph_breaks: int = 0
+    syncs_per_step: float | None = None  # host waits for the device (device.count_syncs)
+    read_every_step: bool = False  # the step numbers read after every step, as before
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -198,7 +201,13 @@ def profile_steps(run_step, device: torch.device, steps: int = 2, top: int = 12)
 
 
 def bench_config(
-    config: Config, path: str, steps: int, warmup: int, time_each_layer: bool, profile: bool = False
+    config: Config,
+    path: str,
+    steps: int,
+    warmup: int,
+    time_each_layer: bool,
+    profile: bool = False,
+    read_every_step: bool = False,
 ) -> BenchResult:
     """Needs an initialised default process group of one rank (see launch/bench.py)."""
     device = default_device()
@@ -217,14 +226,14 @@ def bench_config(
         ]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = _timed_steps(module, batches, warmup, steps)
+        times, total = _timed_steps(module, batches, warmup, steps, read_every_step)
+        syncs = _syncs_per_step(module, batches, read_every_step)
         step_profile = (
             profile_steps(lambda: module.train_batch(batches), device) if profile else None
         )
         compiled = {k: v - before[k] for k, v in compile_stats().items()}
     summary = config.summary()
-    tokens = config.train.global_batch_size * config.model.seq_length
-    median = statistics.median(times)
+    tokens_per_s = config.train.global_batch_size * config.model.seq_length * steps / total
     peak, _ = device_peak_flops(device)
     return BenchResult(
         config=config_name(path),
@@ -233,11 +242,11 @@ def bench_config(
         micro_batch_size=plan.micro_batch_size,
         seq_length=config.model.seq_length,
         steps=steps,
-        tokens_per_s=tokens / median,
-        step_time_median_s=median,
+        tokens_per_s=tokens_per_s,
+        step_time_median_s=statistics.median(times),
         step_time_min_s=min(times),
         step_time_max_s=max(times),
-        mfu=tokens / median * summary.flops_per_token / peak if peak else 0.0,
+        mfu=tokens_per_s * summary.flops_per_token / peak if peak else 0.0,
         peak_flops=peak,
         peak_memory_gb=memory_gb(device),
         flops_per_token=summary.flops_per_token,
@@ -246,27 +255,102 @@ def bench_config(
         layer_timings=layer_timings,
         profile=step_profile,
         sdpa_kernel=config.model.sdpa_kernel,
+        syncs_per_step=syncs,
+        read_every_step=read_every_step,
         **compiled,
     )
 
 
-def _timed_steps(module: TrainModule, batches: list[Batch], warmup: int, steps: int) -> list[float]:
-    times = []
+def _timed_steps(
+    module: TrainModule, batches: list[Batch], warmup: int, steps: int, read_every_step: bool
+) -> tuple[list[float], float]:
+    """(seconds of each timed step, seconds of them all), stepping as the trainer does: the
+    step numbers are read once per `train.log_interval`. On CUDA a step's time is the span
+    between events queued after each step, so the host never waits in between; the total
+    ends with the device done. `read_every_step`: wait for the device before each step and
+    read its numbers after it (the old step)."""
+    device, every = module.device, module.config.train.log_interval
+    cuda = device.type == "cuda"
+    tokens = forward.loss_tokens(batches)
+    stats = StepStats(device)
+    marks = []
     for i in range(warmup + steps):
-        synchronize(module.device)
-        start = time.perf_counter()
-        module.train_batch(batches)
-        synchronize(module.device)
+        if i == warmup:
+            stats.read(time.perf_counter())
+            synchronize(device)
+            start = time.perf_counter()
         if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+            marks.append(_mark(cuda, read_every_step))
+        stats.add(module.train_batch(batches, tokens))
+        if read_every_step or (i + 1) % every == 0:
+            stats.read(time.perf_counter())
+    marks.append(_mark(cuda, read_every_step))
+    synchronize(device)
+    total = time.perf_counter() - start
+    if cuda:
+        return [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])], total
+    return [b - a for a, b in zip(marks, marks[1:])], total
+
+
+def _mark(cuda: bool, wait: bool):
+    """A point between steps: a CUDA event (timed on the device), or the host clock."""
+    if not cuda:
+        return time.perf_counter()
+    if wait:
+        torch.cuda.synchronize()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _syncs_per_step(module: TrainModule, batches: list[Batch], read_every_step: bool) -> float:
+    """Host waits per step over one log interval of steps, read as the trainer reads."""
+    every = 1 if read_every_step else module.config.train.log_interval
+    tokens = forward.loss_tokens(batches)
+    stats = StepStats(module.device)
+    with count_syncs(module.device) as counter:
+        for _ in range(every):
+            stats.add(module.train_batch(batches, tokens))
+        stats.read(time.perf_counter())
+    synchronize(module.device)
+    return counter.count / every
+
+
+def first_sync(config: Config, warmup: int = 3, steps: int = 2) -> str | None:
+    """Steady-state steps under `torch.cuda.set_sync_debug_mode("error")`, where any host wait
+    for the device raises: None if there was none, else the error's first line. CUDA only;
+    needs an initialised default process group of one rank."""
+    device = default_device()
+    with distributed.model_parallel(config) as plan:
+        module = TrainModule(config, plan, device)
+        module.compile()
+        batches = [
+            synthetic_batch(config, plan.micro_batch_size, seed)
+            for seed in range(plan.micro_batches)
+        ]
+        tokens = forward.loss_tokens(batches)
+        stats = StepStats(device)
+        for _ in range(warmup):
+            stats.add(module.train_batch(batches, tokens))
+        stats.read(time.perf_counter())
+        synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(steps):
+                stats.add(module.train_batch(batches, tokens))
+        except RuntimeError as err:
+            return str(err).strip().splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        stats.read(time.perf_counter())
+    return None
 
 
 def render(results: list[BenchResult]) -> str:
     lines = [
         f"{'config':<16} {'device':<24} {'prec':<5} {'compile':<7} {'sdpa':<9} "
         f"{'tok/s':>10} {'MFU':>6} {'step ms (median, min-max)':>28} {'mem GB':>7} "
-        "graphs/breaks"
+        f"{'syncs/step':>10} graphs/breaks"
     ]
     for r in results:
         graphs = f"{r.compiled_graphs}/{r.graph_breaks}" if r.compile != "none" else "-"
@@ -275,7 +359,7 @@ def render(results: list[BenchResult]) -> str:
             f"{r.sdpa_kernel:<9} {r.tokens_per_s:>10,.0f} "
             f"{100 * r.mfu:>5.1f}% {1000 * r.step_time_median_s:>10.1f} "
             f"({1000 * r.step_time_min_s:.1f}-{1000 * r.step_time_max_s:.1f}){'':>4} "
-            f"{r.peak_memory_gb:>7.2f} {graphs}"
+            f"{r.peak_memory_gb:>7.2f} {_syncs(r):>10} {graphs}"
         )
     for r in results:
         if r.layer_timings:
@@ -301,3 +385,9 @@ def render(results: list[BenchResult]) -> str:
             for o in p.top:
                 lines.append(f"  {o.ms_per_step:8.2f} ms {o.calls_per_step:7.1f} x  {o.name[:90]}")
     return "\n".join(lines)
+
+
+def _syncs(r: BenchResult) -> str:
+    if r.syncs_per_step is None:
+        return "-"
+    return f"{r.syncs_per_step:.2f}" + ("*" if r.read_every_step else "")

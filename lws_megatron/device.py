@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 
 def default_device() -> torch.device:
@@ -24,6 +27,74 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU, which runs eagerly)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def host_values(values: list[float], device: torch.device) -> torch.Tensor:
+    """Host numbers as a float64 device tensor, without waiting for the device: from pageable
+    memory a copy to CUDA blocks the host; from pinned memory it is queued like a kernel."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class SyncCounter:
+    """How many times the host waited for the device while counting (see `count_syncs`)."""
+
+    count = 0
+
+
+# What makes a host read a tensor's values: on CUDA each is a device synchronisation.
+_READS = frozenset(
+    getattr(torch.Tensor, name)
+    for name in (
+        "item",
+        "tolist",
+        "numpy",
+        "cpu",
+        "__bool__",
+        "__float__",
+        "__int__",
+        "__index__",
+        "__array__",
+    )
+)
+
+
+class _CountReads(TorchFunctionMode):
+    def __init__(self, counter: SyncCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _READS:
+            self.counter.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_syncs(device: torch.device) -> Iterator[SyncCounter]:
+    """Count the host's waits for the device inside the block.
+
+    On CUDA, PyTorch's own sync debug mode reports every synchronising call (a device read, a
+    blocking copy, an explicit synchronize). A CPU never waits, so there each read of a
+    tensor's values (item, tolist, bool, float, ...) is counted: on CUDA, every one of them
+    would be a wait.
+    """
+    counter = SyncCounter()
+    if device.type == "cuda":
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield counter
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        counter.count = sum("synchroniz" in str(w.message) for w in caught)
+        return
+    with _CountReads(counter):
+        yield counter
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -18,8 +18,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
-from lws_megatron.device import autocast
-from lws_megatron.model import ModelArgs, check_batch
+from lws_megatron.device import autocast, host_values
+from lws_megatron.model import ModelArgs
 from lws_megatron.training.data import Batch
 
 LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -30,8 +30,8 @@ def forward_step(args: ModelArgs) -> ForwardStep:
     """A schedule's forward_step_func for batches {tokens, labels, loss_mask}.
 
     Only chunks that hold the embedding or the output head draw a batch from the iterator
-    (it may be None on the other stages). Each drawn batch passes `check_batch` where it lies
-    (on the CPU, no device sync, for a loader's batch), then moves to the model's device.
+    (it may be None on the other stages). A batch is checked where it is built
+    (`data.micro_batches`) and moves to the model's device here without a host wait.
     `model` may be a GPTModel or a wrapper of one (a DeepSpeed engine).
     """
 
@@ -42,7 +42,6 @@ def forward_step(args: ModelArgs) -> ForwardStep:
             with autocast(device, args.dtype):
                 return model(None, None, None), partial(loss_func, None)
         batch = next(data_iterator)
-        check_batch(batch["tokens"], args.model.vocab_size, args.model.seq_length, batch["labels"])
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         tokens = batch["tokens"] if gpt.pre_process else None
         labels = batch["labels"] if gpt.post_process else None
@@ -67,29 +66,39 @@ def loss_func(
     return loss_sum, tokens.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), tokens])}
 
 
-def global_tokens(batches: list[Batch], device: torch.device) -> torch.Tensor:
-    """Loss tokens of the whole global batch (every DP rank's micro batches), on the device."""
-    total = torch.stack([b["loss_mask"].sum() for b in batches]).sum().to(device)
-    dist.all_reduce(total, group=ps.get_data_parallel_group())
-    return total
+def loss_tokens(batches: list[Batch]) -> int:
+    """This rank's loss tokens, counted on the host batches (a loader hands them over counted)."""
+    return round(float(sum(b["loss_mask"].sum() for b in batches)))
 
 
-def world_sums(
-    loss_sum: torch.Tensor, tokens: torch.Tensor, *flags: bool | torch.Tensor
-) -> torch.Tensor:
+def step_totals(
+    local_tokens: int, stop_requested: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss tokens of the whole global batch, ranks asking to stop), on the device.
+
+    One all-reduce over the world, fed from the host without waiting for the device: each
+    data-parallel replica's tokens are counted by its first model-parallel rank only.
+    """
+    counts = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage(
+        ignore_virtual=True
+    )
+    values = host_values([local_tokens if counts else 0, float(stop_requested)], device)
+    dist.all_reduce(values)
+    values = values.float()
+    return values[0], values[1]
+
+
+def world_sums(loss_sum: torch.Tensor, tokens: torch.Tensor, *flags: torch.Tensor) -> torch.Tensor:
     """[mean loss per token, flag sums...] over the world, in one all-reduce on the device.
 
     The loss is held by the last stage's first TP rank of each DP rank; a flag counts the
-    ranks that raise it. Nothing here waits for the device: the step reads all its numbers at
-    once, with one host sync.
+    ranks that raise it. Nothing here waits for the device.
     """
     holder = (
         ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     )
     loss = loss_sum.detach().float() if holder else torch.zeros((), device=tokens.device)
-    values = torch.stack(
-        [loss, *(torch.as_tensor(f, dtype=torch.float32, device=tokens.device) for f in flags)]
-    )
+    values = torch.stack([loss, *(f.float() for f in flags)])
     dist.all_reduce(values)
     return torch.cat([values[:1] / tokens, values[1:]])
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,27 +18,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from lws_megatron.config import Config
+from lws_megatron.device import host_values
 from lws_megatron.model import ModelArgs, build_model_chunks, sync_model_parallel_grads
 from lws_megatron.model.compile import compile_chunks
-from lws_megatron.training import param_groups, zero
+from lws_megatron.training import forward, param_groups, zero
 from lws_megatron.training.data import Batch
 from lws_megatron.training.distributed import ParallelPlan
-from lws_megatron.training.forward import (
-    forward_step,
-    global_tokens,
-    loss_func,
-    run_schedule,
-    world_sums,
-)
 from lws_megatron.training.precision import compute_dtype
-
-
-@dataclass(frozen=True)
-class StepResult:
-    loss: float
-    grad_norm: float
-    skipped: bool
-    stop_requested: bool = False  # some rank was asked to stop (a pre-emption signal)
+from lws_megatron.training.step_stats import StepResult
 
 
 def seed_everything(seed: int) -> None:
@@ -85,82 +71,101 @@ class TrainModule:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_batch(self, batches: list[Batch], stop_requested: bool = False) -> StepResult:
-        """One optimizer step over this rank's micro batches of a global batch.
+    def train_batch(
+        self, batches: list[Batch], loss_tokens: int | None = None, stop_requested: bool = False
+    ) -> StepResult:
+        """One optimizer step over this rank's micro batches of a global batch, queued on the
+        device without waiting for it (ZeRO-0; DeepSpeed's ZeRO optimizers read the device
+        inside their own step).
 
-        `stop_requested` (this rank's pre-emption flag) rides along with the loss, so the
-        whole step waits for the device once.
+        `loss_tokens`: this rank's loss tokens, counted where the batches were built (counted
+        here from the host batches when not given). `stop_requested` (this rank's pre-emption
+        flag) rides along with the token count.
         """
-        tokens = global_tokens(batches, self.device)
+        if loss_tokens is None:
+            loss_tokens = forward.loss_tokens(batches)
+        tokens, stops = forward.step_totals(loss_tokens, stop_requested, self.device)
         if zero.uses_deepspeed_backward(self.config):
-            return self._engine_backward_step(batches, tokens, stop_requested)
-        loss_sum = run_schedule(
+            return self._engine_backward_step(batches, tokens, stops)
+        loss_sum = forward.run_schedule(
             self.args, self.chunks, batches, self.device, tokens, self.plan.dp * len(batches), False
         )
         if self.config.zero.stage == 0:
-            return self._plain_step(loss_sum, tokens, stop_requested)
-        loss, stops, nonfinite = world_sums(
-            loss_sum, tokens, stop_requested, _local_nonfinite(self.chunks)
-        ).tolist()
-        if nonfinite or not math.isfinite(loss):
+            return self._plain_step(loss_sum, tokens, stops)
+        loss, nonfinite = forward.world_sums(loss_sum, tokens, _local_nonfinite(self.chunks))
+        flagged, mean = torch.stack([nonfinite, loss]).tolist()
+        if flagged or not math.isfinite(mean):
             self.engine.zero_grad()
-            return StepResult(loss, float("nan"), skipped=True, stop_requested=stops > 0)
+            return self._result(loss, None, True, stops)
         sync_model_parallel_grads(self.chunks)
         self.engine.allreduce_gradients()
         self.engine.step()
-        return StepResult(loss, _grad_norm(self.engine), skipped=False, stop_requested=stops > 0)
+        return self._result(loss, self.engine.get_global_grad_norm(), False, stops)
 
     @torch.no_grad()
     def eval_batch(self, batches: list[Batch]) -> float:
         """Mean loss per token over the given micro batches of every DP rank."""
         for chunk in self.chunks:
             chunk.eval()
-        tokens = global_tokens(batches, self.device)
-        loss_sum = run_schedule(self.args, self.chunks, batches, self.device, tokens, 1.0, True)
+        tokens, _ = forward.step_totals(forward.loss_tokens(batches), False, self.device)
+        loss_sum = forward.run_schedule(
+            self.args, self.chunks, batches, self.device, tokens, 1.0, True
+        )
         for chunk in self.chunks:
             chunk.train()
-        return world_sums(loss_sum, tokens).item()
+        return forward.world_sums(loss_sum, tokens).item()
 
-    def _plain_step(self, loss_sum, tokens, stop_requested) -> StepResult:
-        """Without ZeRO: reduce, then read loss, stop flag and gradient norm in one sync.
+    def _plain_step(self, loss_sum, tokens, stops) -> StepResult:
+        """Without ZeRO: reduce, clip and skip on the device.
 
         A non-finite gradient anywhere makes the norm non-finite on every rank (the norm sums
-        over the model-parallel group after the DP reduction), so every rank skips the step.
+        over the model-parallel group after the DP reduction), and the loss is all-reduced, so
+        every rank raises the same `found_inf`: fused AdamW then leaves weights, moments and
+        step count as they were. Clipping is fused AdamW's `grad_scale` (it divides each
+        gradient by max(1, norm / clip_grad)): no pass over the gradients of its own.
         """
         sync_model_parallel_grads(self.chunks)
         if self.plan.dp > 1:
             # Alone, DeepSpeed's stage-0 reduction still flattens, scales and copies back every
             # gradient: ~740 kernels a step on the 18-layer model, for nothing.
             self.engine.allreduce_gradients()
-        norm_sq = _counted_norm_sq(self.chunks, tokens.device)
-        loss, stops, norm = torch.cat(
-            [world_sums(loss_sum, tokens, stop_requested), norm_sq.sqrt().reshape(1)]
-        ).tolist()
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            self.engine.zero_grad()
-            return StepResult(loss, float("nan"), skipped=True, stop_requested=stops > 0)
+        norm = _counted_norm_sq(self.chunks, tokens.device).sqrt()
+        (loss,) = forward.world_sums(loss_sum, tokens)
+        found_inf = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
+        optimizer = self.engine.optimizer
+        optimizer.found_inf = found_inf
         max_norm = self.config.optim.clip_grad
-        if max_norm > 0 and norm > max_norm:
-            torch._foreach_mul_(_grads(self.chunks), max_norm / (norm + 1e-6))
+        optimizer.grad_scale = (
+            torch.clamp((norm + 1e-6) / max_norm, min=1.0) if max_norm > 0 else None
+        )
         self.engine.step()
-        return StepResult(loss, norm, skipped=False, stop_requested=stops > 0)
+        return StepResult(loss, torch.where(found_inf > 0, math.nan, norm), found_inf, stops)
 
-    def _engine_backward_step(self, batches: list[Batch], tokens, stop_requested) -> StepResult:
+    def _engine_backward_step(self, batches: list[Batch], tokens, stops) -> StepResult:
         """ZeRO-2/3 (PP = 1): each micro batch through engine.backward; DeepSpeed skips a step
         whose gradients are not finite, and we count it from its skipped-step counter."""
         engine, dp = self.engine, self.plan.dp
         skipped_before = engine.skipped_steps
         loss_sum = torch.zeros((), device=self.device)
-        step = forward_step(self.args)
+        step = forward.forward_step(self.args)
         for batch in batches:
             output, _ = step(iter([batch]), engine)
-            batch_sum, _, _ = loss_func(batch["loss_mask"].to(self.device), output)
+            batch_sum, _, _ = forward.loss_func(batch["loss_mask"].to(self.device), output)
             engine.backward(batch_sum * dp / tokens, scale_wrt_gas=False)
             engine.step()
             loss_sum += batch_sum.detach()
-        loss, stops = world_sums(loss_sum, tokens, stop_requested).tolist()
+        (loss,) = forward.world_sums(loss_sum, tokens)
         skipped = engine.skipped_steps > skipped_before
-        return StepResult(loss, float("nan") if skipped else _grad_norm(engine), skipped, stops > 0)
+        return self._result(
+            loss, None if skipped else engine.get_global_grad_norm(), skipped, stops
+        )
+
+    def _result(self, loss, norm, skipped: bool, stops) -> StepResult:
+        """A StepResult of DeepSpeed's ZeRO step (which has read the device already): its
+        norm is a number, a tensor or None."""
+        norm = math.nan if norm is None else float(norm)
+        skip, norm = host_values([float(skipped), norm], self.device).float()
+        return StepResult(loss, norm, skip, stops)
 
 
 def _grads(chunks) -> list[torch.Tensor]:
@@ -198,8 +203,3 @@ def _counted_norm_sq(chunks, device: torch.device) -> torch.Tensor:
     )
     dist.all_reduce(total, group=ps.get_model_parallel_group())
     return total
-
-
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")

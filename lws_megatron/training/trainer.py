@@ -31,6 +31,7 @@ from lws_megatron.training.data_passes import passes_warning
 from lws_megatron.training.documents import DocumentBatches
 from lws_megatron.training.metrics import MetricsWriter, device_peak_flops
 from lws_megatron.training.run_dir import RunLock, refuse_foreign_records
+from lws_megatron.training.step_stats import StepStats
 from lws_megatron.training.train_module import TrainModule
 
 
@@ -132,6 +133,13 @@ class Trainer:
             pad if pad is not None else 0,
         )
 
+    def read_due(self) -> bool:
+        """Whether the host reads the steps' numbers now: at each log step and wherever it
+        needs them anyway (evaluation, checkpoint, the last step); never in between."""
+        step, t = self.step, self.config.train
+        every = (t.log_interval, self.config.eval.interval, self.config.checkpoint.interval)
+        return step == t.max_steps or any(n and step % n == 0 for n in every)
+
     @property
     def stopping(self) -> bool:
         return self.stop_reason is not None
@@ -159,6 +167,8 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_start(self)
         t = self.config.train
+        stats = StepStats(self.device)
+        interval_began = time.perf_counter()
         while self.step < t.max_steps and not self.stopping:
             for callback in self.callbacks:
                 callback.before_step(self)
@@ -167,13 +177,14 @@ class Trainer:
             batches = data.step_batches(
                 self.train_ds, self.step, self.plan, ps.get_data_parallel_rank()
             )
-            began = time.perf_counter()
-            result = self.module.train_batch(batches, stop_requested=self.stop_signal)
-            seconds = time.perf_counter() - began
+            stats.add(self.module.train_batch(batches, stop_requested=self.stop_signal))
             self.step += 1
-            self.skipped_steps += result.skipped
-            for callback in self.callbacks:
-                callback.on_step_end(self, result, seconds)
+            if self.read_due():
+                interval = stats.read(interval_began)
+                self.skipped_steps += interval.skipped
+                for callback in self.callbacks:
+                    callback.on_interval_end(self, interval)
+                interval_began = time.perf_counter()
         for callback in self.callbacks:
             callback.on_train_end(self)
         self.writer.close()

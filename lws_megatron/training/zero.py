@@ -69,6 +69,9 @@ def deepspeed_config(config: Config, dp: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # On by default, the throughput timer synchronises the device in a hook on every
+        # forward of the engine's module and in every step().
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
 
 

@@ -8,7 +8,7 @@ from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
 from lws_megatron.training.callbacks import build_callbacks
 from lws_megatron.training.callbacks.watchdog import StepTimeWatchdog
-from lws_megatron.training.train_module import StepResult
+from lws_megatron.training.step_stats import Interval
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 DEFAULTS = ["speed_monitor", "evaluation", "nonfinite_stop", "preemption", "checkpointing"]
@@ -44,19 +44,39 @@ def test_an_unknown_callback_is_refused_naming_the_available_ones():
         build_callbacks(["watchdgo"])
 
 
+def _interval(step_seconds: float, steps: int = 1) -> Interval:
+    return Interval(
+        steps=steps,
+        seconds=step_seconds * steps,
+        applied=steps,
+        loss=1.0,
+        grad_norm=1.0,
+        skipped=0,
+        nonfinite_run=0,
+        stop_requested=False,
+    )
+
+
 def test_watchdog_warns_about_a_step_three_times_the_median():
     watchdog, trainer = StepTimeWatchdog(), FakeTrainer()
-    result = StepResult(loss=1.0, grad_norm=1.0, skipped=False)
     for trainer.step, seconds in enumerate([0.1] * 10 + [0.29, 0.35, 0.1], start=1):
-        watchdog.on_step_end(trainer, result, seconds)
-    assert watchdog.slow_steps == 1
+        watchdog.on_interval_end(trainer, _interval(seconds))
+    assert watchdog.slow_intervals == 1
     (line,) = trainer.lines
-    assert line.startswith("warning: step 12 took 0.350 s, 3.5x the median 0.100 s")
+    assert line.startswith("warning: step 12 took 0.350 s per step, 3.5x the median 0.100 s")
+
+
+def test_watchdog_judges_intervals_by_their_mean_step_time():
+    watchdog, trainer = StepTimeWatchdog(), FakeTrainer()
+    for k, seconds in enumerate([0.1] * 6 + [0.4], start=1):
+        trainer.step = 10 * k
+        watchdog.on_interval_end(trainer, _interval(seconds, steps=10))
+    (line,) = trainer.lines
+    assert line.startswith("warning: steps 61-70 took 0.400 s per step, 4.0x the median")
 
 
 def test_watchdog_judges_nothing_during_warm_up():
     watchdog, trainer = StepTimeWatchdog(), FakeTrainer()
-    result = StepResult(loss=1.0, grad_norm=1.0, skipped=False)
     for seconds in (0.1, 5.0, 0.1, 9.0):  # compiles and caches in the first steps
-        watchdog.on_step_end(trainer, result, seconds)
-    assert trainer.lines == [] and watchdog.slow_steps == 0
+        watchdog.on_interval_end(trainer, _interval(seconds))
+    assert trainer.lines == [] and watchdog.slow_intervals == 0

@@ -242,7 +242,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_da
         check=False,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "3 steps in a row had a non-finite loss or gradient (step 4)" in proc.stderr
+    assert "3 steps in a row had a non-finite loss or gradient (by step 4)" in proc.stderr
     skipped = records(run_dir, "skipped_steps")
     assert [skipped[s] for s in sorted(skipped)] == [0, 1, 2, 3]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"

@@ -47,3 +47,13 @@ def test_no_deepspeed_mixed_precision_and_no_per_step_printing():
     ds = deepspeed_config(_config(1), dp=1)
     assert ds["bf16"] == {"enabled": False}  # weights stay fp32; bf16 is autocast's
     assert ds["wall_clock_breakdown"] is False and ds["steps_per_print"] >= 2**30
+
+
+def test_deepspeeds_throughput_timer_never_synchronises_the_device():
+    """The engine reads its timer from this config; enabled, it waits for the device on every
+    forward and step."""
+    from deepspeed.utils.config import get_timers_config
+
+    for stage in (0, 1, 2):
+        timer = get_timers_config(deepspeed_config(_config(stage), dp=1))
+        assert not timer.enabled and not timer.synchronized

@@ -7,16 +7,18 @@ from typing import TYPE_CHECKING, Callable
 from lws_megatron.errors import UserError
 
 if TYPE_CHECKING:
-    from lws_megatron.training.train_module import StepResult
+    from lws_megatron.training.step_stats import Interval
     from lws_megatron.training.trainer import Trainer
 
 
 class Callback:
     """Hooks the trainer calls, in the order of `priority` (lower first); all optional.
 
-    `on_step_end` runs after every optimizer step with its result and wall time; a callback
-    that wants the run to end calls `trainer.request_stop`, and the checkpoint callback (last)
-    saves before the loop ends.
+    The loop reads the device only at some steps (`Trainer.read_due`: log, evaluation and
+    checkpoint steps, the last one); `on_interval_end` runs there, with the steps since the
+    previous read. A callback that wants the run to end calls `trainer.request_stop`, and the
+    checkpoint callback (last) saves before the loop ends. `before_step` must not read the
+    device.
     """
 
     priority = 50
@@ -27,7 +29,7 @@ class Callback:
     def before_step(self, trainer: Trainer) -> None:
         pass
 
-    def on_step_end(self, trainer: Trainer, result: StepResult, seconds: float) -> None:
+    def on_interval_end(self, trainer: Trainer, interval: Interval) -> None:
         pass
 
     def on_train_end(self, trainer: Trainer) -> None:

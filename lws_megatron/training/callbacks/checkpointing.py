@@ -12,9 +12,9 @@ class Checkpointing(Callback):
     def on_train_start(self, trainer) -> None:
         self.last_saved = trainer.resumed_step
 
-    def on_step_end(self, trainer, result, seconds) -> None:
-        interval = trainer.config.checkpoint.interval
-        due = interval and trainer.step % interval == 0
+    def on_interval_end(self, trainer, interval) -> None:
+        every = trainer.config.checkpoint.interval
+        due = every and trainer.step % every == 0
         final = trainer.step == trainer.config.train.max_steps
         if not (due or final or trainer.stopping) or self.last_saved == trainer.step:
             return

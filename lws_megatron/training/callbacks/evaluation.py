@@ -15,11 +15,11 @@ class Evaluation(Callback):
         if trainer.step == 0 and trainer.config.eval.interval and trainer.valid_batches:
             self._evaluate(trainer)
 
-    def on_step_end(self, trainer, result, seconds) -> None:
-        interval = trainer.config.eval.interval
-        if not (interval and trainer.valid_batches):
+    def on_interval_end(self, trainer, interval) -> None:
+        every = trainer.config.eval.interval
+        if not (every and trainer.valid_batches):
             return
-        if trainer.step % interval and trainer.step != trainer.config.train.max_steps:
+        if trainer.step % every and trainer.step != trainer.config.train.max_steps:
             return
         self._evaluate(trainer)
 

@@ -1,7 +1,8 @@
 """SIGTERM or SIGUSR1 (SLURM's warning before pre-emption) asks for a checkpoint and exit.
 
-The signal only sets a flag; it travels with the next step's loss (one all-reduce), so every
-rank stops after the same step, whichever rank got the signal.
+The signal only sets a flag; it travels with the next step's token count (one all-reduce on
+the device) and is seen at the next read of the step numbers (`Trainer.read_due`: at most one
+log interval later), so every rank stops after the same step, whichever rank got the signal.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ class Preemption(Callback):
     def before_step(self, trainer) -> None:
         trainer.stop_signal = trainer.stop_signal or self.requested
 
-    def on_step_end(self, trainer, result, seconds) -> None:
-        if result.stop_requested:
+    def on_interval_end(self, trainer, interval) -> None:
+        if interval.stop_requested:
             trainer.request_stop(
                 f"pre-emption signal: checkpointed at step {trainer.step}, exiting"
             )

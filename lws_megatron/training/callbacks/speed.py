@@ -1,4 +1,4 @@
-"""Loss, learning rate, gradient norm, tokens/s and MFU, averaged over each log interval."""
+"""Loss, learning rate, gradient norm, tokens/s and MFU, over each log interval."""
 
 from __future__ import annotations
 
@@ -14,29 +14,31 @@ class SpeedMonitor(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self.losses: list[float] = []
-        self.times: list[float] = []
+        self.loss_sum, self.applied, self.steps, self.seconds = 0.0, 0, 0, 0.0
 
-    def on_step_end(self, trainer, result, seconds) -> None:
-        if not result.skipped:
-            self.losses.append(result.loss)
-        self.times.append(seconds)
+    def on_interval_end(self, trainer, interval) -> None:
+        """Reads between log steps (evaluation, checkpoints) add up to one logged record."""
+        if interval.applied:
+            self.loss_sum += interval.loss * interval.applied
+            self.applied += interval.applied
+        self.steps += interval.steps
+        self.seconds += interval.seconds
         t = trainer.config.train
         if trainer.step % t.log_interval and trainer.step != t.max_steps:
             return
-        tokens_per_s = trainer.tokens_per_step * len(self.times) / sum(self.times)
+        tokens_per_s = trainer.tokens_per_step * self.steps / self.seconds
         peak = trainer.peak_flops * trainer.plan.world
         trainer.writer.log(
             {
                 "step": trainer.step,
                 "tokens": trainer.step * trainer.tokens_per_step,
-                "loss": sum(self.losses) / len(self.losses) if self.losses else float("nan"),
+                "loss": self.loss_sum / self.applied if self.applied else float("nan"),
                 "lr": trainer.lr,
-                "grad_norm": result.grad_norm,
+                "grad_norm": interval.grad_norm,
                 "tokens_per_s": tokens_per_s,
                 "tokens_per_s_per_device": tokens_per_s / trainer.plan.world,
                 "mfu": tokens_per_s * trainer.flops_per_token / peak if peak else 0.0,
-                "step_time_s": sum(self.times) / len(self.times),
+                "step_time_s": self.seconds / self.steps,
                 "mem_gb": memory_gb(trainer.device),
                 "skipped_steps": trainer.skipped_steps,
             }

@@ -1,0 +1,74 @@
+"""The step's numbers stay on the device between reads, and a read brings them all over once."""
+
+import math
+import time
+
+import torch
+
+from lws_megatron.device import count_syncs
+from lws_megatron.training.step_stats import StepResult, StepStats
+
+CPU = torch.device("cpu")
+
+
+def _result(loss: float, norm: float = 1.0, skipped: bool = False, stop: float = 0.0):
+    return StepResult(
+        torch.tensor(loss),
+        torch.tensor(math.nan if skipped else norm),
+        torch.tensor(float(skipped)),
+        torch.tensor(stop),
+    )
+
+
+def test_an_interval_averages_the_applied_steps_and_reads_the_device_once():
+    stats = StepStats(CPU)
+    with count_syncs(CPU) as counter:
+        for result in (_result(2.0), _result(math.inf, skipped=True), _result(4.0, norm=0.5)):
+            stats.add(result)
+        assert counter.count == 0
+        interval = stats.read(time.perf_counter())
+    assert counter.count == 1
+    assert (interval.steps, interval.applied, interval.skipped) == (3, 2, 1)
+    assert interval.loss == 3.0 and interval.grad_norm == 0.5
+    assert interval.nonfinite_run == 1 and not interval.stop_requested
+
+
+def test_a_run_of_non_finite_steps_is_counted_across_reads():
+    stats = StepStats(CPU)
+    stats.add(_result(1.0))
+    stats.add(_result(math.nan, skipped=True))
+    assert stats.read(time.perf_counter()).nonfinite_run == 1
+    stats.add(_result(math.nan, skipped=True))
+    stats.add(_result(math.nan, skipped=True))
+    interval = stats.read(time.perf_counter())
+    assert interval.nonfinite_run == 3 and math.isnan(interval.loss) and interval.applied == 0
+    stats.add(_result(1.5))
+    assert stats.read(time.perf_counter()).nonfinite_run == 0
+
+
+def test_a_finite_loss_with_a_skipped_update_is_not_averaged():
+    stats = StepStats(CPU)
+    stats.add(_result(1.0))
+    stats.add(_result(7.0, skipped=True))  # a non-finite gradient: the update was skipped
+    interval = stats.read(time.perf_counter())
+    assert interval.loss == 1.0 and interval.skipped == 1 and interval.nonfinite_run == 1
+
+
+def test_a_stop_request_of_any_step_of_the_interval_is_kept():
+    stats = StepStats(CPU)
+    stats.add(_result(1.0, stop=1.0))
+    stats.add(_result(1.0))
+    assert stats.read(time.perf_counter()).stop_requested
+    stats.add(_result(1.0))
+    assert not stats.read(time.perf_counter()).stop_requested
+
+
+def test_count_syncs_counts_each_kind_of_read():
+    t = torch.ones(3)
+    with count_syncs(CPU) as counter:
+        t.sum().item()
+        t.tolist()
+        bool(t.any())
+        float(t[0])
+        t.add(1)  # compute alone is not a read
+    assert counter.count == 4
