@@ -227,11 +227,12 @@ def bench_config(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times, total = _timed_steps(module, batches, warmup, steps, read_every_step)
-        syncs = _syncs_per_step(module, batches, read_every_step)
         step_profile = (
             profile_steps(lambda: module.train_batch(batches), device) if profile else None
         )
         compiled = {k: v - before[k] for k, v in compile_stats().items()}
+        # Last: on a CPU the counting is a torch function mode, which Dynamo recompiles under.
+        syncs = _syncs_per_step(module, batches, read_every_step)
     summary = config.summary()
     tokens_per_s = config.train.global_batch_size * config.model.seq_length * steps / total
     peak, _ = device_peak_flops(device)
