@@ -37,6 +37,7 @@ class Interval:
     skipped: int
     nonfinite_run: int  # the longest run of consecutive non-finite steps that ended in it
     stop_requested: bool
+    slowest_prior_step_s: float = math.inf  # the `slowest` given to the read
 
     @property
     def step_seconds(self) -> float:
@@ -69,10 +70,13 @@ class StepStats:
         self._grad_norm = result.grad_norm
         self.steps += 1
 
-    def read(self, began: float) -> Interval:
+    def read(self, began: float, slowest: torch.Tensor | None = None) -> Interval:
         """The interval's numbers, in the one transfer from the device; then a new interval.
-        `began`: its `time.perf_counter()` at the start (timed once the device is done)."""
-        loss_sum, applied, skipped, longest, stop, norm = torch.stack(
+        `began`: its `time.perf_counter()` at the start (timed once the device is done);
+        `slowest`: a device number read in the same transfer (the trainer's pacing)."""
+        if slowest is None:
+            slowest = torch.full((), math.inf, device=self.device)
+        loss_sum, applied, skipped, longest, stop, norm, pace = torch.stack(
             [
                 self._loss_sum,
                 self._applied,
@@ -80,6 +84,7 @@ class StepStats:
                 self._longest_run,
                 self._stop,
                 self._grad_norm.float(),
+                slowest.float().reshape(()),
             ]
         ).tolist()
         interval = Interval(
@@ -91,6 +96,7 @@ class StepStats:
             skipped=round(skipped),
             nonfinite_run=round(longest),
             stop_requested=stop > 0,
+            slowest_prior_step_s=pace,
         )
         self._reset()
         return interval

@@ -21,6 +21,7 @@ from megatron.core import parallel_state as ps
 
 from data_prep.manifest import split_prefix
 from lws_megatron.config import Config, block_fingerprint, dump_config
+from lws_megatron.device import host_values
 from lws_megatron.errors import UserError
 from lws_megatron.fileio import ensure_dir, os_errors, write_json_atomic, write_text_atomic
 from lws_megatron.model.compile import compile_stats
@@ -31,8 +32,10 @@ from lws_megatron.training.data_passes import passes_warning
 from lws_megatron.training.documents import DocumentBatches
 from lws_megatron.training.metrics import MetricsWriter, device_peak_flops
 from lws_megatron.training.run_dir import RunLock, refuse_foreign_records
-from lws_megatron.training.step_stats import StepStats
+from lws_megatron.training.step_stats import Interval, StepStats
 from lws_megatron.training.train_module import TrainModule
+
+READ_EVERY_S = 10.0  # the longest the host goes without reading the steps' numbers
 
 
 def train(config: Config) -> dict[str, Any] | None:
@@ -134,11 +137,27 @@ class Trainer:
         )
 
     def read_due(self) -> bool:
-        """Whether the host reads the steps' numbers now: at each log step and wherever it
-        needs them anyway (evaluation, checkpoint, the last step); never in between."""
+        """Whether the host reads the steps' numbers now: at each log step, wherever it needs
+        them anyway (evaluation, checkpoint, the last step), and at least every
+        `READ_EVERY_S` seconds, so that a pre-emption signal or a run of non-finite steps is
+        seen in time whatever `train.log_interval` is; never in between."""
         step, t = self.step, self.config.train
         every = (t.log_interval, self.config.eval.interval, self.config.checkpoint.interval)
-        return step == t.max_steps or any(n and step % n == 0 for n in every)
+        return (
+            step == t.max_steps or step >= self.next_read or any(n and step % n == 0 for n in every)
+        )
+
+    def _read(self, stats: StepStats, began: float) -> Interval:
+        """The interval's numbers, and the next read planned: spaced by the slowest rank's
+        step time of the interval before (read in the same transfer), so that every rank reads
+        at the same steps (a read can lead to a collective: a checkpoint, a stop)."""
+        slowest = host_values([self.step_seconds], self.device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        interval = stats.read(began, slowest)
+        self.step_seconds = interval.step_seconds
+        spacing = int(READ_EVERY_S / max(interval.slowest_prior_step_s, 1e-9))
+        self.next_read = self.step + max(1, min(self.config.train.log_interval, spacing))
+        return interval
 
     @property
     def stopping(self) -> bool:
@@ -168,6 +187,8 @@ class Trainer:
             callback.on_train_start(self)
         t = self.config.train
         stats = StepStats(self.device)
+        self.next_read = self.step + 1  # then spaced by the step time (`_read`)
+        self.step_seconds = math.inf  # of the last interval, on this rank
         interval_began = time.perf_counter()
         while self.step < t.max_steps and not self.stopping:
             for callback in self.callbacks:
@@ -180,7 +201,7 @@ class Trainer:
             stats.add(self.module.train_batch(batches, stop_requested=self.stop_signal))
             self.step += 1
             if self.read_due():
-                interval = stats.read(interval_began)
+                interval = self._read(stats, interval_began)
                 self.skipped_steps += interval.skipped
                 for callback in self.callbacks:
                     callback.on_interval_end(self, interval)

@@ -19,9 +19,14 @@ from tests.training.test_training import ROOT, TINY
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def _reads_between_steps(run_dir: str, data: dict[str, str], overrides: list[str]) -> list[int]:
+def _reads_between_steps(
+    run_dir: str, data: dict[str, str], overrides: list[str], read_every_s: float | None = None
+) -> list[int]:
     """Reads of device values between one step's end and the next one's."""
     from lws_megatron.training import trainer
+
+    if read_every_s is not None:
+        trainer.READ_EVERY_S = read_every_s
 
     config = load_config(
         TINY,
@@ -31,6 +36,7 @@ def _reads_between_steps(run_dir: str, data: dict[str, str], overrides: list[str
             f"data.tokenizer={data['tokenizer']}",
             "train.max_steps=10",
             "train.log_interval=5",
+            "eval.interval=0",
             "data.num_workers=2",
             *overrides,
         ],
@@ -51,12 +57,21 @@ def _reads_between_steps(run_dir: str, data: dict[str, str], overrides: list[str
 @pytest.mark.parametrize("layout", [["train.global_batch_size=8"], ["parallel.pp=2"]])
 def test_a_zero_0_step_reads_nothing_and_an_interval_reads_once(tmp_path, tiny_data, layout):
     """DP=2 (gradients all-reduced, clipped and checked on the device) and PP=2 (the loss
-    on the last stage, the norm summed over stages): steps 1-4 and 6-9 read nothing; the
-    read after step 5 is the interval's one."""
+    on the last stage, the norm summed over stages): after the first two steps (read to learn
+    the step time) the host reads once per log interval, after steps 5 and 10."""
     for rank_reads in run_distributed(
         _reads_between_steps, 2, str(tmp_path / "run"), tiny_data, layout
     ):
-        assert rank_reads == [0, 0, 0, 0, 1, 0, 0, 0, 0]
+        assert rank_reads == [1, 1, 0, 0, 1, 0, 0, 0, 0]
+
+
+def test_slow_steps_are_read_more_often_than_the_log_interval(tmp_path, tiny_data):
+    """A pre-emption signal must not wait for a long log interval of slow steps: with steps
+    slower than READ_EVERY_S every step is read, and every rank reads at the same steps."""
+    reads = run_distributed(
+        _reads_between_steps, 2, str(tmp_path / "run"), tiny_data, ["parallel.pp=2"], 1e-9
+    )
+    assert reads == [[1] * 9, [1] * 9]
 
 
 @pytest.mark.gpu
