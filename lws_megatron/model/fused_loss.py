@@ -100,9 +100,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             # d loss / d logits = softmax - one_hot(target), the one-hot on its owner's shard.
-            grad_logits = torch.exp((hidden[rows] @ weight.t()).float() - lse[rows, None])
-            grad_logits = grad_logits.scatter_add(1, local_target[rows, None], -hit[rows])
-            grad_logits = (grad_logits * grad_loss[rows, None]).to(hidden.dtype)
+            grad_logits = (hidden[rows] @ weight.t()).float().sub_(lse[rows, None]).exp_()
+            grad_logits.scatter_add_(1, local_target[rows, None], -hit[rows])
+            grad_logits = grad_logits.mul_(grad_loss[rows, None]).to(hidden.dtype)
             grad_hidden.append(grad_logits @ weight)
             grad_weight += grad_logits.t() @ hidden[rows]
         grad_hidden = torch.cat(grad_hidden)
