@@ -89,6 +89,12 @@ class ModelConfig:
     # The sdpa backend's kernel: auto is PyTorch's order (flash first); cudnn and efficient
     # need CUDA. A kernel choice, not a model change: checkpoints move freely between them.
     sdpa_kernel: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    # The output head and its cross-entropy fused over chunks of loss_chunk_rows tokens
+    # (model/fused_loss.py): no [tokens, vocab] logits written, no fp32 softmax kept for
+    # backward (3.3 GB at 16K tokens x 50K vocabulary). Same loss, gradients and checkpoints;
+    # false keeps Megatron's head. Logits without labels (generation) come from Megatron's.
+    fused_loss: bool = False
+    loss_chunk_rows: int = _within(4096, AT_LEAST_ONE)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from lws_megatron.errors import UserError
 from lws_megatron.model import cuda_bridge
 from lws_megatron.model.args import ModelArgs
 from lws_megatron.model.attention import check_kernel
+from lws_megatron.model.fused_loss import FusedLossGPTModel
 from lws_megatron.model.spec import LWSTransformerConfig, layer_spec, resolve_backend
 
 
@@ -129,8 +130,9 @@ def build_model(
             device,
             args.dtype,
         )
+    fused = {"loss_chunk_rows": args.model.loss_chunk_rows} if args.model.fused_loss else {}
     with torch.device("meta") if meta else contextlib.nullcontext():
-        model = GPTModel(
+        model = (FusedLossGPTModel if fused else GPTModel)(
             config=tconfig,
             transformer_layer_spec=layer_spec(
                 backend, qk_norm=args.model.qk_norm, norm_placement=args.model.norm_placement
@@ -143,6 +145,7 @@ def build_model(
             position_embedding_type="rope",
             rotary_base=args.model.rope_theta,
             vp_stage=vp_stage,
+            **fused,
         )
     if meta:
         return model
