@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from lws_megatron.config import Config, config_name
 from lws_megatron.device import autocast, count_syncs, default_device, synchronize
 from lws_megatron.model.compile import compile_stats
+from lws_megatron.model.fused_loss import FusedLossGPTModel
 from lws_megatron.training import distributed, forward
 from lws_megatron.training.data import Batch
 from lws_megatron.training.metrics import device_peak_flops, memory_gb
@@ -132,13 +133,7 @@ class BlockTimer:
             for layer in layers:
                 x, _ = layer(x, attention_mask=None, rotary_pos_emb=self.rope)
             if head:
-                weight = (
-                    chunk.shared_embedding_or_output_weight()
-                    if chunk.share_embeddings_and_output_weights
-                    else None
-                )
-                logits, _ = chunk.output_layer(chunk.decoder.final_layernorm(x), weight=weight)
-                out = chunk.compute_language_model_loss(self.labels, logits).float().mean()
+                out = _head_loss(chunk, chunk.decoder.final_layernorm(x), self.labels).mean()
         if head:
             out.backward()
         else:
@@ -150,6 +145,19 @@ class BlockTimer:
         self.step(embedding, layers, head)
         synchronize(self.device)
         return time.perf_counter() - start
+
+
+def _head_loss(chunk, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The chunk's own head: output layer and cross-entropy, or the fused one."""
+    if isinstance(chunk, FusedLossGPTModel):
+        return chunk.head_loss(hidden, labels)
+    weight = (
+        chunk.shared_embedding_or_output_weight()
+        if chunk.share_embeddings_and_output_weights
+        else None
+    )
+    logits, _ = chunk.output_layer(hidden, weight=weight)
+    return chunk.compute_language_model_loss(labels, logits).float()
 
 
 def time_layers(

@@ -55,13 +55,14 @@ def device_label() -> str:
 
 
 def cache_key(config: Config) -> str:
-    """What a timing depends on: device, precision, widths, sequence, micro batch, kernel."""
+    """What a timing depends on: device, precision, widths, sequence, micro batch, kernels."""
     dims, train = config.dims, config.train
     precision = "autocast-bf16" if default_device().type == "cuda" else "fp32"
     return (
         f"{device_label()}|{precision}|d_model={dims.d_model}|"
         f"d_head={dims.d_head}|seq={dims.seq_length}|micro_batch={train.micro_batch_size}|"
         f"qk_norm={dims.qk_norm}|sdpa={config.model.sdpa_kernel}|"
+        f"fused_loss={config.model.fused_loss}|"
     )
 
 

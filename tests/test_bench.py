@@ -31,7 +31,11 @@ def test_bench_measures_steps_and_every_layer_shape(compile):
             compile,
             "--json",
             "train.log_interval=2",
-            *(["--profile", "model.sdpa_kernel=math"] if compile == "model" else []),
+            *(
+                ["--profile", "model.sdpa_kernel=math", "model.fused_loss=true"]
+                if compile == "model"
+                else []
+            ),
             *(["--read-every-step"] if compile == "none" else []),
         ],
         capture_output=True,

@@ -27,11 +27,14 @@ class FusedLossGPTModel(GPTModel):
     def _postprocess(self, hidden_states, labels=None, **kwargs):
         if labels is None or not self.post_process:
             return super()._postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
+        return self.head_loss(hidden_states, labels)
+
+    def head_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token loss [b, s] of the final hidden states [s, b, d] (after the final norm)."""
         if self.share_embeddings_and_output_weights:
             weight = self.shared_embedding_or_output_weight()
         else:
             weight = self.output_layer.weight
-        # labels [b, s], hidden [s, b, d]; the loss goes back as [b, s], like Megatron's.
         loss = linear_cross_entropy(
             hidden_states, weight, labels.t(), self.loss_chunk_rows, self.pg_collection.tp
         )
