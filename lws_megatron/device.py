@@ -61,13 +61,17 @@ _READS = frozenset(
 )
 
 
+def _not_token_ids(tensor: torch.Tensor) -> bool:
+    return tensor.dtype.is_floating_point or tensor.dtype == torch.bool
+
+
 class _CountReads(TorchFunctionMode):
     def __init__(self, counter: SyncCounter) -> None:
         super().__init__()
         self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _READS:
+        if func in _READS and _not_token_ids(args[0]):
             self.counter.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -78,8 +82,10 @@ def count_syncs(device: torch.device) -> Iterator[SyncCounter]:
 
     On CUDA, PyTorch's own sync debug mode reports every synchronising call (a device read, a
     blocking copy, an explicit synchronize). A CPU never waits, so there each read of a
-    tensor's values (item, tolist, bool, float, ...) is counted: on CUDA, every one of them
-    would be a wait.
+    float or bool tensor's values (item, tolist, bool, float, ...) is counted: on CUDA every
+    one would be a wait. Integer tensors are left out: on a CPU they are the batches' token ids,
+    which stay on the host (`model.check_batch` reads them there); the step's own numbers and
+    flags are floats and bools.
     """
     counter = SyncCounter()
     if device.type == "cuda":

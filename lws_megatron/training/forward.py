@@ -19,7 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
 from lws_megatron.device import autocast, host_values
-from lws_megatron.model import ModelArgs
+from lws_megatron.model import ModelArgs, check_batch
 from lws_megatron.training.data import Batch
 
 LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -30,8 +30,9 @@ def forward_step(args: ModelArgs) -> ForwardStep:
     """A schedule's forward_step_func for batches {tokens, labels, loss_mask}.
 
     Only chunks that hold the embedding or the output head draw a batch from the iterator
-    (it may be None on the other stages). A batch is checked where it is built
-    (`data.micro_batches`) and moves to the model's device here without a host wait.
+    (it may be None on the other stages). Each drawn batch passes `check_batch` where it lies
+    (on the CPU, no device wait, for a loader's batch), then moves to the model's device
+    without a host wait (from pinned memory, a loader's batch).
     `model` may be a GPTModel or a wrapper of one (a DeepSpeed engine).
     """
 
@@ -42,6 +43,7 @@ def forward_step(args: ModelArgs) -> ForwardStep:
             with autocast(device, args.dtype):
                 return model(None, None, None), partial(loss_func, None)
         batch = next(data_iterator)
+        check_batch(batch["tokens"], args.model.vocab_size, args.model.seq_length, batch["labels"])
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         tokens = batch["tokens"] if gpt.pre_process else None
         labels = batch["labels"] if gpt.post_process else None
