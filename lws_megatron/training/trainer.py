@@ -30,6 +30,7 @@ from lws_megatron.training.callbacks import build_callbacks
 from lws_megatron.training.checkpoint import Checkpointer
 from lws_megatron.training.data_passes import passes_warning
 from lws_megatron.training.documents import DocumentBatches
+from lws_megatron.training.loader import step_loader
 from lws_megatron.training.metrics import MetricsWriter, device_peak_flops
 from lws_megatron.training.run_dir import RunLock, refuse_foreign_records
 from lws_megatron.training.step_stats import Interval, StepStats
@@ -187,6 +188,15 @@ class Trainer:
             callback.on_train_start(self)
         t = self.config.train
         stats = StepStats(self.device)
+        steps = step_loader(
+            self.train_ds,
+            self.plan,
+            ps.get_data_parallel_rank(),
+            self.step,
+            t.max_steps,
+            self.config.data.num_workers,
+            self.device,
+        )
         self.next_read = self.step + 1  # then spaced by the step time (`_read`)
         self.step_seconds = math.inf  # of the last interval, on this rank
         interval_began = time.perf_counter()
@@ -195,10 +205,8 @@ class Trainer:
                 callback.before_step(self)
             self.lr = schedule.learning_rate(self.step, self.config.optim, t.max_steps)
             self.module.set_lr(self.lr)
-            batches = data.step_batches(
-                self.train_ds, self.step, self.plan, ps.get_data_parallel_rank()
-            )
-            stats.add(self.module.train_batch(batches, stop_requested=self.stop_signal))
+            step = next(steps)
+            stats.add(self.module.train_batch(step.batches, step.loss_tokens, self.stop_signal))
             self.step += 1
             if self.read_due():
                 interval = self._read(stats, interval_began)

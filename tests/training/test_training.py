@@ -98,6 +98,12 @@ def test_micro_batch_2_x_4_matches_4_x_2(tmp_path, tiny_data, reference):
     np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=0, atol=1e-5)
 
 
+def test_batches_built_in_the_training_process_give_the_same_losses(tmp_path, tiny_data, reference):
+    """The reference builds its batches in two loader workers (the default)."""
+    run_dir, _ = train(tmp_path, "workers0", 1, tiny_data, "data.num_workers=0")
+    np.testing.assert_array_equal(losses(run_dir), losses(reference))
+
+
 @pytest.mark.parametrize(
     "layout",
     [["parallel.tp=2"], ["parallel.pp=2", "parallel.pipeline_layout=Et*1|t*3L"]],
