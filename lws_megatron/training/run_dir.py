@@ -19,6 +19,19 @@ from pathlib import Path
 from lws_megatron.errors import UserError
 from lws_megatron.fileio import ensure_dir, os_errors, write_text_atomic
 
+_HELD: set[int] = set()  # lock descriptors of this process
+
+
+def _drop_in_child() -> None:
+    """A forked child (a loader worker) shares the lock's open file; were it to keep it, a run
+    killed with SIGKILL would stay locked until its orphaned workers noticed and exited."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
+
 
 class RunLock:
     def __init__(self, run_dir: Path):
@@ -51,6 +64,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_me()).encode(), 0)
         self._fd = fd
+        _HELD.add(fd)
         return (
             (
                 f"note: {self.path} was left by {_describe(holder)}, which ended without "
@@ -64,6 +78,7 @@ class RunLock:
         if self._fd is None:
             return
         os.ftruncate(self._fd, 0)
+        _HELD.discard(self._fd)
         os.close(self._fd)
         self._fd = None
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,32 @@ def test_a_lock_held_from_another_host_names_the_way_to_clear_it(tmp_path):
     )
     with pytest.raises(UserError, match=rf"host node-elsewhere .*delete {tmp_path}/.lock"):
         RunLock(tmp_path).acquire()
+
+
+def _fork_then_die(path: str) -> None:
+    """Take the lock, fork a child that outlives us (as a loader worker would), die."""
+    RunLock(Path(path)).acquire()
+    child = os.fork()
+    if child == 0:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)  # let the parent's output end
+        os.dup2(devnull, 2)
+        time.sleep(30)
+        os._exit(0)
+    print(child, flush=True)
+    os._exit(0)
+
+
+def test_a_forked_child_does_not_keep_a_dead_runs_lock(tmp_path):
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        f"import test_run_safety as t; t._fork_then_die({str(tmp_path)!r})"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    child = int(proc.stdout.strip())
+    try:
+        lock = RunLock(tmp_path)
+        assert "ended without releasing it" in lock.acquire()
+        lock.release()
+    finally:
+        os.kill(child, signal.SIGKILL)
