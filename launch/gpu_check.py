@@ -50,13 +50,13 @@ def _loss_and_grads(dtype, model, batch, device):
 
 
 def _build(path: str, overrides: list[str], precision: str, device: torch.device):
-    """(config, compute dtype, model) inside fresh model-parallel groups of one process."""
+    """(config, autocast dtype, model) inside fresh model-parallel groups of one process."""
     config = load_config(path, [f"train.precision={precision}", *overrides])
     distributed.init_processes()
     plan = distributed.resolve_plan(config, dist.get_world_size())
     distributed.initialize_model_parallel(plan, config.train.seed)
     args = model_args(config, plan, device)
-    return config, args.dtype, build_model(args, seed=config.train.seed, device=device)
+    return config, args.autocast_dtype, build_model(args, seed=config.train.seed, device=device)
 
 
 def reference(out: str, path: str, overrides: list[str]) -> None:

@@ -222,7 +222,9 @@ def bench_config(
     with distributed.model_parallel(config) as plan:
         module = TrainModule(config, plan, device)
         layer_timings = (
-            time_layers(module.chunks[0], config, plan.micro_batch_size, device, module.args.dtype)
+            time_layers(
+                module.chunks[0], config, plan.micro_batch_size, device, module.args.autocast_dtype
+            )
             if time_each_layer
             else []
         )
@@ -247,7 +249,7 @@ def bench_config(
     return BenchResult(
         config=config_name(path),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        precision="bf16" if module.bf16 else "fp32",
+        precision=module.precision.name,
         micro_batch_size=plan.micro_batch_size,
         seq_length=config.model.seq_length,
         steps=steps,

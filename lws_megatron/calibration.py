@@ -47,7 +47,7 @@ def block_timer(config: Config) -> Iterator[BlockTimer]:
     with distributed.model_parallel(single) as plan:
         args = model_args(single, plan, device)
         model = build_model(args, seed=config.train.seed, device=device)
-        yield BlockTimer(model, single, plan.micro_batch_size, device, args.dtype)
+        yield BlockTimer(model, single, plan.micro_batch_size, device, args.autocast_dtype)
 
 
 def device_label() -> str:

@@ -132,7 +132,9 @@ class TrainConfig:
     micro_batch_size: int = _within(4, AT_LEAST_ONE)
     global_batch_size: int = _within(8, AT_LEAST_ONE)
     seed: int = _within(1234, Range(0, 2**32 - 1))  # numpy's seed range
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # auto: bf16 on GPU, fp32 on CPU. bf16: bf16 weights, fp32 master weights in the optimizer;
+    # bf16-autocast: fp32 weights, bf16 autocast (GPU only).
+    precision: Literal["auto", "fp32", "bf16", "bf16-autocast"] = "auto"
     compile: Literal["none", "layers", "model"] = "none"  # torch.compile per layer / whole chunk
     log_interval: int = _within(10, AT_LEAST_ONE)
     max_nonfinite_steps: int = _within(5, AT_LEAST_ONE)

@@ -24,7 +24,8 @@ class ModelArgs:
     tp: int = 1
     pp: int = 1
     layout: str | None = None  # Megatron's pipeline_model_parallel_layout; None: even split
-    dtype: torch.dtype = torch.float32  # compute dtype (autocast); weights stay fp32
+    dtype: torch.dtype = torch.float32  # compute dtype of the matrix multiplies
+    params_dtype: torch.dtype = torch.float32  # of the weights; below `dtype`: autocast
     fused_kernels: bool = False  # Megatron's jit-fused SwiGLU and cross-entropy
 
     @classmethod
@@ -35,6 +36,7 @@ class ModelArgs:
         layout: str | None,
         tp: int | None = None,
         dtype: torch.dtype = torch.float32,
+        params_dtype: torch.dtype = torch.float32,
         fused_kernels: bool = False,
     ) -> ModelArgs:
         """The model of `config` at `tp` (default parallel.tp) and a resolved `layout`."""
@@ -48,5 +50,12 @@ class ModelArgs:
             pp=pp,
             layout=check_layout(config.model.num_layers, pp, layout),
             dtype=dtype,
+            params_dtype=params_dtype,
             fused_kernels=fused_kernels,
         )
+
+    @property
+    def autocast_dtype(self) -> torch.dtype:
+        """What the forward runs under autocast to: fp32 (off) when the weights are the
+        compute dtype already."""
+        return self.dtype if self.params_dtype != self.dtype else torch.float32

@@ -79,10 +79,10 @@ def transformer_config(
         # virtual pipeline gloo then pairs an activation with a gradient. Megatron's unbatched
         # path orders sends and receives by rank parity and keeps the directions apart.
         batch_p2p_comm=False,
-        # fp32 weights, and an fp32 residual stream between pipeline stages: bf16 comes from
-        # autocast around the forward (`lws_megatron.device.autocast`).
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
+        # Weights in their dtype (bf16, or fp32 with bf16 from autocast around the forward),
+        # and the residual stream handed between pipeline stages in the same dtype.
+        params_dtype=args.params_dtype,
+        pipeline_dtype=args.params_dtype,
         use_cpu_initialization=device.type != "cuda",
         # Megatron's fused SwiGLU and vocab-parallel cross-entropy (compiled by its jit_fuser)
         # pay off on an eager GPU model; on CPU they would only add compile time to every

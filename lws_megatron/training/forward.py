@@ -40,14 +40,14 @@ def forward_step(args: ModelArgs) -> ForwardStep:
         gpt = get_attr_wrapped_model(model, "pre_process", return_model_obj=True)
         device = next(gpt.parameters()).device
         if not (gpt.pre_process or gpt.post_process):
-            with autocast(device, args.dtype):
+            with autocast(device, args.autocast_dtype):
                 return model(None, None, None), partial(loss_func, None)
         batch = next(data_iterator)
         check_batch(batch["tokens"], args.model.vocab_size, args.model.seq_length, batch["labels"])
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         tokens = batch["tokens"] if gpt.pre_process else None
         labels = batch["labels"] if gpt.post_process else None
-        with autocast(device, args.dtype):
+        with autocast(device, args.autocast_dtype):
             output = model(tokens, None, None, labels=labels)
         return output, partial(loss_func, batch["loss_mask"] if gpt.post_process else None)
 

@@ -1,23 +1,37 @@
-"""`train.precision`: the compute dtype a run's forward passes use on a device."""
+"""`train.precision`: the dtypes a run's weights and matrix multiplies use on a device."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from lws_megatron.errors import UserError
 
 
-def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    name: str  # fp32 | bf16 | bf16-autocast
+    compute: torch.dtype  # of the matrix multiplies and attention
+    params: torch.dtype  # of the model's weights (the optimizer keeps an fp32 master copy)
+
+
+def resolve_precision(precision: str, device: torch.device) -> PrecisionPolicy:
     """auto is bf16 on CUDA and fp32 elsewhere.
 
-    Weights, gradients and optimizer state stay fp32 (the master copy); bf16 is the autocast
-    dtype of the matrix multiplies and attention, as in PyTorch's mixed-precision recipe.
+    bf16: the modules hold bf16 weights and run without autocast (as Megatron-LM's bf16 runs),
+    the optimizer updates an fp32 master copy and copies it back. bf16-autocast: fp32 weights
+    and gradients with bf16 autocast around the forward (PyTorch's mixed-precision recipe);
+    CUDA only, because Megatron's linear layers keep autocast in their backward only there.
     """
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16" and device.type != "cuda":
+    if precision == "bf16-autocast" and device.type != "cuda":
         raise UserError(
-            "train.precision=bf16 needs a CUDA device: Megatron's linear layers keep autocast "
-            "in their backward only on CUDA; use train.precision=fp32 (or auto) on CPU"
+            "train.precision=bf16-autocast needs a CUDA device: Megatron's linear layers keep "
+            "autocast in their backward only on CUDA; use train.precision=bf16 or fp32 on CPU"
         )
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    if precision == "fp32":
+        return PrecisionPolicy("fp32", torch.float32, torch.float32)
+    params = torch.bfloat16 if precision == "bf16" else torch.float32
+    return PrecisionPolicy(precision, torch.bfloat16, params)

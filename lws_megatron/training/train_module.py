@@ -21,10 +21,11 @@ from lws_megatron.config import Config
 from lws_megatron.device import host_values
 from lws_megatron.model import ModelArgs, build_model_chunks, sync_model_parallel_grads
 from lws_megatron.model.compile import compile_chunks
-from lws_megatron.training import forward, param_groups, zero
+from lws_megatron.training import forward, zero
 from lws_megatron.training.data import Batch
 from lws_megatron.training.distributed import ParallelPlan
-from lws_megatron.training.precision import compute_dtype
+from lws_megatron.training.optimizer import build_optimizer
+from lws_megatron.training.precision import resolve_precision
 from lws_megatron.training.step_stats import StepResult
 
 
@@ -36,36 +37,30 @@ def seed_everything(seed: int) -> None:
 
 def model_args(config: Config, plan: ParallelPlan, device: torch.device) -> ModelArgs:
     """The model a run of `config` builds under `plan` on `device`."""
-    dtype = compute_dtype(config.train.precision, device)
+    precision = resolve_precision(config.train.precision, device)
     return ModelArgs.from_config(
-        config, layout=plan.layout, dtype=dtype, fused_kernels=config.train.compile == "none"
+        config,
+        layout=plan.layout,
+        dtype=precision.compute,
+        params_dtype=precision.params,
+        fused_kernels=config.train.compile == "none",
     )
 
 
 class TrainModule:
     def __init__(self, config: Config, plan: ParallelPlan, device: torch.device):
         self.config, self.plan, self.device = config, plan, device
+        self.precision = resolve_precision(config.train.precision, device)
         self.args = model_args(config, plan, device)
         seed_everything(config.train.seed)
         self.chunks = build_model_chunks(self.args, seed=config.train.seed, device=device)
         module = self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
-        o = config.optim
-        optimizer = torch.optim.AdamW(
-            param_groups.param_groups(module, o.weight_decay, o.no_decay),
-            lr=o.lr,
-            betas=tuple(o.betas),
-            eps=o.eps,
-            fused=True,
-        )
+        optimizer = build_optimizer(config, module, self.args.params_dtype)
         self.engine = zero.initialize_engine(config, module, optimizer, plan.dp)
 
     def compile(self) -> None:
         """`train.compile`: after the engine wraps the chunks, so DeepSpeed hooks eager modules."""
         compile_chunks(self.chunks, self.config.train.compile)
-
-    @property
-    def bf16(self) -> bool:
-        return self.args.dtype == torch.bfloat16
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
@@ -197,7 +192,7 @@ def _counted_norm_sq(chunks, device: torch.device) -> torch.Tensor:
         and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)
     ]
     total = (
-        torch.stack(torch._foreach_norm(counted)).float().pow(2).sum()
+        torch.stack(torch._foreach_norm(counted, 2, dtype=torch.float32)).pow(2).sum()
         if counted
         else torch.zeros((), device=device)
     )

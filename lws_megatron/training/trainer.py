@@ -272,7 +272,7 @@ class Trainer:
                     "device": torch.cuda.get_device_name(device)
                     if device.type == "cuda"
                     else "cpu",
-                    "precision": "bf16" if self.module.bf16 else "fp32",
+                    "precision": self.module.precision.name,
                     "peak_flops": self.peak_flops,
                     "peak_flops_source": self.peak_source,
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -9,7 +9,9 @@ import torch
 from megatron.core import parallel_state as ps
 
 from lws_megatron.config import Config
+from lws_megatron.device import default_device
 from lws_megatron.training.checkpoint import SafeCheckpointEngine
+from lws_megatron.training.precision import resolve_precision
 
 
 class MegatronMPU:
@@ -46,6 +48,12 @@ def uses_deepspeed_backward(config: Config) -> bool:
     return config.zero.stage >= 2
 
 
+def bf16_weights(config: Config) -> bool:
+    """Whether the run's model holds bf16 weights (`train.precision`, resolved on this rank's
+    device)."""
+    return resolve_precision(config.train.precision, default_device()).params == torch.bfloat16
+
+
 def deepspeed_config(config: Config, dp: int) -> dict[str, Any]:
     t = config.train
     if uses_deepspeed_backward(config):
@@ -63,9 +71,10 @@ def deepspeed_config(config: Config, dp: int) -> dict[str, Any]:
         # clipping neither reports the norm nor counts pipeline-stage parameters right.
         "gradient_clipping": config.optim.clip_grad if config.zero.stage else 0.0,
         "zero_optimization": zero,
-        # Weights and gradients are fp32 (bf16 is autocast's), so DeepSpeed's bf16 optimizer,
-        # with its per-parameter host-synchronising checks, stays out of the step.
-        "bf16": {"enabled": False},
+        # ZeRO >= 1 with bf16 weights: DeepSpeed keeps (and shards) the fp32 masters. Otherwise
+        # its bf16 optimizer, with its per-parameter host-synchronising checks, stays out: the
+        # weights are fp32, or bf16 with our master-weight AdamW (training/optimizer.py).
+        "bf16": {"enabled": config.zero.stage >= 1 and bf16_weights(config)},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

@@ -104,6 +104,15 @@ def test_batches_built_in_the_training_process_give_the_same_losses(tmp_path, ti
     np.testing.assert_array_equal(losses(run_dir), losses(reference))
 
 
+@pytest.mark.parametrize("zero", [0, 1])
+def test_bf16_weights_train_like_fp32(tmp_path, tiny_data, reference, zero):
+    """train.precision=bf16 on CPU: bf16 modules, fp32 masters (ours at ZeRO 0, DeepSpeed's at
+    ZeRO 1); the loss follows the fp32 run within bf16's rounding."""
+    run_dir, _ = train(tmp_path, "bf16", 1, tiny_data, "train.precision=bf16", f"zero.stage={zero}")
+    assert json.loads((run_dir / "run_info.json").read_text())["precision"] == "bf16"
+    np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=0, atol=0.02)
+
+
 @pytest.mark.parametrize(
     "layout",
     [["parallel.tp=2"], ["parallel.pp=2", "parallel.pipeline_layout=Et*1|t*3L"]],
@@ -132,10 +141,15 @@ def test_data_parallel_zero_stages_agree(tmp_path, tiny_data, reference):
     np.testing.assert_allclose(runs[0], losses(reference), rtol=0, atol=1e-4)
 
 
-def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_data, reference):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_data, reference, precision):
+    """bf16: the fp32 master weights come back from the checkpoint, not their rounding."""
     run_dir = tmp_path / "killed"
+    extra = ("checkpoint.interval=4", f"train.precision={precision}")
+    if precision == "bf16":
+        reference, _ = train(tmp_path, "bf16-reference", 1, tiny_data, *extra[1:])
     proc = subprocess.Popen(
-        command(1, run_dir, tiny_data, "checkpoint.interval=4"),
+        command(1, run_dir, tiny_data, *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -148,7 +162,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_data, reference):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert max(records(run_dir)) < 10
-    _, resumed = train(tmp_path, "killed", 1, tiny_data, "checkpoint.interval=4")
+    _, resumed = train(tmp_path, "killed", 1, tiny_data, *extra)
     assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
     assert losses(run_dir).tolist() == losses(reference).tolist()  # exact, bit for bit
 
