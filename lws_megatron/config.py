@@ -136,6 +136,9 @@ class TrainConfig:
     # bf16-autocast: fp32 weights, bf16 autocast (GPU only).
     precision: Literal["auto", "fp32", "bf16", "bf16-autocast"] = "auto"
     compile: Literal["none", "layers", "model"] = "none"  # torch.compile per layer / whole chunk
+    # CUDA graphs of the compiled model's forward and backward (torch.compile's reduce-overhead
+    # mode): one launch for all of a step's kernels. Needs CUDA, train.compile=model, TP=PP=1.
+    cuda_graphs: bool = False
     log_interval: int = _within(10, AT_LEAST_ONE)
     max_nonfinite_steps: int = _within(5, AT_LEAST_ONE)
     # Optional callbacks by name (lws_megatron/training/callbacks), e.g. [step_time_watchdog].

@@ -12,14 +12,39 @@ from __future__ import annotations
 import warnings
 from typing import Literal
 
+import torch
 import torch._dynamo
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from torch._dynamo.utils import counters
 
+from lws_megatron.errors import UserError
+
 CompileMode = Literal["none", "layers", "model"]
 
 
-def compile_chunks(chunks, mode: CompileMode) -> None:
+def check_cuda_graphs(mode: CompileMode, device: torch.device, tp: int, pp: int) -> None:
+    """Where `train.cuda_graphs` can run: replaying a captured step needs CUDA, a compiled
+    model to capture, and a step without pipeline hand-offs or TP collectives in between."""
+    if device.type != "cuda":
+        raise UserError(
+            "train.cuda_graphs=true needs a CUDA device (a CPU has no graphs to replay); "
+            "set train.cuda_graphs=false"
+        )
+    if mode != "model":
+        raise UserError(
+            f"train.cuda_graphs=true captures the compiled model, but train.compile={mode}; "
+            "set train.compile=model"
+        )
+    if tp > 1 or pp > 1:
+        raise UserError(
+            f"train.cuda_graphs=true runs at parallel.tp=1 and parallel.pp=1 only (here {tp} "
+            f"and {pp}); set train.cuda_graphs=false"
+        )
+
+
+def compile_chunks(chunks, mode: CompileMode, cuda_graphs: bool = False) -> None:
+    """`cuda_graphs`: compile in reduce-overhead mode, which records the compiled forward and
+    backward as CUDA graphs and replays them (checked by `check_cuda_graphs`)."""
     if mode == "none":
         return
     # LWS layers of one shape share a graph, but there are up to one shape per layer.
@@ -30,7 +55,7 @@ def compile_chunks(chunks, mode: CompileMode) -> None:
     for chunk in chunks:
         prepare_for_compile(chunk)
         if mode == "model":
-            chunk.compile()
+            chunk.compile(mode="reduce-overhead" if cuda_graphs else None)
         else:
             for layer in chunk.decoder.layers:
                 layer.compile()

@@ -20,7 +20,7 @@ from megatron.core import parallel_state as ps
 from lws_megatron.config import Config
 from lws_megatron.device import host_values
 from lws_megatron.model import ModelArgs, build_model_chunks, sync_model_parallel_grads
-from lws_megatron.model.compile import compile_chunks
+from lws_megatron.model.compile import check_cuda_graphs, compile_chunks
 from lws_megatron.training import forward, zero
 from lws_megatron.training.data import Batch
 from lws_megatron.training.distributed import ParallelPlan
@@ -52,6 +52,8 @@ class TrainModule:
         self.config, self.plan, self.device = config, plan, device
         self.precision = resolve_precision(config.train.precision, device)
         self.args = model_args(config, plan, device)
+        if config.train.cuda_graphs:
+            check_cuda_graphs(config.train.compile, device, plan.tp, plan.pp)
         seed_everything(config.train.seed)
         self.chunks = build_model_chunks(self.args, seed=config.train.seed, device=device)
         module = self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
@@ -60,7 +62,7 @@ class TrainModule:
 
     def compile(self) -> None:
         """`train.compile`: after the engine wraps the chunks, so DeepSpeed hooks eager modules."""
-        compile_chunks(self.chunks, self.config.train.compile)
+        compile_chunks(self.chunks, self.config.train.compile, self.config.train.cuda_graphs)
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
@@ -79,6 +81,8 @@ class TrainModule:
         """
         if loss_tokens is None:
             loss_tokens = forward.loss_tokens(batches)
+        if self.config.train.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free
         tokens, stops = forward.step_totals(loss_tokens, stop_requested, self.device)
         if zero.uses_deepspeed_backward(self.config):
             return self._engine_backward_step(batches, tokens, stops)
@@ -102,6 +106,8 @@ class TrainModule:
         """Mean loss per token over the given micro batches of every DP rank."""
         for chunk in self.chunks:
             chunk.eval()
+        if self.config.train.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         tokens, _ = forward.step_totals(forward.loss_tokens(batches), False, self.device)
         loss_sum = forward.run_schedule(
             self.args, self.chunks, batches, self.device, tokens, 1.0, True
