@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError, cli_entry
@@ -39,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="profile two more steps: top operators, device time, launches",
     )
+    parser.add_argument(
+        "--gemm",
+        action="store_true",
+        help="instead: the matmul TFLOP/s at the step's shapes (the ceiling), as JSON",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        metavar="FILE",
+        type=Path,
+        help="load compiled kernels from FILE if it exists, save this run's there at the end",
+    )
     parser.add_argument("--json", action="store_true", help="end with one line: a JSON list")
     return run(parser.parse_intermixed_args(argv))
 
@@ -62,9 +74,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from lws_megatron.benchmark import bench_config, render
+    from lws_megatron.benchmark import (
+        bench_config,
+        gemm_ceiling,
+        load_compile_cache,
+        render,
+        save_compile_cache,
+    )
     from lws_megatron.training.distributed import init_processes
 
+    if args.gemm:
+        print(json.dumps([row for config in configs for row in gemm_ceiling(config)]))
+        return 0
+    if args.compile_cache:
+        load_compile_cache(args.compile_cache)
     init_processes()
     if dist.get_world_size() != 1:
         raise UserError("launch/bench.py measures one device: run it as a single process")
@@ -83,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if args.compile_cache:
+        save_compile_cache(args.compile_cache)
     print(json.dumps([r.to_dict() for r in results]) if args.json else render(results))
     dist.destroy_process_group()
     return 0

@@ -11,12 +11,14 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lws_megatron.config import Config, config_name
 from lws_megatron.device import autocast, count_syncs, default_device, synchronize
+from lws_megatron.fileio import ensure_dir, write_bytes_atomic
 from lws_megatron.model.compile import compile_stats
 from lws_megatron.model.fused_loss import FusedLossGPTModel
 from lws_megatron.training import distributed, forward
@@ -355,6 +357,50 @@ def first_sync(config: Config, warmup: int = 3, steps: int = 2) -> str | None:
             torch.cuda.set_sync_debug_mode("default")
         stats.read(time.perf_counter())
     return None
+
+
+def gemm_ceiling(config: Config, repeats: int = 20) -> list[dict]:
+    """TFLOP/s of the compute dtype's matrix multiply at the step's shapes (tokens x d_model by
+    the widest FFN, and by the vocabulary): what the step's matmuls could reach at best."""
+    device = default_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokens = config.train.micro_batch_size * config.model.seq_length
+    widest = max(shape.ffn_hidden_size for shape in config.summary().layers)
+    rows = []
+    for name, n in (("ffn", widest), ("head", config.model.vocab_size)):
+        a = torch.randn(tokens, config.model.d_model, device=device, dtype=dtype)
+        b = torch.randn(config.model.d_model, n, device=device, dtype=dtype)
+        a @ b
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        synchronize(device)
+        seconds = (time.perf_counter() - start) / repeats
+        flops = 2 * tokens * config.model.d_model * n
+        rows.append(
+            {
+                "gemm": name,
+                "shape": [tokens, config.model.d_model, n],
+                "dtype": str(dtype),
+                "tflops": flops / seconds / 1e12,
+            }
+        )
+    return rows
+
+
+def load_compile_cache(path: Path) -> None:
+    """Compiled kernels of an earlier process (torch.compiler's portable cache), if any."""
+    if path.is_file():
+        torch.compiler.load_cache_artifacts(path.read_bytes())
+
+
+def save_compile_cache(path: Path) -> None:
+    """What this process compiled or loaded, for the next process to skip compiling."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is not None:
+        ensure_dir(path.parent)
+        write_bytes_atomic(path, saved[0])
 
 
 def render(results: list[BenchResult]) -> str:
