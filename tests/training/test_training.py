@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+BF16 = "train.precision=bf16"
 
 
 def command(nproc: int, run_dir: Path, data: dict[str, str], *overrides: str) -> list[str]:
@@ -104,11 +105,20 @@ def test_batches_built_in_the_training_process_give_the_same_losses(tmp_path, ti
     np.testing.assert_array_equal(losses(run_dir), losses(reference))
 
 
+@pytest.fixture(scope="module")
+def bf16_reference(tmp_path_factory, tiny_data):
+    """The reference run with train.precision=bf16 (bf16 modules, our fp32 masters)."""
+    run_dir, _ = train(tmp_path_factory.mktemp("bf16"), "bf16", 1, tiny_data, BF16)
+    return run_dir
+
+
 @pytest.mark.parametrize("zero", [0, 1])
-def test_bf16_weights_train_like_fp32(tmp_path, tiny_data, reference, zero):
+def test_bf16_weights_train_like_fp32(tmp_path, tiny_data, reference, bf16_reference, zero):
     """train.precision=bf16 on CPU: bf16 modules, fp32 masters (ours at ZeRO 0, DeepSpeed's at
     ZeRO 1); the loss follows the fp32 run within bf16's rounding."""
-    run_dir, _ = train(tmp_path, "bf16", 1, tiny_data, "train.precision=bf16", f"zero.stage={zero}")
+    run_dir = bf16_reference
+    if zero:
+        run_dir, _ = train(tmp_path, "bf16", 1, tiny_data, BF16, f"zero.stage={zero}")
     assert json.loads((run_dir / "run_info.json").read_text())["precision"] == "bf16"
     np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=0, atol=0.02)
 
@@ -142,12 +152,14 @@ def test_data_parallel_zero_stages_agree(tmp_path, tiny_data, reference):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_killed_run_resumes_to_the_same_losses(tmp_path, tiny_data, reference, precision):
+def test_killed_run_resumes_to_the_same_losses(
+    tmp_path, tiny_data, reference, bf16_reference, precision
+):
     """bf16: the fp32 master weights come back from the checkpoint, not their rounding."""
     run_dir = tmp_path / "killed"
     extra = ("checkpoint.interval=4", f"train.precision={precision}")
     if precision == "bf16":
-        reference, _ = train(tmp_path, "bf16-reference", 1, tiny_data, *extra[1:])
+        reference = bf16_reference
     proc = subprocess.Popen(
         command(1, run_dir, tiny_data, *extra),
         stdout=subprocess.PIPE,
