@@ -232,10 +232,7 @@ def bench_config(
         )
         before = compile_stats()
         module.compile()
-        batches = [
-            synthetic_batch(config, plan.micro_batch_size, seed)
-            for seed in range(plan.micro_batches)
-        ]
+        batches = _global_batch(config, plan)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times, total = _timed_steps(module, batches, warmup, steps, read_every_step)
@@ -316,14 +313,26 @@ def _mark(cuda: bool, wait: bool):
     return event
 
 
+def _global_batch(config: Config, plan: distributed.ParallelPlan) -> list[Batch]:
+    """Synthetic micro batches of one global batch."""
+    return [
+        synthetic_batch(config, plan.micro_batch_size, seed) for seed in range(plan.micro_batches)
+    ]
+
+
+def _steps(module: TrainModule, batches: list[Batch], stats: StepStats, count: int) -> None:
+    """`count` training steps on the same batches, their numbers added to `stats`."""
+    tokens = forward.loss_tokens(batches)
+    for _ in range(count):
+        stats.add(module.train_batch(batches, tokens))
+
+
 def _syncs_per_step(module: TrainModule, batches: list[Batch], read_every_step: bool) -> float:
     """Host waits per step over one log interval of steps, read as the trainer reads."""
     every = 1 if read_every_step else module.config.train.log_interval
-    tokens = forward.loss_tokens(batches)
     stats = StepStats(module.device)
     with count_syncs(module.device) as counter:
-        for _ in range(every):
-            stats.add(module.train_batch(batches, tokens))
+        _steps(module, batches, stats, every)
         stats.read(time.perf_counter())
     synchronize(module.device)
     return counter.count / every
@@ -337,20 +346,14 @@ def first_sync(config: Config, warmup: int = 3, steps: int = 2) -> str | None:
     with distributed.model_parallel(config) as plan:
         module = TrainModule(config, plan, device)
         module.compile()
-        batches = [
-            synthetic_batch(config, plan.micro_batch_size, seed)
-            for seed in range(plan.micro_batches)
-        ]
-        tokens = forward.loss_tokens(batches)
+        batches = _global_batch(config, plan)
         stats = StepStats(device)
-        for _ in range(warmup):
-            stats.add(module.train_batch(batches, tokens))
+        _steps(module, batches, stats, warmup)
         stats.read(time.perf_counter())
         synchronize(device)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            for _ in range(steps):
-                stats.add(module.train_batch(batches, tokens))
+            _steps(module, batches, stats, steps)
         except RuntimeError as err:
             return str(err).strip().splitlines()[0]
         finally:

@@ -119,7 +119,7 @@ class DataConfig:
     path: list[str] = field(default_factory=list)
     tokenizer: str = ""
     # Processes that build the next steps' batches while the device trains (0: built in the
-    # training process, between steps). Two keep a GPU step of the paper's size fed.
+    # training process, between steps, while the device waits).
     num_workers: int = _within(2, NON_NEGATIVE)
     # Check each .bin against its manifest's sha256 before training (about 1.3 s per GB of
     # tokens); false skips only the hash (sizes, dtype, ids and the tokenizer are still checked).

@@ -58,7 +58,8 @@ class TrainModule:
         self.chunks = build_model_chunks(self.args, seed=config.train.seed, device=device)
         module = self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
         optimizer = build_optimizer(config, module, self.args.params_dtype)
-        self.engine = zero.initialize_engine(config, module, optimizer, plan.dp)
+        bf16_weights = self.args.params_dtype == torch.bfloat16
+        self.engine = zero.initialize_engine(config, module, optimizer, plan.dp, bf16_weights)
 
     def compile(self) -> None:
         """`train.compile`: after the engine wraps the chunks, so DeepSpeed hooks eager modules."""

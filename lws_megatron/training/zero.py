@@ -9,9 +9,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from lws_megatron.config import Config
-from lws_megatron.device import default_device
 from lws_megatron.training.checkpoint import SafeCheckpointEngine
-from lws_megatron.training.precision import resolve_precision
 
 
 class MegatronMPU:
@@ -48,13 +46,7 @@ def uses_deepspeed_backward(config: Config) -> bool:
     return config.zero.stage >= 2
 
 
-def bf16_weights(config: Config) -> bool:
-    """Whether the run's model holds bf16 weights (`train.precision`, resolved on this rank's
-    device)."""
-    return resolve_precision(config.train.precision, default_device()).params == torch.bfloat16
-
-
-def deepspeed_config(config: Config, dp: int) -> dict[str, Any]:
+def deepspeed_config(config: Config, dp: int, bf16_weights: bool = False) -> dict[str, Any]:
     t = config.train
     if uses_deepspeed_backward(config):
         micro, accumulation = t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dp)
@@ -74,7 +66,7 @@ def deepspeed_config(config: Config, dp: int) -> dict[str, Any]:
         # ZeRO >= 1 with bf16 weights: DeepSpeed keeps (and shards) the fp32 masters. Otherwise
         # its bf16 optimizer, with its per-parameter host-synchronising checks, stays out: the
         # weights are fp32, or bf16 with our master-weight AdamW (training/optimizer.py).
-        "bf16": {"enabled": config.zero.stage >= 1 and bf16_weights(config)},
+        "bf16": {"enabled": config.zero.stage >= 1 and bf16_weights},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -85,12 +77,17 @@ def deepspeed_config(config: Config, dp: int) -> dict[str, Any]:
 
 
 def initialize_engine(
-    config: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dp: int
+    config: Config,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dp: int,
+    bf16_weights: bool = False,
 ):
+    """`bf16_weights`: the model holds bf16 weights (`train.precision`, as resolved)."""
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        config=deepspeed_config(config, dp),
+        config=deepspeed_config(config, dp, bf16_weights),
         mpu=MegatronMPU,
         dist_init_required=False,
     )

@@ -45,7 +45,7 @@ def test_only_zero_lets_deepspeed_clip():
 
 def test_no_deepspeed_mixed_precision_and_no_per_step_printing():
     ds = deepspeed_config(_config(1), dp=1)
-    assert ds["bf16"] == {"enabled": False}  # fp32 weights on this CPU (precision auto)
+    assert ds["bf16"] == {"enabled": False}  # fp32 weights
     assert ds["wall_clock_breakdown"] is False and ds["steps_per_print"] >= 2**30
 
 
@@ -62,6 +62,5 @@ def test_deepspeeds_throughput_timer_never_synchronises_the_device():
 def test_deepspeed_keeps_the_fp32_masters_of_bf16_weights_only_under_zero():
     """At ZeRO 0 our master-weight AdamW does (training/optimizer.py), without DeepSpeed's
     host-synchronising bf16 optimizer."""
-    bf16 = "train.precision=bf16"
-    assert deepspeed_config(_config(1, bf16), dp=1)["bf16"] == {"enabled": True}
-    assert deepspeed_config(_config(0, bf16), dp=1)["bf16"] == {"enabled": False}
+    assert deepspeed_config(_config(1), dp=1, bf16_weights=True)["bf16"] == {"enabled": True}
+    assert deepspeed_config(_config(0), dp=1, bf16_weights=True)["bf16"] == {"enabled": False}
