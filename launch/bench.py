@@ -5,6 +5,11 @@ to back with the step's numbers read once per `train.log_interval`, as the train
 tokens per second over the timed steps, step time (median, min-max), host waits for the device
 per step, MFU against the shape engine's FLOPs and the device's peak, peak memory; each
 distinct layer shape timed alone; with --profile, where the time of a step goes.
+
+Under torchrun (several processes), each config's step across the job instead: step time and
+the time it waited for the data-parallel gradient reduction and for the optimizer with ZeRO's
+weight all-gather (`lws_megatron/bench_dp.py`):
+    torchrun --nproc_per_node 2 launch/bench.py configs/demo/crown.yaml zero.stage=1
 """
 
 from __future__ import annotations
@@ -89,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if args.compile_cache:
         load_compile_cache(args.compile_cache)
     init_processes()
-    if dist.get_world_size() != 1:
-        raise UserError("launch/bench.py measures one device: run it as a single process")
+    if dist.get_world_size() > 1:
+        return _data_parallel(paths, configs, args)
     results = []
     for path, config in zip(paths, configs):
         results.append(
@@ -109,6 +114,24 @@ def run(args: argparse.Namespace) -> int:
     if args.compile_cache:
         save_compile_cache(args.compile_cache)
     print(json.dumps([r.to_dict() for r in results]) if args.json else render(results))
+    dist.destroy_process_group()
+    return 0
+
+
+def _data_parallel(paths: list[str], configs: list, args: argparse.Namespace) -> int:
+    """Under torchrun: the step of each config across the job, with its communication wait."""
+    import torch.distributed as dist
+
+    from lws_megatron.bench_dp import time_dp_step
+
+    timings = [time_dp_step(config, args.steps, args.warmup) for config in configs]
+    if dist.get_rank() == 0:
+        for path, timing in zip(paths, timings):
+            print(
+                json.dumps({"config": path, **timing.to_dict()})
+                if args.json
+                else f"{path}: {timing.line()}"
+            )
     dist.destroy_process_group()
     return 0
 

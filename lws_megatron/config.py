@@ -174,7 +174,22 @@ class ParallelConfig:
 
 @dataclass
 class ZeroConfig:
-    stage: Literal[0, 1, 2, 3] = 0
+    """Data parallelism: how the gradients are reduced and how the optimizer state is sharded.
+
+    Megatron-Core's DistributedDataParallel reduces the gradients at every stage, in buckets,
+    each as soon as the last micro batch's backward has produced it; DeepSpeed ZeRO holds the
+    optimizer state: whole on every rank (0), sharded over the data-parallel ranks (1, 2).
+    """
+
+    # 0: AdamW on every rank; 1: fp32 masters and moments sharded (DeepSpeed ZeRO-1); 2: the
+    # same through DeepSpeed's stage-2 optimizer (the gradients stay whole in the buckets).
+    stage: Literal[0, 1, 2] = 0
+    overlap_grad_reduce: bool = True  # false: one reduction after the whole backward
+    # Parameters per bucket; 0: auto, a quarter of a model chunk, at most Megatron's default
+    # (40M, or 1M per data-parallel rank beyond 40).
+    bucket_size: int = _within(0, NON_NEGATIVE)
+    # auto: the weights' dtype, fp32 where a step accumulates several micro batches.
+    grad_reduce_dtype: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass
@@ -390,19 +405,6 @@ def _validate(config: Config, source: str) -> None:
         )
     if len(o.betas) != 2:
         raise UserError(f"{source}: optim.betas needs two values, got {o.betas}")
-    if config.zero.stage >= 2 and config.parallel.pp > 1:
-        raise UserError(
-            f"{source}: zero.stage={config.zero.stage} needs parallel.pp=1: ZeRO-2/3 partition "
-            "gradients during backward, which breaks with the several backward passes of a "
-            "pipeline schedule; use zero.stage=1 with pipeline parallelism"
-        )
-    if config.zero.stage >= 2 and config.parallel.tp > 1 and config.model.qk_norm == "head":
-        raise UserError(
-            f"{source}: zero.stage={config.zero.stage} with parallel.tp={config.parallel.tp} and "
-            "model.qk_norm=head: each TP rank holds part of the shared QK-norm gain's gradient, "
-            "which must be summed before ZeRO-2/3 reduce gradients inside backward; use "
-            "zero.stage=1 with TP, or model.qk_norm=full (its gain is split with the heads)"
-        )
     try:
         config.summary()
     except UserError as err:

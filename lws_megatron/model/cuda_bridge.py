@@ -59,6 +59,8 @@ BRIDGED_MODULES = {
     # forward_backward_no_pipelining and both pipelining schedules count tokens in
     # torch.zeros([], dtype=torch.int, device="cuda").
     "megatron.core.pipeline_parallel.schedules": "forward_backward_*",
+    # DistributedDataParallel's gradient buckets are allocated on torch.cuda.current_device().
+    "megatron.core.distributed.param_and_grad_buffer": "_ParamAndGradBuffer.__init__",
 }
 
 _installed = False

@@ -106,6 +106,7 @@ def world_sums(loss_sum: torch.Tensor, tokens: torch.Tensor, *flags: torch.Tenso
 
 
 def run_schedule(
+    *,
     args: ModelArgs,
     chunks,
     batches: list[Batch],
@@ -114,7 +115,8 @@ def run_schedule(
     scale: float,
     forward_only: bool,
 ) -> torch.Tensor:
-    """Megatron's forward-backward schedule (1F1B with PP > 1); returns the local loss sum."""
+    """Megatron's forward-backward schedule (1F1B with PP > 1) over `chunks` (in Megatron's DDP
+    for a training step, whose hooks it drives); returns the local loss sum."""
     sums: list[torch.Tensor] = []
     model_step = forward_step(args)
 
@@ -125,7 +127,7 @@ def run_schedule(
             loss_sum, _, report = model_loss(output_tensor)
             sums.append(loss_sum.detach())
             # The schedule divides a 2-tuple's loss by the number of micro batches, and
-            # DeepSpeed averages gradients over DP: `scale` undoes both.
+            # DDP averages gradients over DP: `scale` undoes both.
             return loss_sum * scale / tokens, report
 
         return output, loss
