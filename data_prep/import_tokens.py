@@ -49,6 +49,7 @@ from data_prep.preprocess import (
 from data_prep.readers import expand_inputs
 from data_prep.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron import __version__
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import remove_quietly, sha256_file
 
@@ -271,7 +272,9 @@ def _valid(chunk: np.ndarray, lengths: np.ndarray, fraction: float) -> np.ndarra
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.import_tokens", description=__doc__.split("\n")[0]
+        prog="python -m data_prep.import_tokens",
+        description=__doc__.split("\n")[0],
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files or globs")
     parser.add_argument(

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import write_json_atomic
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lws_megatron.evaluate",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("path", type=Path, help="a run dir or an export dir")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")

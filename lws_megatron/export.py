@@ -17,6 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.config import Config, load_config
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import os_errors, sha256_file, write_json_atomic
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lws_megatron.export",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("run_dir", type=Path, help="the run.dir of a training run")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the newest)")

@@ -15,6 +15,7 @@ import argparse
 import math
 from pathlib import Path
 
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.errors import UserError, cli_entry
 
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lws_megatron.generate",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("path", type=Path, help="a run dir or an export dir")
     parser.add_argument("--prompt", required=True)

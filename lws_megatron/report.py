@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.config import Config, load_config
 from lws_megatron.describe import describe_json, plot_profiles
 from lws_megatron.errors import UserError, cli_entry
@@ -793,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lws_megatron.report",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories")
     parser.add_argument(
