@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from data_prep.files import ensure_parent, refuse_existing
 from data_prep.indexed import IndexedWriter, token_dtype
@@ -233,7 +234,13 @@ def _import_file(
 ) -> _FileCounts:
     ends = document_ends(tokens, eod)
     counts = _FileCounts()
-    for first in range(0, len(ends), BATCH_DOCS):
+    bar = tqdm(
+        range(0, len(ends), BATCH_DOCS),
+        desc=f"importing {os.path.basename(path)}",
+        unit="batch",
+        disable=None if len(ends) > 50 * BATCH_DOCS else True,
+    )
+    for first in bar:
         batch_ends = ends[first : first + BATCH_DOCS]
         offset = int(ends[first - 1]) if first else 0
         chunk = np.asarray(tokens[offset : int(batch_ends[-1])])

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from lws_megatron.cli import add_configs
+from lws_megatron.cli import Progress, add_configs
 from lws_megatron.cli import parser as make_parser
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError, cli_entry
@@ -144,9 +144,10 @@ def run(args: argparse.Namespace) -> int:
         inputs = sorted(str(p) for p in (out / "corpus").glob("*.jsonl"))
     prefix, tokenizer = prepare_data(inputs, out, vocab.pop())
 
-    run_dirs = []
+    run_dirs, progress = [], Progress(len(configs))
     for path in configs:
         run_dir = out / "runs" / path.stem
+        progress.start(f"{path.stem}: {path}")
         shutil.rmtree(run_dir, ignore_errors=True)
         pretrain(
             path,

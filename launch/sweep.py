@@ -20,7 +20,7 @@ from pathlib import Path
 
 from demo import pretrain
 
-from lws_megatron.cli import add_configs
+from lws_megatron.cli import Progress, add_configs
 from lws_megatron.cli import parser as make_parser
 from lws_megatron.config import config_name, load_config
 from lws_megatron.errors import UserError, cli_entry
@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--nproc {args.nproc}: give at least 1 process per run")
     out = Path(args.output).resolve()
     runs = plan_runs(configs, seeds, [item for item in items if "=" in item], out)
-    failed = []
-    for i, (path, seed, run_dir, overrides) in enumerate(runs, start=1):
-        print(f"\n[{i}/{len(runs)}] {path} seed {seed} -> {run_dir}", flush=True)
+    failed, progress = [], Progress(len(runs))
+    for path, seed, run_dir, overrides in runs:
+        progress.start(f"{path} seed {seed} -> {run_dir}")
         try:
             pretrain(Path(path), overrides, args.nproc)
         except UserError:

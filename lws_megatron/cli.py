@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import textwrap
+import time
 import typing
 
 from lws_megatron.errors import UserError
@@ -93,3 +94,37 @@ def config_keys() -> str:
 
 def _shown(value: typing.Any) -> str:
     return repr(value) if value == "" else str(value).replace("'", "")
+
+
+def duration(seconds: float) -> str:
+    """42s, 3m 05s, 2h 07m."""
+    seconds = max(0, round(seconds))
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+class Progress:
+    """Banners for a sequence of runs: `[2/5] framed | ETA 6m 15s (2m 05s a run so far)`."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.seconds = total, 0, 0.0
+        self._began: float | None = None
+
+    def start(self, what: str) -> None:
+        self._finish()
+        self._began = time.monotonic()
+        eta = ""
+        if self.done:
+            each = self.seconds / self.done
+            left = each * (self.total - self.done)
+            eta = f" | ETA {duration(left)} ({duration(each)} a run so far)"
+        print(f"\n[{self.done + 1}/{self.total}] {what}{eta}", flush=True)
+
+    def _finish(self) -> None:
+        if self._began is not None:
+            self.seconds += time.monotonic() - self._began
+            self.done += 1
+            self._began = None

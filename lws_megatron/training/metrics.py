@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from lws_megatron.cli import duration
 from lws_megatron.training.run_dir import trim_metrics
 
 PERF_KEYS = ("tokens_per_s", "tokens_per_s_per_device", "mfu", "step_time_s", "mem_gb", "load_avg")
@@ -134,13 +135,3 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def duration(seconds: float) -> str:
-    """42s, 3m 05s, 2h 07m."""
-    seconds = max(0, round(seconds))
-    minutes, secs = divmod(seconds, 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"

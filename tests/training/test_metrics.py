@@ -8,8 +8,9 @@ import json
 
 import pytest
 
+from lws_megatron.cli import duration
 from lws_megatron.training import metrics, peak_flops
-from lws_megatron.training.metrics import MetricsWriter, duration, flat_hparams, tensorboard_tag
+from lws_megatron.training.metrics import MetricsWriter, flat_hparams, tensorboard_tag
 
 RECORD = {
     "step": 12,
