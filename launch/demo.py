@@ -1,6 +1,6 @@
 """The whole method on the built-in demo: corpus, tokenizer, index, five runs, report.
 
-    python launch/demo.py                 # 72 steps a run (12.2 minutes measured on 2 shared cores)
+    python launch/demo.py                 # 72 steps a run (6.4 minutes measured on 2 CPU cores)
     python launch/demo.py --quick         # 24 steps a run
     python launch/demo.py my/a.yaml my/b.yaml --input my/*.jsonl --output out [key=value ...]
 
