@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from data_prep.files import ensure_parent, refuse_existing
 from data_prep.indexed import IndexedWriter, token_dtype
@@ -49,6 +50,7 @@ from data_prep.preprocess import (
 from data_prep.readers import expand_inputs
 from data_prep.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron import __version__
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import remove_quietly, sha256_file
 
@@ -232,7 +234,13 @@ def _import_file(
 ) -> _FileCounts:
     ends = document_ends(tokens, eod)
     counts = _FileCounts()
-    for first in range(0, len(ends), BATCH_DOCS):
+    bar = tqdm(
+        range(0, len(ends), BATCH_DOCS),
+        desc=f"importing {os.path.basename(path)}",
+        unit="batch",
+        disable=None if len(ends) > 50 * BATCH_DOCS else True,
+    )
+    for first in bar:
         batch_ends = ends[first : first + BATCH_DOCS]
         offset = int(ends[first - 1]) if first else 0
         chunk = np.asarray(tokens[offset : int(batch_ends[-1])])
@@ -271,7 +279,9 @@ def _valid(chunk: np.ndarray, lengths: np.ndarray, fraction: float) -> np.ndarra
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.import_tokens", description=__doc__.split("\n")[0]
+        prog="python -m data_prep.import_tokens",
+        description=__doc__.split("\n")[0],
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files or globs")
     parser.add_argument(

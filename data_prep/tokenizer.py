@@ -51,6 +51,7 @@ from data_prep.readers import (
     read_documents,
     reader_options,
 )
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import write_bytes_atomic
 
@@ -340,10 +341,14 @@ def _sentencepiece_reason(err: Exception) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.tokenizer", description=__doc__.split("\n")[0]
+        prog="python -m data_prep.tokenizer",
+        description=__doc__.split("\n")[0],
+        formatter_class=HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a tokenizer on jsonl/txt files")
+    train = commands.add_parser(
+        "train", help="train a tokenizer on jsonl/txt files", formatter_class=HelpFormatter
+    )
     train.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files or globs")
     train.add_argument("--vocab-size", type=int, required=True, metavar="N")
     train.add_argument(

@@ -19,13 +19,15 @@ import json
 import sys
 from pathlib import Path
 
+from lws_megatron.cli import add_configs, configs_and_overrides
+from lws_megatron.cli import parser as make_parser
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError, cli_entry
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("items", nargs="+", metavar="CONFIG|key=value")
+    parser = make_parser("launch/bench.py", __doc__)
+    add_configs(parser, many=True)
     parser.add_argument("--micro-batch", type=int, help="sequences per step (one micro batch)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
@@ -62,10 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
 @cli_entry
 def run(args: argparse.Namespace) -> int:
-    paths = [i for i in args.items if "=" not in i]
-    overrides = [i for i in args.items if "=" in i]
-    if not paths:
-        raise UserError("give at least one config, e.g. configs/paper/baseline-18l.yaml")
+    paths, overrides = configs_and_overrides(
+        args, "launch/bench.py configs/paper/baseline-18l.yaml"
+    )
     if args.compile:
         overrides = [f"train.compile={args.compile}", *overrides]
     if args.micro_batch:

@@ -12,6 +12,7 @@ runs only those rows.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -106,9 +107,17 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="launch/gpu_measure.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("out", type=Path, metavar="OUT", help="where the rows and table go")
+    parser.add_argument("cache", type=Path, nargs="?", metavar="CACHE", help="compile cache")
+    args = parser.parse_args(argv)
     started = time.monotonic()
-    out = Path(argv[0])
-    cache = Path(argv[1]) if len(argv) > 1 else out / "compile_cache"
+    out = args.out
+    cache = args.cache or out / "compile_cache"
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     if not SMOKE:

@@ -23,7 +23,8 @@ from lws_megatron.model.compile import compile_stats
 from lws_megatron.model.fused_loss import FusedLossGPTModel
 from lws_megatron.training import distributed, forward
 from lws_megatron.training.data import Batch
-from lws_megatron.training.metrics import device_peak_flops, memory_gb
+from lws_megatron.training.metrics import memory_gb
+from lws_megatron.training.peak_flops import device_peak_flops
 from lws_megatron.training.step_stats import StepStats
 from lws_megatron.training.train_module import TrainModule
 

@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from lws_megatron import budget, shapes
+from lws_megatron.cli import add_configs, configs_and_overrides
+from lws_megatron.cli import parser as make_parser
 from lws_megatron.config import Config, config_name, load_config
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import atomic_output, ensure_dir
@@ -180,13 +182,8 @@ def _ffn_share(report: dict, layer: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lws_megatron.describe", description=__doc__)
-    parser.add_argument(
-        "items",
-        nargs="+",
-        metavar="CONFIG|key=value",
-        help="config files, and overrides applied to each",
-    )
+    parser = make_parser("python -m lws_megatron.describe", __doc__)
+    add_configs(parser, many=True)
     parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size to check")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the per-layer profile")
@@ -199,10 +196,9 @@ def main(argv: list[str] | None = None) -> int:
 
 @cli_entry
 def run(args: argparse.Namespace) -> int:
-    paths = [item for item in args.items if "=" not in item]
-    overrides = [item for item in args.items if "=" in item]
-    if not paths:
-        raise UserError("give at least one config file, e.g. configs/paper/crown-18l.yaml")
+    paths, overrides = configs_and_overrides(
+        args, "python -m lws_megatron.describe configs/paper/crown-18l.yaml"
+    )
     if args.tp is not None and args.tp < 1:
         raise UserError(f"--tp {args.tp}: the tensor-parallel size must be at least 1")
     reports = []

@@ -16,7 +16,8 @@ class UserError(Exception):
 
 
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap a command-line main so that a UserError prints one line and exits with status 2."""
+    """Wrap a command-line main so that a UserError prints one line and exits with status 2,
+    and a reader that stops early (`| head`) ends the output quietly, as for `cat`."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
@@ -26,5 +27,9 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
             if os.environ.get("RANK", "0") == "0":  # one line per job, not one per process
                 print(f"error: {err}", file=sys.stderr)
             return 2
+        except BrokenPipeError:
+            # Nothing more can reach the reader; the interpreter's final flush must not fail.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE, what a shell reports for a command that met `head`
 
     return wrapper

@@ -11,21 +11,18 @@ import argparse
 import json
 import sys
 
+from lws_megatron.cli import add_configs, configs_and_overrides
+from lws_megatron.cli import parser as make_parser
 from lws_megatron.config import config_name, load_config
-from lws_megatron.errors import UserError, cli_entry
+from lws_megatron.errors import cli_entry
 from lws_megatron.planner import PRECISIONS, Plan, Stage, parse_bytes, plan
 from lws_megatron.planner.costs import RECOMPUTE
 from lws_megatron.planner.stages import format_bytes, imbalance
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lws_megatron.plan", description=__doc__)
-    parser.add_argument(
-        "items",
-        nargs="+",
-        metavar="CONFIG|key=value",
-        help="one config file, and overrides applied to it",
-    )
+    parser = make_parser("python -m lws_megatron.plan", __doc__)
+    add_configs(parser)
     parser.add_argument("--pp", type=int, help="pipeline-parallel size (default parallel.pp)")
     parser.add_argument("--vpp", type=int, default=1, help="virtual stages per rank (interleaved)")
     parser.add_argument("--tp", type=int, help="tensor-parallel size (default parallel.tp)")
@@ -54,10 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
 @cli_entry
 def run(args: argparse.Namespace) -> int:
-    paths = [item for item in args.items if "=" not in item]
-    overrides = [item for item in args.items if "=" in item]
-    if len(paths) != 1:
-        raise UserError(f"give exactly one config file, got {len(paths)}: {' '.join(paths)}")
+    paths, overrides = configs_and_overrides(
+        args, "python -m lws_megatron.plan configs/paper/crown-18l.yaml --pp 2", exactly_one=True
+    )
     for key, value in (
         ("parallel.pp", args.pp),
         ("parallel.tp", args.tp),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +32,8 @@ from lws_megatron.training.checkpoint import Checkpointer
 from lws_megatron.training.data_passes import passes_warning
 from lws_megatron.training.documents import DocumentBatches
 from lws_megatron.training.loader import step_loader
-from lws_megatron.training.metrics import MetricsWriter, device_peak_flops
+from lws_megatron.training.metrics import MetricsWriter
+from lws_megatron.training.peak_flops import device_peak_flops
 from lws_megatron.training.run_dir import RunLock, refuse_foreign_records
 from lws_megatron.training.step_stats import Interval, StepStats
 from lws_megatron.training.train_module import TrainModule
@@ -120,7 +122,11 @@ class Trainer:
         self._resume()
         self._write_records()
         self.writer = MetricsWriter(
-            self.run_dir, enabled=self.rank == 0, purge_after=self.resumed_step
+            self.run_dir,
+            enabled=self.rank == 0,
+            purge_after=self.resumed_step,
+            max_steps=config.train.max_steps,
+            hparams=config.to_dict(),
         )
 
     def _validation_batches(self, valid_ds):
@@ -275,6 +281,7 @@ class Trainer:
                     "precision": self.module.precision.name,
                     "peak_flops": self.peak_flops,
                     "peak_flops_source": self.peak_source,
+                    "host_cpus": os.cpu_count(),
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 },
             )

@@ -189,7 +189,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_data):
         cwd=ROOT,
     )
     for line in proc.stdout:
-        if line.startswith("step      2 |"):
+        if line.startswith("step      2/"):
             proc.send_signal(signal.SIGTERM)
             break
     out = proc.stdout.read()

@@ -1,6 +1,9 @@
-"""Loss, learning rate, gradient norm, tokens/s and MFU, over each log interval."""
+"""Loss, learning rate, gradient norm, tokens/s and MFU, over each log interval; the host's load
+average beside them, so that a report can tell a shared machine's figures."""
 
 from __future__ import annotations
+
+import os
 
 from lws_megatron.training.callbacks.base import Callback, registered
 from lws_megatron.training.metrics import memory_gb
@@ -41,6 +44,7 @@ class SpeedMonitor(Callback):
                 "step_time_s": self.seconds / self.steps,
                 "mem_gb": memory_gb(trainer.device),
                 "skipped_steps": trainer.skipped_steps,
+                "load_avg": os.getloadavg()[0],
             }
         )
         self._reset()
