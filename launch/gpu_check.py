@@ -24,10 +24,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lws_megatron.benchmark import first_sync, synthetic_batch
 from lws_megatron.config import load_config
 from lws_megatron.device import autocast
 from lws_megatron.errors import UserError
+from lws_megatron.measure.batches import synthetic_batch
+from lws_megatron.measure.syncs import first_sync
 from lws_megatron.model import build_model
 from lws_megatron.model.compile import compile_chunks, compile_stats
 from lws_megatron.training import distributed
