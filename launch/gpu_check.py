@@ -67,7 +67,7 @@ def reference(out: str, path: str, overrides: list[str]) -> None:
     """fp32 on the CPU: weights, batch, loss and gradients into `out`."""
     import torch
 
-    from lws_megatron.benchmark import synthetic_batch
+    from lws_megatron.measure.batches import synthetic_batch
 
     config, dtype, model = _build(path, overrides, "fp32", torch.device("cpu"))
     batch = synthetic_batch(config, micro=2)
@@ -147,7 +147,7 @@ def check(path: str, overrides: list[str]) -> list[str]:
 
 def check_sync_free(path: str, overrides: list[str]) -> list[str]:
     """Steady-state steps, eager and compiled whole, with any host wait an error."""
-    from lws_megatron.benchmark import first_sync
+    from lws_megatron.measure.syncs import first_sync
     from lws_megatron.training import distributed
 
     failures = []

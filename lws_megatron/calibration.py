@@ -2,7 +2,7 @@
 
 Imported only by `plan --profile` and `plan --measure`. The model is built on this device at
 TP=1, PP=1 (tensor parallelism scales every layer alike) with the run's compute dtype and
-attention kernel, and `benchmark.BlockTimer` times its own blocks: forward + backward of one
+attention kernel, and `measure.blocks.BlockTimer` times its own blocks: forward + backward of one
 micro batch (train.micro_batch_size x model.seq_length), the fastest of `repeats` runs after a
 warm-up (interference from other work only ever adds time).
 """
@@ -18,10 +18,10 @@ from typing import Iterator
 
 import torch.distributed as dist
 
-from lws_megatron.benchmark import BlockTimer
 from lws_megatron.config import Config
 from lws_megatron.device import default_device, device_name
 from lws_megatron.fileio import ensure_dir, write_text_atomic
+from lws_megatron.measure.blocks import BlockTimer
 from lws_megatron.model import build_model
 from lws_megatron.planner.costs import Timings
 from lws_megatron.shapes import LayerShape, padded_vocab_size

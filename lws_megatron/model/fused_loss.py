@@ -18,14 +18,19 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 
 class FusedLossGPTModel(GPTModel):
     """GPTModel whose loss comes from `linear_cross_entropy`. Without labels (generation,
-    export) or off the last stage, Megatron's own head runs: the same logits as ever."""
+    export) or off the last stage, Megatron's own head runs: the same logits as ever.
+
+    `fused` set to False runs Megatron's head on the same weights: the GPU measurement's
+    ablation switches it in place, without a second build (a compiled chunk recompiles).
+    """
 
     def __init__(self, *args, loss_chunk_rows: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss_chunk_rows = loss_chunk_rows
+        self.fused = True
 
     def _postprocess(self, hidden_states, labels=None, **kwargs):
-        if labels is None or not self.post_process:
+        if labels is None or not self.post_process or not self.fused:
             return super()._postprocess(hidden_states=hidden_states, labels=labels, **kwargs)
         return self.head_loss(hidden_states, labels)
 

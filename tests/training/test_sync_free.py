@@ -79,7 +79,7 @@ def test_slow_steps_are_read_more_often_than_the_log_interval(tmp_path, tiny_dat
 def test_a_steady_state_step_never_synchronises_on_cuda():
     """A lone process on NCCL, as `launch/gpu_check.py` runs it."""
     script = (
-        "from lws_megatron.benchmark import first_sync\n"
+        "from lws_megatron.measure.syncs import first_sync\n"
         "from lws_megatron.config import load_config\n"
         "from lws_megatron.training.distributed import init_processes\n"
         "init_processes()\n"
