@@ -226,7 +226,7 @@ def main(argv: list[str]) -> int:
             Path(scratch), chosen, ROWS, SIZES, float(seconds), Path(cache) if cache else None
         )
     if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__)
+        print(f"usage: launch/gpu_measure.py [-h] OUT [CACHE]\n\n{__doc__}")
         return 0
     if not argv or len(argv) > 2 or argv[0].startswith("-"):
         print(__doc__, file=sys.stderr)

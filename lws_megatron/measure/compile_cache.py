@@ -12,8 +12,6 @@ from __future__ import annotations
 import lzma
 from pathlib import Path
 
-import torch
-
 from lws_megatron.fileio import ensure_dir, remove_quietly, write_bytes_atomic
 
 PART_BYTES = 15 * 2**20
@@ -26,11 +24,15 @@ def load_compile_cache(path: Path) -> bool:
     data = unpack(path) if path.is_dir() else path.read_bytes() if path.is_file() else None
     if not data:
         return False
+    import torch  # packing needs none: the measurement's supervisor runs without torch
+
     return torch.compiler.load_cache_artifacts(data) is not None
 
 
 def save_compile_cache(path: Path) -> None:
     """What this process compiled, or loaded and used, for the next process to skip compiling."""
+    import torch
+
     saved = torch.compiler.save_cache_artifacts()
     if saved is not None:
         ensure_dir(path.parent)

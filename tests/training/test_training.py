@@ -141,6 +141,15 @@ def test_model_parallel_layouts_match_the_reference(
         assert summary["graph_breaks"] == 0 and summary["compiled_graphs"] >= 2
 
 
+def test_zero_2_with_tp_and_a_shared_qk_norm_gain_matches_the_reference(
+    tmp_path, tiny_data, reference
+):
+    """The gain's gradient is summed over TP on the reduced gradients, before DeepSpeed's
+    stage-2 optimizer takes them."""
+    run_dir, _ = train(tmp_path, "z2tp", 2, tiny_data, "parallel.tp=2", "zero.stage=2")
+    np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=0, atol=1e-4)
+
+
 def test_data_parallel_zero_stages_agree(tmp_path, tiny_data, reference):
     runs = {
         stage: losses(train(tmp_path, f"zero{stage}", 2, tiny_data, f"zero.stage={stage}")[0])
