@@ -25,7 +25,7 @@ from lws_megatron.measure.syncs import sync_counts
 from lws_megatron.model.compile import compile_stats
 from lws_megatron.model.fused_loss import FusedLossGPTModel
 from lws_megatron.model.spec import resolve_backend
-from lws_megatron.training import distributed, forward
+from lws_megatron.training import data_parallel, distributed, forward
 from lws_megatron.training.data import Batch
 from lws_megatron.training.metrics import memory_gb
 from lws_megatron.training.peak_flops import device_peak_flops
@@ -97,13 +97,18 @@ def bench_config(
     device = default_device()
     with distributed.model_parallel(config) as plan:
         module = TrainModule(config, plan, device)
-        layer_timings = (
-            time_layers(
-                module.chunks[0], config, plan.micro_batch_size, device, module.args.autocast_dtype
+        with data_parallel.no_sync(module.model):
+            layer_timings = (
+                time_layers(
+                    module.chunks[0],
+                    config,
+                    plan.micro_batch_size,
+                    device,
+                    module.args.autocast_dtype,
+                )
+                if time_each_layer
+                else []
             )
-            if time_each_layer
-            else []
-        )
         module.compile()
         return measure(module, path, steps, warmup, profile, read_every_step, layer_timings)
 

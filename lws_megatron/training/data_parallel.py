@@ -13,7 +13,9 @@ full-width QK-norm gain over TP, which is wrong for it).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 from megatron.core import parallel_state as ps
@@ -76,6 +78,16 @@ def finalize(chunks: list[DistributedDataParallel], *_, **__) -> None:
     for chunk in chunks:
         chunk.finish_grad_sync()
     sync_model_parallel_grads(chunks)
+
+
+@contextlib.contextmanager
+def no_sync(chunks: list[DistributedDataParallel]) -> Iterator[None]:
+    """Backward passes that are no step's (a benchmark's block timings): their gradients land
+    in the buckets, which the next step empties, and start no reduction."""
+    with contextlib.ExitStack() as stack:
+        for chunk in chunks:
+            stack.enter_context(chunk.no_sync())
+        yield
 
 
 def zero_grad(chunks: list[DistributedDataParallel]) -> None:

@@ -160,30 +160,36 @@ def test_data_parallel_zero_stages_agree(tmp_path, tiny_data, reference):
     np.testing.assert_allclose(runs[0], losses(reference), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision, nproc", [("fp32", 1), ("bf16", 1), ("fp32", 2)])
 def test_killed_run_resumes_to_the_same_losses(
-    tmp_path, tiny_data, reference, bf16_reference, precision
+    tmp_path, tiny_data, reference, bf16_reference, precision, nproc
 ):
-    """bf16: the fp32 master weights come back from the checkpoint, not their rounding."""
+    """bf16: the fp32 master weights come back from the checkpoint, not their rounding. Two
+    processes: DP=2 at ZeRO 1, each rank's shard of the optimizer state comes back, and the
+    run continues its own uninterrupted losses."""
     run_dir = tmp_path / "killed"
     extra = ("checkpoint.interval=4", f"train.precision={precision}")
     if precision == "bf16":
         reference = bf16_reference
+    if nproc == 2:
+        extra = (*extra, "zero.stage=1")
+        reference, _ = train(tmp_path, "whole", 2, tiny_data, *extra)
     proc = subprocess.Popen(
-        command(1, run_dir, tiny_data, *extra),
+        command(nproc, run_dir, tiny_data, *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=ROOT,
+        start_new_session=True,
     )
     for line in proc.stdout:
         if "step_00000004" in line and "saved checkpoint" in line:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # every process of the job at once
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert max(records(run_dir)) < 10
-    _, resumed = train(tmp_path, "killed", 1, tiny_data, *extra)
+    _, resumed = train(tmp_path, "killed", nproc, tiny_data, *extra)
     assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
     assert losses(run_dir).tolist() == losses(reference).tolist()  # exact, bit for bit
 
