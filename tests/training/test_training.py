@@ -180,11 +180,12 @@ def test_killed_run_resumes_to_the_same_losses(
         stderr=subprocess.STDOUT,
         text=True,
         cwd=ROOT,
-        start_new_session=True,
     )
     for line in proc.stdout:
         if "step_00000004" in line and "saved checkpoint" in line:
-            os.killpg(proc.pid, signal.SIGKILL)  # every process of the job at once
+            # torchrun's workers run in sessions of their own: each is killed, then torchrun.
+            subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)], check=False)
+            proc.kill()
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
