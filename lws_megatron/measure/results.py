@@ -45,11 +45,17 @@ def check(result: dict, reference: float | None, sync_free: bool) -> tuple[dict,
 
 def _figures(result: dict) -> str:
     syncs = result.get("syncs_per_step")
+    waits = (
+        f", {result['grad_wait_ms']:.1f} ms waiting for gradients after backward, "
+        f"{result['optimizer_ms']:.1f} ms optimizer and weight gather"
+        if result.get("data_parallel", 1) > 1
+        else ""
+    )
     return (
         f"{result['tokens_per_s']:,.0f} tokens/s, MFU {100 * result['mfu']:.1f}%, step "
         f"{1000 * result['step_time_median_s']:.1f} ms ({1000 * result['step_time_min_s']:.1f}"
         f"-{1000 * result['step_time_max_s']:.1f}), "
-        f"{'-' if syncs is None else f'{syncs:.2f}'} syncs/step"
+        f"{'-' if syncs is None else f'{syncs:.2f}'} syncs/step{waits}"
     )
 
 
