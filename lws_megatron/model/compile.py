@@ -4,7 +4,7 @@
 output head, loss, pipeline hand-off) stays eager. `model` compiles the chunk's GPTModel
 forward, loss included, as one graph, so Inductor also fuses the final norm, the output head's
 cast and the vocabulary cross-entropy, and the step launches far fewer kernels. Both are free of
-graph breaks on our spec (tests/test_compile.py holds them to that).
+graph breaks on our spec (tests/model/test_compile.py holds them to that).
 """
 
 from __future__ import annotations
