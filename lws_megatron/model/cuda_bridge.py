@@ -2,7 +2,7 @@
 
 `install()` does nothing when CUDA is available. Without CUDA it rebinds the name `torch` inside
 the Megatron modules listed in `BRIDGED_MODULES` to `_CPU_TORCH`, which is torch itself except
-for the three CUDA calls below, and wraps one Megatron method. Nothing outside those modules
+for the CUDA calls below, and wraps one Megatron method. Nothing outside those modules
 changes, so other libraries in the process still see torch's own behaviour.
 """
 
@@ -30,6 +30,20 @@ class _CpuCuda:
     @staticmethod
     def synchronize(device: Any = None) -> None:
         """CPU ops are synchronous; there is no stream to wait for."""
+
+    @staticmethod
+    def current_stream(device: Any = None) -> "_CpuStream":
+        return _CpuStream()
+
+
+class _CpuStream:
+    """The one CPU "stream": work is already ordered, so every wait is immediate."""
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
 
 
 class _CpuTorch(types.ModuleType):
@@ -59,7 +73,8 @@ BRIDGED_MODULES = {
     # forward_backward_no_pipelining and both pipelining schedules count tokens in
     # torch.zeros([], dtype=torch.int, device="cuda").
     "megatron.core.pipeline_parallel.schedules": "forward_backward_*",
-    # DistributedDataParallel's gradient buckets are allocated on torch.cuda.current_device().
+    # DistributedDataParallel's gradient buckets are allocated on torch.cuda.current_device();
+    # from 0.19 each bucket group's start_grad_sync waits on torch.cuda.current_stream().
     "megatron.core.distributed.param_and_grad_buffer": "_ParamAndGradBuffer.__init__",
 }
 
