@@ -16,12 +16,8 @@ import numpy as np
 
 from lws_megatron.config import Config
 from lws_megatron.errors import UserError
-from lws_megatron.planner.costs import (
-    PRECISIONS,
-    Timings,
-    cost_model,
-    micro_batches_in_flight,
-)
+from lws_megatron.planner.costs import Timings, cost_model, micro_batches_in_flight
+from lws_megatron.planner.memory import precision_named
 from lws_megatron.planner.partition import INF, Tables, even_bounds, rank_totals, solve, tables
 
 _UNITS = {
@@ -154,49 +150,58 @@ def plan(
     dp: int = 1,
     device_memory: int | None = None,
     precision: str | None = None,
-    recompute: str = "none",
     timings: Timings | None = None,
+    device: str = "cuda",
 ) -> Plan:
-    """Plan `config`'s pipeline at PP ranks (default parallel.pp), VPP virtual stages each.
+    """Plan `config`'s pipeline at PP ranks (default parallel.pp), VPP virtual stages each,
+    with its recomputation (parallel.recompute, parallel.recompute_layers).
 
-    Precision defaults to train.precision, with "auto" accounted as bf16 (the GPU case).
+    Precision defaults to train.precision, with "auto" accounted as bf16 (the GPU case); the
+    activations counted are those `device`'s kernels keep (cuda | cpu).
     Raises UserError for sizes that cannot be split and for a memory limit no split meets.
     """
     pp = config.parallel.pp if pp is None else pp
-    n = config.model.num_layers
     micro_batches = _check(config, pp, vpp, dp)
-    name = precision or ("bf16" if config.train.precision == "auto" else config.train.precision)
-    if name not in PRECISIONS:
-        raise UserError(f"precision {name!r}: choose one of {', '.join(PRECISIONS)}")
-    model = cost_model(
-        config,
-        pp=pp,
-        dp=dp,
-        precision=PRECISIONS[name],
-        recompute=recompute,
-        timings=timings,
-    )
+    accounting = precision_named(precision or config.train.precision)
+    model = cost_model(config, pp=pp, dp=dp, precision=accounting, timings=timings, device=device)
     t = tables(model, pp, micro_batches_in_flight(pp, vpp, micro_batches))
     solution = solve(t, device_memory)
     if solution is None:
         raise _memory_error(t, device_memory, vpp)
-    even, exact = even_bounds(n, pp * vpp)
+    return _plan(
+        config, t, solution, vpp, dp, micro_batches, accounting.name, device_memory, model.unit
+    )
+
+
+def _plan(
+    config, t, solution, vpp, dp, micro_batches, precision, device_memory, unit, **extra
+) -> Plan:
+    even, exact = even_bounds(config.model.num_layers, t.pp * vpp)
     return Plan(
         planned=_split(t, solution.bounds),
         even=_split(t, even),
         even_is_megatron_default=exact,
         proven=solution.proven,
-        pp=pp,
+        pp=t.pp,
         vpp=vpp,
         tp=config.parallel.tp,
         dp=dp,
         zero=config.zero.stage,
         micro_batches=micro_batches,
-        precision=name,
-        recompute=recompute,
+        precision=precision,
+        recompute=recompute_label(config),
         device_memory=device_memory,
-        unit=model.unit,
+        unit=unit,
+        **extra,
     )
+
+
+def recompute_label(config: Config) -> str:
+    """'none', 'full', 'selective on widest:3', 'full on [0, 9]'."""
+    p = config.parallel
+    if p.recompute == "none" or p.recompute_layer_choice()[0] == "all":
+        return p.recompute
+    return f"{p.recompute} on {p.recompute_layers}"
 
 
 def plan_layout(
@@ -212,6 +217,21 @@ def plan_layout(
     By the FLOP model only, never measured times, so that every rank derives the same layout.
     """
     return plan(config, pp=pp, vpp=vpp, dp=dp, device_memory=device_memory).planned.layout
+
+
+def stage_memory(config: Config, parallel, device: str = "cuda") -> list[int]:
+    """The memory estimate of each pipeline rank of a resolved `training.distributed`
+    ParallelPlan (its layout, or the even split; its DP size), in bytes."""
+    vpp = parallel.vpp or 1
+    model = cost_model(config, pp=parallel.pp, dp=parallel.dp, device=device)
+    t = tables(
+        model, parallel.pp, micro_batches_in_flight(parallel.pp, vpp, parallel.micro_batches)
+    )
+    if parallel.layout is None:
+        bounds, _ = even_bounds(config.model.num_layers, parallel.pp * vpp)
+    else:
+        bounds = layout_bounds(parallel.layout, parallel.pp)
+    return [round(m) for m in rank_totals(t.memory, bounds, parallel.pp)]
 
 
 def _check(config: Config, pp: int, vpp: int, dp: int) -> int:
@@ -298,18 +318,33 @@ def layout_string(bounds: tuple[int, ...]) -> str:
     return "|".join(entries)
 
 
-def check_layout(layout: str, bounds: tuple[int, ...], pp: int) -> None:
-    """Parse `layout` with Megatron-Core and check it places every layer where `bounds` says."""
+def layout_bounds(layout: str, pp: int) -> tuple[int, ...]:
+    """The chunk boundaries of a Megatron layout (chunk c: virtual stage c // pp of rank c % pp)."""
+    parsed = _parse_layout(layout, pp)
+    counts = _decoder_counts(parsed, pp)
+    return tuple(int(b) for b in np.concatenate([[0], np.cumsum(counts)]))
+
+
+def _parse_layout(layout: str, pp: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from megatron.core.transformer.enums import LayerType
         from megatron.core.transformer.pipeline_parallel_layer_layout import (
             PipelineParallelLayerLayout,
         )
-    parsed = PipelineParallelLayerLayout(layout, pp)
+    return PipelineParallelLayerLayout(layout, pp)
+
+
+def _decoder_counts(parsed, pp: int) -> list[int]:
+    from megatron.core.transformer.enums import LayerType
+
+    chunks = sum(len(stages) for stages in parsed.layout)
+    return [parsed.layout[c % pp][c // pp].count(LayerType.decoder) for c in range(chunks)]
+
+
+def check_layout(layout: str, bounds: tuple[int, ...], pp: int) -> None:
+    """Parse `layout` with Megatron-Core and check it places every layer where `bounds` says."""
+    parsed = _parse_layout(layout, pp)
     parsed.validate_layer_layout(num_layers=bounds[-1], mtp_num_layers=None)
-    counts = [
-        parsed.layout[c % pp][c // pp].count(LayerType.decoder) for c in range(len(bounds) - 1)
-    ]
+    counts = _decoder_counts(parsed, pp)
     if counts != [b - a for a, b in zip(bounds, bounds[1:])]:
         raise RuntimeError(f"layout {layout!r} parses to {counts} layers per chunk, not {bounds}")
