@@ -23,13 +23,8 @@ LSE_BYTES = 4  # flash attention keeps a log-sum-exp per query head and token, f
 # The fused loss keeps per token its fp32 log-sum-exp, the int64 target and a bool mask.
 FUSED_LOSS_BYTES = 4 + 8 + 1
 
-# Attention, in multiples of this rank's q = heads * d_head and k = kv_heads * d_head per
-# token, with fused kernels (CUDA) / composite ones (CPU): the q/k/v projection's output,
-# q + 2k (the value is a view of it, which keeps all of it), RoPE's query and key, the
-# attention's output (q, also the output projection's input), one more copy of the key; and
-# with a QK-norm its input copy of the query and, where the norm is composite (always for
-# `full`, our own module), its normalised query and key.
-ATTENTION = {"none": ((3, 4), (3, 4)), "head": ((4, 4), (5, 5)), "full": ((5, 5), (5, 5))}
+# RoPE keeps its cos and sin tables for the query and for the key: [s, d_head] each.
+ROPE_TABLES = 4
 # SwiGLU, in multiples of this rank's FFN width f: FC1's output (2f) and FC2's input (f), fused;
 # composite, also the SiLU's output and the linear half's copy.
 MLP = (3, 5)
@@ -148,24 +143,21 @@ def layer_activations(
     selective | full) for this layer.
 
     Per token: the two norms' inputs (d, residual stream) and, composite, their outputs; the
-    QKV and FC1 inputs (d); the attention (ATTENTION) and the MLP (MLP) at this rank's widths;
-    the log-sum-exp. Sequence parallelism splits the d-wide tensors. Selective recomputation
-    keeps the MLP's input only; full keeps the layer's input only. Backward works on the
-    gradients of FC1's output (2f) and of the residual stream (2d), rebuilt.
+    QKV and FC1 inputs (d); the attention (`_attention`) and the MLP (MLP) at this rank's
+    widths; and RoPE's tables. Sequence parallelism splits the d-wide tensors. Selective
+    recomputation keeps the MLP's input only; full keeps the layer's input only. Backward
+    works on the gradients of FC1's output (2f) and of the residual stream (2d), rebuilt.
     """
     p, tp, split = saving.precision, saving.tp, saving.sequence_split
     tokens = saving.micro_batch * dims.seq_length
     d, e = dims.d_model, p.activation
-    q = shape.num_query_heads * dims.d_head / tp
-    k = shape.num_kv_heads * dims.d_head / tp
     f = shape.ffn_hidden_size / tp
     composite = 0 if saving.fused_kernels else 1
     norms = 2 * d * (p.residual + composite * e) / split
     linear_inputs = 2 * d * e / (1 if saving.compiled else split)
-    cq, ck = ATTENTION[dims.qk_norm][composite]
-    attention = e * (cq * q + ck * k) + LSE_BYTES * shape.num_query_heads / tp
     mlp = e * MLP[composite] * f
-    whole = tokens * (norms + linear_inputs + attention + mlp)
+    rope = ROPE_TABLES * dims.seq_length * dims.d_head * e
+    whole = tokens * (norms + linear_inputs + _attention(shape, dims, saving) + mlp) + rope
     working = tokens * e * (2 * f + 2 * d / split)
     if recompute == "full":
         kept = tokens * d * p.residual / split
@@ -173,6 +165,23 @@ def layer_activations(
     if recompute == "selective":
         return Activations(whole - tokens * mlp, tokens * mlp + working)
     return Activations(whole, working)
+
+
+def _attention(shape: shapes.LayerShape, dims: shapes.Dims, saving: Saving) -> float:
+    """Bytes per token of the attention on this rank, q = heads * d_head and k = kv_heads *
+    d_head wide: the q/k/v projection's output (q + 2k: the value is a view of it, which keeps
+    all of it), RoPE's query and key, the attention's output (also the output projection's
+    input) and its fp32 log-sum-exp. A QK-norm adds its normalised query and key where it is
+    composite (always for `full`, our own module), and its input copy of the query where the
+    query heads of several KV groups had to be gathered from the projection's output."""
+    tp, kind = saving.tp, dims.qk_norm
+    q = shape.num_query_heads * dims.d_head / tp
+    k = shape.num_kv_heads * dims.d_head / tp
+    grouped = shape.num_kv_heads // tp > 1 and shape.num_query_heads > shape.num_kv_heads
+    copy = kind != "none" and grouped
+    normalised = kind == "full" or (kind == "head" and not saving.fused_kernels)
+    kept = (3 + copy + normalised) * q + (3 + normalised) * k
+    return saving.precision.activation * kept + LSE_BYTES * shape.num_query_heads / tp
 
 
 def head_activations(

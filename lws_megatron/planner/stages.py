@@ -19,6 +19,7 @@ from lws_megatron.errors import UserError
 from lws_megatron.planner.costs import Timings, cost_model, micro_batches_in_flight
 from lws_megatron.planner.memory import precision_named
 from lws_megatron.planner.partition import INF, Tables, even_bounds, rank_totals, solve, tables
+from lws_megatron.planner.recompute import auto_tables, with_recompute
 
 _UNITS = {
     "": 1,
@@ -43,6 +44,7 @@ class Stage:
     output: bool
     cost: float
     memory_bytes: int
+    recomputed: tuple[int, ...] = ()  # the layers `--recompute auto` recomputes here
 
     @property
     def layers(self) -> list[int]:
@@ -75,6 +77,7 @@ class Split:
                     "cost": s.cost,
                     "share": s.cost / total,
                     "memory_bytes": s.memory_bytes,
+                    "recomputed": list(s.recomputed),
                 }
                 for s in self.stages
             ],
@@ -100,6 +103,12 @@ class Plan:
     recompute: str
     device_memory: int | None
     unit: str
+    auto_recompute: bool = False  # `recompute` was chosen per stage (Stage.recomputed)
+
+    @property
+    def recomputed(self) -> tuple[int, ...]:
+        """Every layer the planned split recomputes under `--recompute auto`."""
+        return tuple(sorted(i for s in self.planned.stages for i in s.recomputed))
 
     def to_json(self) -> dict:
         return {
@@ -111,6 +120,7 @@ class Plan:
             "micro_batches": self.micro_batches,
             "precision": self.precision,
             "recompute": self.recompute,
+            **({"recompute_layers": list(self.recomputed)} if self.auto_recompute else {}),
             "device_memory": self.device_memory,
             "cost_unit": self.unit,
             "proven_optimal": self.proven,
@@ -173,13 +183,59 @@ def plan(
     )
 
 
+def plan_recompute(
+    config: Config,
+    *,
+    device_memory: int,
+    pp: int | None = None,
+    dp: int = 1,
+    precision: str | None = None,
+    timings: Timings | None = None,
+    device: str = "cuda",
+) -> Plan:
+    """`plan --recompute auto`: the fastest split within `device_memory` whose stages each
+    recompute (fully) the fewest of their layers that make them fit, widest first."""
+    pp = config.parallel.pp if pp is None else pp
+    micro_batches = _check(config, pp, 1, dp)
+    accounting = precision_named(precision or config.train.precision)
+    models = [
+        cost_model(
+            with_recompute(config, kind),
+            pp=pp,
+            dp=dp,
+            precision=accounting,
+            timings=timings,
+            device=device,
+        )
+        for kind in ("none", "full")
+    ]
+    in_flight = micro_batches_in_flight(pp, 1, micro_batches)
+    t, chosen = auto_tables(config, *models, pp, in_flight, device_memory)
+    solution = solve(t, device_memory)
+    if solution is None:
+        leanest = tables(models[1], pp, in_flight)
+        raise _memory_error(leanest, device_memory, 1, recomputing=True)
+    return _plan(
+        config,
+        t,
+        solution,
+        1,
+        dp,
+        micro_batches,
+        accounting.name,
+        device_memory,
+        models[0].unit,
+        chosen=chosen,
+    )
+
+
 def _plan(
-    config, t, solution, vpp, dp, micro_batches, precision, device_memory, unit, **extra
+    config, t, solution, vpp, dp, micro_batches, precision, device_memory, unit, chosen=None
 ) -> Plan:
     even, exact = even_bounds(config.model.num_layers, t.pp * vpp)
     return Plan(
-        planned=_split(t, solution.bounds),
-        even=_split(t, even),
+        planned=_split(t, solution.bounds, chosen),
+        even=_split(t, even, chosen),
         even_is_megatron_default=exact,
         proven=solution.proven,
         pp=t.pp,
@@ -189,10 +245,10 @@ def _plan(
         zero=config.zero.stage,
         micro_batches=micro_batches,
         precision=precision,
-        recompute=recompute_label(config),
+        recompute="full, per stage" if chosen else recompute_label(config),
         device_memory=device_memory,
         unit=unit,
-        **extra,
+        auto_recompute=chosen is not None,
     )
 
 
@@ -271,7 +327,7 @@ def _check(config: Config, pp: int, vpp: int, dp: int) -> int:
     return micro_batches
 
 
-def _memory_error(t: Tables, limit: float, vpp: int) -> UserError:
+def _memory_error(t: Tables, limit: float, vpp: int, recomputing: bool = False) -> UserError:
     """Name the stage that overflows in the split that needs the least memory, and by how much."""
     leanest = solve(Tables(np.where(np.isfinite(t.load), t.memory, INF), t.memory, t.pp))
     need = rank_totals(t.memory, leanest.bounds, t.pp)
@@ -281,12 +337,13 @@ def _memory_error(t: Tables, limit: float, vpp: int) -> UserError:
         f"device memory {format_bytes(limit)}: no split of {t.num_layers} layers over {sizes} "
         f"fits; the leanest split still needs {format_bytes(need[rank])} on stage {rank} "
         f"({format_bytes(need[rank] - limit)} over); raise the limit to at least "
-        f"{math.ceil(need[rank] / 2**30)}GiB, or save memory with full recomputation, a higher "
-        "ZeRO stage or DP, or a larger PP"
+        f"{math.ceil(need[rank] / 2**30)}GiB, or save memory with "
+        + ("" if recomputing else "full recomputation, ")
+        + "a higher ZeRO stage or DP, or a larger PP"
     )
 
 
-def _split(t: Tables, bounds: tuple[int, ...]) -> Split:
+def _split(t: Tables, bounds: tuple[int, ...], chosen: dict | None = None) -> Split:
     loads = rank_totals(t.load, bounds, t.pp)
     memory = rank_totals(t.memory, bounds, t.pp)
     stages = tuple(
@@ -299,6 +356,7 @@ def _split(t: Tables, bounds: tuple[int, ...]) -> Split:
             output=r == t.pp - 1,
             cost=loads[r],
             memory_bytes=round(memory[r]),
+            recomputed=() if chosen is None else chosen[r, bounds[r], bounds[r + 1]],
         )
         for r in range(t.pp)
     )
