@@ -28,7 +28,6 @@ from lws_megatron.benchmark import synthetic_batch
 from lws_megatron.config import Config, config_name, load_config
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.planner import stage_memory
-from lws_megatron.planner.stages import format_bytes
 from lws_megatron.training import distributed
 from lws_megatron.training.train_module import TrainModule
 
@@ -143,16 +142,19 @@ class _cuda_peak:
 
 def render_text(report: MemoryReport) -> str:
     lines = [
-        f"{report.config} on {report.device}, layout {report.layout or 'even'}",
-        f"{'stage':<7}{'estimate':>12}{'measured':>12}{'measured/estimate':>20}",
+        f"{report.config} on {report.device}, layout {report.layout or 'even split'}",
+        f"{'stage':<7}{'estimate':>14}{'measured':>14}{'measured/estimate':>20}",
     ]
     for s in report.stages:
         lines.append(
-            f"{s.stage:<7}{format_bytes(s.estimate_bytes):>12}"
-            f"{format_bytes(s.measured_bytes):>12}{s.ratio:>20.3f}"
+            f"{s.stage:<7}{_mib(s.estimate_bytes):>14}{_mib(s.measured_bytes):>14}{s.ratio:>20.3f}"
         )
     lines.append("losses: " + " ".join(f"{loss:.7f}" for loss in report.losses))
     return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def main(argv: list[str] | None = None) -> int:

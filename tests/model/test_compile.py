@@ -27,7 +27,8 @@ def test_compile_stats_count_a_graph_break():
 
 
 def _explain_layer_and_model(path: str) -> dict[str, tuple[int, int]]:
-    """(graphs, breaks) Dynamo finds in one layer and in the whole chunk with its loss."""
+    """(graphs, breaks) Dynamo finds in one layer and in the whole chunk with its loss, at TP=2
+    (with sequence parallelism, on by default)."""
     import torch._dynamo
 
     from lws_megatron.config import load_config
@@ -39,8 +40,9 @@ def _explain_layer_and_model(path: str) -> dict[str, tuple[int, int]]:
         s, b = config.model.seq_length, 2
         tokens = torch.randint(0, config.model.vocab_size, (b, s))
         out = {}
+        split = 2 if model.config.sequence_parallel else 1  # a layer's input: its rank's slice
         for i, layer in enumerate(model.decoder.layers):
-            x = torch.randn(s, b, config.model.d_model, requires_grad=True)
+            x = torch.randn(s // split, b, config.model.d_model, requires_grad=True)
             e = torch._dynamo.explain(layer)(
                 x, attention_mask=None, rotary_pos_emb=model.rotary_pos_emb(s)
             )
