@@ -459,6 +459,12 @@ def _check_parallel(config: Config, source: str) -> None:
             f"{source}: parallel.recompute_layers={chosen} must list distinct layer numbers "
             f"from 0 to {n - 1}"
         )
+    if p.recompute != "none" and config.train.cuda_graphs:
+        raise UserError(
+            f"{source}: parallel.recompute={p.recompute} with train.cuda_graphs=true: Megatron's "
+            "recompute saves and restores the RNG states on the host around each recomputed "
+            "forward, which a replayed graph cannot; set one of them off"
+        )
     if p.sequence_parallel is True and p.tp > 1 and config.zero.stage >= 2:
         raise UserError(
             f"{source}: parallel.sequence_parallel=true with zero.stage={config.zero.stage}: "

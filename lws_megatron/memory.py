@@ -26,6 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from lws_megatron.benchmark import synthetic_batch
 from lws_megatron.config import Config, config_name, load_config
+from lws_megatron.device import default_device
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.planner import stage_memory
 from lws_megatron.training import distributed
@@ -92,12 +93,12 @@ class MemoryReport:
 
 def measure(config: Config, name: str, steps: int) -> MemoryReport | None:
     """Train `steps` steps of `config` on this rank; the report on global rank 0."""
-    device = distributed.init_processes()
-    if device.type == "cpu" and config.train.compile != "none":
+    if default_device().type == "cpu" and config.train.compile != "none":
         raise UserError(
             f"train.compile={config.train.compile}: the CPU's memory count follows eager "
             "operators only; measure with train.compile=none (or on a GPU)"
         )
+    device = distributed.init_processes()
     tracker = LiveTensorBytes() if device.type == "cpu" else None
     with distributed.model_parallel(config) as plan, tracker or _cuda_peak(device):
         module = TrainModule(config, plan, device)

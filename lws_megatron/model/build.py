@@ -26,7 +26,7 @@ from lws_megatron.model import cuda_bridge
 from lws_megatron.model.args import ModelArgs
 from lws_megatron.model.attention import check_kernel
 from lws_megatron.model.fused_loss import FusedLossGPTModel
-from lws_megatron.model.spec import LWSTransformerConfig, block_spec, layer_spec, resolve_backend
+from lws_megatron.model.spec import LWSTransformerConfig, block_spec, resolve_backend
 
 
 def _drawn_later(tensor: torch.Tensor) -> torch.Tensor:
@@ -88,15 +88,21 @@ def transformer_config(
         params_dtype=args.params_dtype,
         pipeline_dtype=args.params_dtype,
         use_cpu_initialization=device.type != "cuda",
-        # Megatron's fused SwiGLU and vocab-parallel cross-entropy (compiled by its jit_fuser)
-        # pay off on an eager GPU model; on CPU they would only add compile time to every
-        # process start, and under train.compile Inductor fuses the plain ops itself, in the
-        # very graphs that the compile tests check for breaks on CPU.
-        bias_activation_fusion=args.fused_kernels and device.type == "cuda",
-        cross_entropy_loss_fusion=args.fused_kernels and device.type == "cuda",
-        cross_entropy_fusion_impl="native",
         transformer_impl="transformer_engine" if backend == "te" else "local",
+        **_fusions(args.fused_kernels and device.type == "cuda"),
     )
+
+
+def _fusions(fused: bool) -> dict:
+    """Megatron's fused SwiGLU and vocab-parallel cross-entropy (compiled by its jit_fuser)
+    pay off on an eager GPU model; on CPU they would only add compile time to every process
+    start, and under train.compile Inductor fuses the plain ops itself, in the very graphs
+    that the compile tests check for breaks on CPU."""
+    return {
+        "bias_activation_fusion": fused,
+        "cross_entropy_loss_fusion": fused,
+        "cross_entropy_fusion_impl": "native",
+    }
 
 
 def build_model(
@@ -135,14 +141,11 @@ def build_model(
             args.dtype,
         )
     fused = {"loss_chunk_rows": args.model.loss_chunk_rows} if args.model.fused_loss else {}
-    layer = layer_spec(
-        backend, qk_norm=args.model.qk_norm, norm_placement=args.model.norm_placement
-    )
-    spec = block_spec(backend, layer, get_num_layers_to_build(tconfig, vp_stage=vp_stage))
+    num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = (FusedLossGPTModel if fused else GPTModel)(
             config=tconfig,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec(backend, args.model, num_layers),
             vocab_size=args.padded_vocab_size,
             max_sequence_length=args.model.seq_length,
             pre_process=pre_process,

@@ -142,12 +142,13 @@ def layer_spec(
     return post_norm_spec(spec, RMSNorm)
 
 
-def block_spec(backend: Backend, layer: ModuleSpec, num_layers: int) -> TransformerBlockSubmodules:
-    """A chunk of `num_layers` layers of spec `layer` and its final norm.
+def block_spec(backend: Backend, model, num_layers: int) -> TransformerBlockSubmodules:
+    """A chunk of `num_layers` layers of `model`'s (its ModelConfig) block, and its final norm.
 
     Given a layer spec alone, Megatron picks the final norm by what is importable (TE's, Apex's,
     else torch's, which refuses sequence parallelism); here it follows the backend.
     """
+    layer = layer_spec(backend, qk_norm=model.qk_norm, norm_placement=model.norm_placement)
     norm = RMSNorm
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm as norm

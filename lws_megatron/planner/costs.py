@@ -82,14 +82,13 @@ def cost_model(
     device: str = "cuda",
 ) -> CostModel:
     """The blocks of `config` at its TP size, ZeRO stage and recomputation, for PP ranks and
-    DP replicas, with the kernels of `device` (cuda | cpu) and `precision` (default
-    train.precision, auto counted as bf16).
+    DP replicas, with `device`'s kernels (cuda | cpu) and `precision` (default train.precision).
 
     Compute is training FLOPs per token from the shape engine (matrix multiplies and causal
-    attention at the configured sequence length; the embedding lookup counts 0; the head
-    adds the cross-entropy; a recomputed layer its forward again), or measured seconds per
-    micro batch when `timings` are given, scaled by the same FLOPs for recomputation.
-    A tied embedding is held twice when the head sits on another rank (PP > 1).
+    attention at the configured sequence length; the embedding 0; the head adds the
+    cross-entropy; a recomputed layer its forward again), or measured seconds per micro batch
+    (`timings`), scaled alike. A tied embedding is held twice when the head sits on another
+    rank (PP > 1).
     """
     precision = precision or precision_named(config.train.precision)
     tp, dims = config.parallel.tp, config.dims
@@ -114,13 +113,9 @@ def cost_model(
     head = head_activations(dims, vocab, saving, config.model.fused_loss)
     head_params = summary.output_params or (summary.embedding_params if pp > 1 else 0)
     head_flops = summary.head_flops_per_token + CROSS_ENTROPY_FLOPS_PER_LOGIT * vocab
+    blocks = zip(summary.layers, summary.layer_params, summary.layer_flops)
     return CostModel(
-        layers=tuple(
-            layer(i, *block)
-            for i, block in enumerate(
-                zip(summary.layers, summary.layer_params, summary.layer_flops)
-            )
-        ),
+        layers=tuple(layer(i, *block) for i, block in enumerate(blocks)),
         embedding=Block(
             cost=0.0 if timings is None else timings.embedding,
             params=summary.embedding_params / tp,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
@@ -184,3 +185,18 @@ def test_one_precision_vocabulary(capsys, precision):
         for p in ("fp32", "bf16")
     }
     assert (memory["bf16"] < memory["fp32"]).all()
+
+
+def test_recompute_with_cuda_graphs_is_refused():
+    with pytest.raises(UserError, match=r"parallel.recompute=full with train.cuda_graphs=true"):
+        load_config(CROWN, ["parallel.recompute=full", "train.cuda_graphs=true"])
+
+
+def test_memory_tool_refuses_what_it_cannot_measure(capsys):
+    from lws_megatron.memory import main as memory_main
+
+    assert memory_main([CROWN, "--steps", "0"]) == 2
+    assert "--steps=0: must be at least 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert memory_main([CROWN, "train.compile=model"]) == 2
+        assert "measure with train.compile=none" in capsys.readouterr().err
