@@ -100,7 +100,7 @@ def measure(config: Config, name: str, steps: int) -> MemoryReport | None:
         )
     device = distributed.init_processes()
     tracker = LiveTensorBytes() if device.type == "cpu" else None
-    with distributed.model_parallel(config) as plan, tracker or _cuda_peak(device):
+    with distributed.model_parallel(config) as plan, tracker or _CudaPeak(device):
         module = TrainModule(config, plan, device)
         module.compile()
         losses = []
@@ -128,7 +128,7 @@ def measure(config: Config, name: str, steps: int) -> MemoryReport | None:
     )
 
 
-class _cuda_peak:
+class _CudaPeak:
     """CUDA's peak counter, reset when entered."""
 
     def __init__(self, device: torch.device) -> None:
