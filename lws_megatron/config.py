@@ -461,9 +461,9 @@ def _check_parallel(config: Config, source: str) -> None:
         )
     if p.recompute != "none" and config.train.cuda_graphs:
         raise UserError(
-            f"{source}: parallel.recompute={p.recompute} with train.cuda_graphs=true: Megatron's "
-            "recompute saves and restores the RNG states on the host around each recomputed "
-            "forward, which a replayed graph cannot; set one of them off"
+            f"{source}: parallel.recompute={p.recompute} with train.cuda_graphs=true: replaying "
+            "a recomputing backward as CUDA graphs is not supported; set "
+            "parallel.recompute=none or train.cuda_graphs=false"
         )
     if p.sequence_parallel is True and p.tp > 1 and config.zero.stage >= 2:
         raise UserError(

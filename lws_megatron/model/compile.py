@@ -19,6 +19,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from torch._dynamo.utils import counters
 
 from lws_megatron.errors import UserError
+from lws_megatron.model.recompute import trace_checkpoints
 
 CompileMode = Literal["none", "layers", "model"]
 
@@ -72,7 +73,9 @@ def prepare_for_compile(chunk) -> None:
     asynchronously (and once more in backward). Here Megatron's
     `gather_from_sequence_parallel_region` gathers it before the linear instead, in the graph,
     and its backward reduce-scatters the gradient; the matmul then keeps the gathered input
-    for backward, not this rank's slice of it."""
+    for backward, not this rank's slice of it. Recomputation, too, is made traceable
+    (`recompute.trace_checkpoints`)."""
+    trace_checkpoints()
     for module in chunk.modules():
         if isinstance(module, ColumnParallelLinear):
             module.allreduce_dgrad = False

@@ -8,11 +8,14 @@
   are the widest, wherever they sit. `RecomputableLayer` runs each chosen layer under Megatron's
   `tensor_parallel.checkpoint`, as the block's recompute would: the layer keeps only its input,
   and backward runs its forward again under the first forward's RNG states.
+
+Compiled (`train.compile`), both run as torch's own checkpoint instead (`trace_checkpoints`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -58,3 +61,25 @@ class RecomputableLayer(TransformerLayer):
             return call(*tensors[:count], **others, **dict(zip(names, tensors[count:])))
 
         return tensor_parallel.checkpoint(run, False, *args, *(kwargs[n] for n in names))
+
+
+def trace_checkpoints() -> None:
+    """Make the recomputation above traceable by torch.compile.
+
+    Megatron's `tensor_parallel.checkpoint` saves and restores the RNG states on the host, which
+    Dynamo cannot trace: a graph break at every recomputed layer, three at every selectively
+    recomputed MLP. While Dynamo traces, the same call runs as torch's non-reentrant checkpoint,
+    which it records in the graph and whose region AOTAutograd recomputes in backward; eager
+    calls stay Megatron's. Nothing random is replayed either way: the model has no dropout.
+    """
+    megatron_checkpoint = tensor_parallel.checkpoint
+    if getattr(megatron_checkpoint, "traceable", False):
+        return
+
+    def checkpoint(function, distribute_saved_activations, *args):
+        if torch.compiler.is_compiling() and not distribute_saved_activations:
+            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+        return megatron_checkpoint(function, distribute_saved_activations, *args)
+
+    checkpoint.traceable = True
+    tensor_parallel.checkpoint = checkpoint

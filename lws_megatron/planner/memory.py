@@ -65,14 +65,14 @@ def state_bytes_per_param(precision: Precision, zero: int, dp: int) -> float:
 
     Weights, gradients, Adam's two fp32 moments and the fp32 master weights: kept by our
     optimizer for bf16 weights without ZeRO, by DeepSpeed's ZeRO optimizer (as its own copy)
-    whatever the weights' dtype. ZeRO-1 shards the optimizer state, ZeRO-2 also the gradients,
-    ZeRO-3 also the weights. Plus autocast's weight copies.
+    whatever the weights' dtype. ZeRO-1 and 2 shard the optimizer state, ZeRO-3 also the
+    weights; the gradients stay whole on every rank at every stage (Megatron-Core DDP's
+    buckets reduce them). Plus autocast's weight copies.
     """
     master = FP32 if zero >= 1 else precision.master
     weights = precision.weight / (dp if zero >= 3 else 1)
-    grads = precision.grad / (dp if zero >= 2 else 1)
     optimizer = (2 * FP32 + master) / (dp if zero >= 1 else 1)
-    return weights + grads + optimizer + precision.weight_copy
+    return weights + precision.grad + optimizer + precision.weight_copy
 
 
 def sequence_parallel(config: Config, tp: int) -> bool:

@@ -204,7 +204,8 @@ def test_memory_accounting():
     # fp32 weights, gradients, Adam moments; ZeRO's own fp32 weight copy; autocast's bf16 copy
     assert state_bytes_per_param(autocast, zero=0, dp=4) == 4 + 4 + 8 + 2
     assert state_bytes_per_param(autocast, zero=1, dp=4) == 4 + 4 + 12 / 4 + 2
-    assert state_bytes_per_param(autocast, zero=3, dp=4) == (4 + 4 + 12) / 4 + 2
+    assert state_bytes_per_param(autocast, zero=2, dp=4) == 4 + 4 + 12 / 4 + 2  # whole grads
+    assert state_bytes_per_param(autocast, zero=3, dp=4) == 4 / 4 + 4 + 12 / 4 + 2
     assert state_bytes_per_param(fp32, zero=0, dp=1) == 16
     # bf16 weights and gradients, fp32 masters and moments: ours without ZeRO, DeepSpeed's with
     assert state_bytes_per_param(bf16, zero=0, dp=4) == 2 + 2 + 4 + 8

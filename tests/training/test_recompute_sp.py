@@ -105,9 +105,11 @@ def _losses(runs: dict[str, list[str]]) -> dict[str, list[float]] | None:
     return out if dist.get_rank() == 0 else None
 
 
-def test_sequence_parallel_trains_like_tp2_without_it_compiled_and_eager():
+def test_sequence_parallel_and_compiled_recompute_train_like_tp2_without_them():
     """Each block with and without the fused loss: eager with and without sequence
-    parallelism, and compiled with it, every one against eager TP=2 without it."""
+    parallelism, and compiled with it, every one against eager TP=2 without it. And, with
+    sequence parallelism, each layer compiled alone under selective recomputation and the
+    whole chunk compiled under full recomputation of its widest layers."""
     runs = {}
     for block, block_overrides in (("default", []), ("paper", PAPER_BLOCK)):
         for fused in ("false", "true"):
@@ -123,11 +125,22 @@ def test_sequence_parallel_trains_like_tp2_without_it_compiled_and_eager():
                     f"parallel.sequence_parallel={sp}",
                     *block_overrides,
                 ]
+    recomputed = {"layers": "selective", "model": "full"}
+    for compile, recompute in recomputed.items():
+        runs[f"recompute/{compile}"] = [
+            "parallel.tp=2",
+            f"train.compile={compile}",
+            f"parallel.recompute={recompute}",
+            "parallel.recompute_layers=widest:2",
+        ]
     found, _ = run_distributed(_losses, 2, runs, env=CPU)
-    for block in ("default", "paper"):
-        for fused in ("false", "true"):
-            off = found[f"{block}/{fused}/off"]
-            for mode in ("on", "compiled"):
-                on = found[f"{block}/{fused}/{mode}"]
-                diff = max(abs(a - b) for a, b in zip(on, off))
-                assert len(on) == STEPS and diff <= 1e-5, (block, fused, mode, diff)
+    pairs = [
+        (f"{block}/{fused}/{mode}", f"{block}/{fused}/off")
+        for block in ("default", "paper")
+        for fused in ("false", "true")
+        for mode in ("on", "compiled")
+    ]
+    pairs += [(f"recompute/{compile}", "default/false/off") for compile in recomputed]
+    for name, reference in pairs:
+        diff = max(abs(a - b) for a, b in zip(found[name], found[reference]))
+        assert len(found[name]) == STEPS and diff <= 1e-5, (name, diff)
