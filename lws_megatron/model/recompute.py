@@ -15,6 +15,7 @@ Compiled (`train.compile`), both run as torch's own checkpoint instead (`trace_c
 from __future__ import annotations
 
 import torch
+import torch._dynamo
 import torch.utils.checkpoint
 from megatron.core import tensor_parallel
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -71,10 +72,16 @@ def trace_checkpoints() -> None:
     recomputed MLP. While Dynamo traces, the same call runs as torch's non-reentrant checkpoint,
     which it records in the graph and whose region AOTAutograd recomputes in backward; eager
     calls stay Megatron's. Nothing random is replayed either way: the model has no dropout.
+
+    Megatron-Core 0.19's layer sets and clears an attribute of its own in forward (the manager
+    of its activation offloading, which we leave off); Dynamo breaks the graph at such a side
+    effect in a checkpoint unless told not to replay it when backward recomputes the forward,
+    which is harmless here: the forward leaves the attribute as it found it.
     """
     megatron_checkpoint = tensor_parallel.checkpoint
     if getattr(megatron_checkpoint, "traceable", False):
         return
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
     def checkpoint(function, distribute_saved_activations, *args):
         if torch.compiler.is_compiling() and not distribute_saved_activations:
