@@ -77,11 +77,24 @@ def test_deleting_every_checkpoint_does_not_restart_the_run_silently(tmp_path, t
     assert _steps(run_dir) == [1, 2]
 
 
-def test_a_refused_resume_leaves_the_run_records_alone(tmp_path, tiny_data):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("zero.stage=1", "zero_stage: checkpoint 0, this run 1"),
+        # another seed would change the data order from the resumed step on
+        (
+            "train.seed=7",
+            "was trained with train.seed=1234 and this run sets train.seed=7, which would change "
+            "the data order from here on; resume with train.seed=1234, or start a new run.dir",
+        ),
+    ],
+)
+def test_a_refused_resume_leaves_the_run_records_alone(tmp_path, tiny_data, change, message):
     run_dir, _ = train(tmp_path, "z", 1, tiny_data, "train.max_steps=2")
     config, info = (run_dir / "config.yaml").read_text(), (run_dir / "run_info.json").read_text()
-    _, proc = train(tmp_path, "z", 1, tiny_data, "train.max_steps=4", "zero.stage=1", check=False)
-    assert proc.returncode == 2 and "zero_stage: checkpoint 0, this run 1" in proc.stderr
+    _, proc = train(tmp_path, "z", 1, tiny_data, "train.max_steps=4", change, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert (run_dir / "config.yaml").read_text() == config
     assert (run_dir / "run_info.json").read_text() == info
 
