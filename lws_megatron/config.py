@@ -306,7 +306,9 @@ def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         raise UserError(f"{path}: `base:` links form a cycle")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (not UTF-8); name a YAML config") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(tree, dict):
@@ -314,6 +316,11 @@ def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     base = tree.pop("base", None)
     if base is None:
         return tree
+    if not isinstance(base, str) or not base.strip():
+        raise UserError(
+            f"{path}: base={base!r} should name the YAML file this one extends, "
+            "e.g. base: _reference.yaml"
+        )
     parent = _read_tree(path.parent / base, seen + (path.resolve(),))
     return _merge(parent, tree)
 
@@ -416,6 +423,11 @@ def _coerce(value: Any, kind: Any, source: str, key: str) -> Any:
 
 def _validate(config: Config, source: str) -> None:
     _check_ranges(config, source)
+    if not config.run.dir.strip():
+        raise UserError(
+            f"{source}: run.dir is empty, which would put the run's lock, checkpoints and "
+            "metrics in the current directory; name a directory, e.g. run.dir=runs/crown"
+        )
     m, t, o = config.model, config.train, config.optim
     if o.min_lr > o.lr:
         raise UserError(f"{source}: optim.min_lr={o.min_lr} must not exceed optim.lr={o.lr}")

@@ -54,7 +54,8 @@ def train(config: Config) -> dict[str, Any] | None:
 
 
 def fingerprint(config: Config, plan: distributed.ParallelPlan) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the model's shapes and the parallel split."""
+    """What a checkpoint must match to be resumed: the model's shapes, the parallel split and
+    the seed (the data order after the resume follows it)."""
     m = config.model
     return {
         "layers": [list(vars(s).values()) for s in config.summary().layers],
@@ -69,6 +70,7 @@ def fingerprint(config: Config, plan: distributed.ParallelPlan) -> dict[str, Any
         "pipeline_layout": plan.layout,
         "zero_stage": config.zero.stage,
         "global_batch_size": plan.global_batch_size,
+        "seed": config.train.seed,
     }
 
 
