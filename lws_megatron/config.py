@@ -207,6 +207,9 @@ class ZeroConfig:
     # same through DeepSpeed's stage-2 optimizer (the gradients stay whole in the buckets).
     stage: Literal[0, 1, 2] = 0
     overlap_grad_reduce: bool = True  # false: one reduction after the whole backward
+    # ZeRO >= 1: the updated weights' all-gather runs behind the next forward, segment by
+    # segment; false: inside the optimizer step.
+    overlap_param_gather: bool = True
     # Parameters per bucket; 0: auto, a quarter of a model chunk, at most Megatron's default
     # (40M, or 1M per data-parallel rank beyond 40).
     bucket_size: int = _within(0, NON_NEGATIVE)
