@@ -67,9 +67,10 @@ class TrainModule:
         self.model = data_parallel.wrap_chunks(
             self.chunks, z, self.args.params_dtype, plan.micro_batches
         )
+        self.weight_gather = None
         if runs:
             compiled = config.train.compile != "none"
-            weight_gather.install(self.engine, self.model, runs, compiled)
+            self.weight_gather = weight_gather.install(self.engine, self.model, runs, compiled)
         self.params = [p for c in self.chunks for p in c.parameters() if p.requires_grad]
 
     def compile(self) -> None:
