@@ -36,8 +36,9 @@ from typing import Callable, Sequence
 from data_prep.demo_corpus import build_demo_corpus
 from data_prep.preprocess import default_workers, preprocess
 from data_prep.readers import InputStats, ReaderOptions, expand_inputs, read_documents
-from data_prep.tokenizer import FORMATS, HUGGING_FACE, Tokenizer, load_tokenizer, train_tokenizer
+from data_prep.tokenizer import FORMATS, train_tokenizer
 from lws_megatron.cli import HelpFormatter
+from lws_megatron.dataset.tokenizer import HUGGING_FACE, Tokenizer, load_tokenizer
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import write_json_atomic
 

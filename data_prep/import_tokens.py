@@ -13,8 +13,8 @@ document. --eod-id defaults to the tokenizer's end-of-document id and may not co
 The outputs are those of data_prep.preprocess (PREFIX_train, PREFIX_valid, the manifest, the
 dtype the vocabulary calls for); a document goes to the validation split when blake2b of its ids
 as little-endian uint32 falls below F * 2**64. Ids outside the vocabulary are refused while
-reading. The integrity checks of data_prep.integrity then run on the result, among them the
-detector of 32-bit ids read as 16-bit ones; if they fail, the outputs are removed.
+reading. The integrity checks of lws_megatron.dataset.integrity then run on the result, among
+them the detector of 32-bit ids read as 16-bit ones; if they fail, the outputs are removed.
 """
 
 from __future__ import annotations
@@ -30,16 +30,6 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.files import ensure_parent, refuse_existing
-from data_prep.indexed import IndexedWriter, token_dtype
-from data_prep.integrity import check_flat_tokens, verify_dataset
-from data_prep.manifest import (
-    SPLITS,
-    InputRecord,
-    Manifest,
-    TokenizerRecord,
-    manifest_path,
-    split_prefix,
-)
 from data_prep.preprocess import (
     BATCH_DOCS,
     commit,
@@ -48,9 +38,19 @@ from data_prep.preprocess import (
     valid_mask,
 )
 from data_prep.readers import expand_inputs
-from data_prep.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron import __version__
 from lws_megatron.cli import HelpFormatter
+from lws_megatron.dataset.indexed import IndexedWriter, token_dtype
+from lws_megatron.dataset.integrity import check_flat_tokens, verify_dataset
+from lws_megatron.dataset.manifest import (
+    SPLITS,
+    InputRecord,
+    Manifest,
+    TokenizerRecord,
+    manifest_path,
+    split_prefix,
+)
+from lws_megatron.dataset.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import remove_quietly, sha256_file
 

@@ -5,7 +5,8 @@
         [--append-eod] [--eod-token T] [--pad-token T] [--valid-fraction F] [--overwrite] [--quiet]
 
 MODEL is a sentencepiece .model or a Hugging Face tokenizer.json; --eod-token / --pad-token name
-the special tokens of a tokenizer.json that does not make them clear (data_prep.hf_tokenizer).
+the special tokens of a tokenizer.json that does not make them clear
+(lws_megatron.dataset.hf_tokenizer).
 
 Outputs, all next to PREFIX:
 
@@ -42,8 +43,24 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.files import ensure_parent, refuse_existing
-from data_prep.indexed import IndexedWriter, WrittenFiles, get_bin_path, get_idx_path, token_dtype
-from data_prep.manifest import (
+from data_prep.readers import (
+    InputStats,
+    ReaderOptions,
+    add_reader_arguments,
+    expand_inputs,
+    read_documents,
+    reader_options,
+)
+from lws_megatron import __version__
+from lws_megatron.cli import HelpFormatter
+from lws_megatron.dataset.indexed import (
+    IndexedWriter,
+    WrittenFiles,
+    get_bin_path,
+    get_idx_path,
+    token_dtype,
+)
+from lws_megatron.dataset.manifest import (
     SPLITS,
     InputRecord,
     Manifest,
@@ -53,17 +70,7 @@ from data_prep.manifest import (
     split_prefix,
     write_manifest,
 )
-from data_prep.readers import (
-    InputStats,
-    ReaderOptions,
-    add_reader_arguments,
-    expand_inputs,
-    read_documents,
-    reader_options,
-)
-from data_prep.tokenizer import Tokenizer, load_tokenizer
-from lws_megatron import __version__
-from lws_megatron.cli import HelpFormatter
+from lws_megatron.dataset.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import remove_quietly
 
