@@ -20,7 +20,7 @@ from lws_megatron.device import default_device, synchronize
 from lws_megatron.measure.batches import global_batch
 from lws_megatron.measure.blocks import LayerTiming, time_layers
 from lws_megatron.measure.comm import CommWaits
-from lws_megatron.measure.profile import OpTime, StepProfile, profile_steps
+from lws_megatron.measure.profiler import OpTime, StepProfile, profile_steps
 from lws_megatron.measure.syncs import sync_counts
 from lws_megatron.model.compile import compile_stats
 from lws_megatron.model.fused_loss import FusedLossGPTModel
