@@ -157,6 +157,7 @@ def test_bench_measures_the_tokenizer_json_path(
         run_bench([str(source)], hf_path, workers=2, size_mb=0, repeat=1, megatron_lm=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_tokenizer_json_indexes_the_demo_corpus_and_trains_a_model(tmp_path):
     assert demo_corpus.main(["--output", str(tmp_path / "corpus")]) == 0
     corpus = sorted(str(p) for p in (tmp_path / "corpus").glob("*.jsonl"))
