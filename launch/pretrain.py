@@ -1,5 +1,6 @@
 """Pre-train an LWS model:
-`torchrun --nproc_per_node N launch/pretrain.py --config CONFIG [key=value ...]`.
+`python launch/torchrun.py --nproc-per-node N launch/pretrain.py --config CONFIG [key=value ...]`
+(or plain torchrun: see launch/torchrun.py for what it changes).
 
 Also runs under `mpirun -np N` and `srun --mpi=pmix` (ranks from MPI), or as one plain process.
 The runtime lives in lws_megatron.training; this file only reads the command line.
@@ -8,6 +9,7 @@ The runtime lives in lws_megatron.training; this file only reads the command lin
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from lws_megatron.config import load_config
@@ -26,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
+    # SLURM's pre-emption warning must not end the process before the runtime handles it (it
+    # then checkpoints and exits); the runtime takes seconds to import.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     import torch.distributed as dist
 

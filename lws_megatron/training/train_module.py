@@ -26,7 +26,7 @@ from lws_megatron.training.data import Batch
 from lws_megatron.training.distributed import ParallelPlan
 from lws_megatron.training.optimizer import build_optimizer
 from lws_megatron.training.precision import resolve_precision
-from lws_megatron.training.step_stats import StepResult
+from lws_megatron.training.step_stats import ComputeClock, StepResult, StopRequests
 
 
 def seed_everything(seed: int) -> None:
@@ -60,6 +60,8 @@ class TrainModule:
         optimizer = build_optimizer(config, module, self.args.params_dtype)
         bf16_weights = self.args.params_dtype == torch.bfloat16
         self.engine = zero.initialize_engine(config, module, optimizer, plan.dp, bf16_weights)
+        self.stop_requests = StopRequests(device)
+        self.clock = ComputeClock(device)
 
     def compile(self) -> None:
         """`train.compile`: after the engine wraps the chunks, so DeepSpeed hooks eager modules."""
@@ -77,30 +79,38 @@ class TrainModule:
         inside their own step).
 
         `loss_tokens`: this rank's loss tokens, counted where the batches were built (counted
-        here from the host batches when not given). `stop_requested` (this rank's pre-emption
-        flag) rides along with the token count.
+        here from the host batches when not given). `stop_requested` (this rank asks the run
+        to stop) rides along with the token count, into `stop_requests`.
         """
         if loss_tokens is None:
             loss_tokens = forward.loss_tokens(batches)
         if self.config.train.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free
         tokens, stops = forward.step_totals(loss_tokens, stop_requested, self.device)
+        self.stop_requests.record(stops)
         if zero.uses_deepspeed_backward(self.config):
-            return self._engine_backward_step(batches, tokens, stops)
-        loss_sum = forward.run_schedule(
-            self.args, self.chunks, batches, self.device, tokens, self.plan.dp * len(batches), False
-        )
+            return self._engine_backward_step(batches, tokens)
+        with self.clock.timed():
+            loss_sum = forward.run_schedule(
+                self.args,
+                self.chunks,
+                batches,
+                self.device,
+                tokens,
+                self.plan.dp * len(batches),
+                False,
+            )
         if self.config.zero.stage == 0:
-            return self._plain_step(loss_sum, tokens, stops)
+            return self._plain_step(loss_sum, tokens)
         loss, nonfinite = forward.world_sums(loss_sum, tokens, _local_nonfinite(self.chunks))
         flagged, mean = torch.stack([nonfinite, loss]).tolist()
         if flagged or not math.isfinite(mean):
             self.engine.zero_grad()
-            return self._result(loss, None, True, stops)
+            return self._result(loss, None, True)
         sync_model_parallel_grads(self.chunks)
         self.engine.allreduce_gradients()
         self.engine.step()
-        return self._result(loss, self.engine.get_global_grad_norm(), False, stops)
+        return self._result(loss, self.engine.get_global_grad_norm(), False)
 
     @torch.no_grad()
     def eval_batch(self, batches: list[Batch]) -> float:
@@ -117,7 +127,7 @@ class TrainModule:
             chunk.train()
         return forward.world_sums(loss_sum, tokens).item()
 
-    def _plain_step(self, loss_sum, tokens, stops) -> StepResult:
+    def _plain_step(self, loss_sum, tokens) -> StepResult:
         """Without ZeRO: reduce, clip and skip on the device.
 
         A non-finite gradient anywhere makes the norm non-finite on every rank (the norm sums
@@ -141,33 +151,32 @@ class TrainModule:
             torch.clamp((norm + 1e-6) / max_norm, min=1.0) if max_norm > 0 else None
         )
         self.engine.step()
-        return StepResult(loss, torch.where(found_inf > 0, math.nan, norm), found_inf, stops)
+        return StepResult(loss, torch.where(found_inf > 0, math.nan, norm), found_inf)
 
-    def _engine_backward_step(self, batches: list[Batch], tokens, stops) -> StepResult:
+    def _engine_backward_step(self, batches: list[Batch], tokens) -> StepResult:
         """ZeRO-2/3 (PP = 1): each micro batch through engine.backward; DeepSpeed skips a step
         whose gradients are not finite, and we count it from its skipped-step counter."""
         engine, dp = self.engine, self.plan.dp
         skipped_before = engine.skipped_steps
         loss_sum = torch.zeros((), device=self.device)
         step = forward.forward_step(self.args)
-        for batch in batches:
-            output, _ = step(iter([batch]), engine)
-            batch_sum, _, _ = forward.loss_func(batch["loss_mask"].to(self.device), output)
-            engine.backward(batch_sum * dp / tokens, scale_wrt_gas=False)
-            engine.step()
-            loss_sum += batch_sum.detach()
+        with self.clock.timed():
+            for batch in batches:
+                output, _ = step(iter([batch]), engine)
+                batch_sum, _, _ = forward.loss_func(batch["loss_mask"].to(self.device), output)
+                engine.backward(batch_sum * dp / tokens, scale_wrt_gas=False)
+                engine.step()
+                loss_sum += batch_sum.detach()
         (loss,) = forward.world_sums(loss_sum, tokens)
         skipped = engine.skipped_steps > skipped_before
-        return self._result(
-            loss, None if skipped else engine.get_global_grad_norm(), skipped, stops
-        )
+        return self._result(loss, None if skipped else engine.get_global_grad_norm(), skipped)
 
-    def _result(self, loss, norm, skipped: bool, stops) -> StepResult:
+    def _result(self, loss, norm, skipped: bool) -> StepResult:
         """A StepResult of DeepSpeed's ZeRO step (which has read the device already): its
         norm is a number, a tensor or None."""
         norm = math.nan if norm is None else float(norm)
         skip, norm = host_values([float(skipped), norm], self.device).float()
-        return StepResult(loss, norm, skip, stops)
+        return StepResult(loss, norm, skip)
 
 
 def _grads(chunks) -> list[torch.Tensor]:
