@@ -1,0 +1,222 @@
+"""Jobs that survive the cluster, run for real: 2-process runs of the tiny config on gloo under
+launch/torchrun.py with loader workers on, signalled, killed and stopped the ways a cluster
+does it, each compared with the same run left alone (bit for bit on CPU)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+STEPS = 16
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def command(run_dir: Path, data, *options: str, overrides=()) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "launch" / "torchrun.py"),
+        "--standalone",
+        "--nproc_per_node=2",
+        *options,
+        str(ROOT / "launch" / "pretrain.py"),
+        "--config",
+        str(TINY),
+        f"run.dir={run_dir}",
+        f"data.path=[{data['prefix']}]",
+        f"data.tokenizer={data['tokenizer']}",
+        f"train.max_steps={STEPS}",
+        "data.num_workers=2",
+        *overrides,
+    ]
+
+
+def start(argv: list[str]) -> subprocess.Popen:
+    """In a process group of its own, as a shell starts a job."""
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+
+
+def run(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+
+
+def read_until(proc: subprocess.Popen, pattern: str, timeout: float = 240) -> list[str]:
+    """Lines of the output up to the first matching `pattern`."""
+    lines, deadline = [], time.monotonic() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+        if time.monotonic() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"never saw {pattern!r}:\n{''.join(lines)[-4000:]}")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"still running after {timeout} s:\n{out[-4000:]}")
+    return out
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert sorted(by_step) == list(range(1, STEPS + 1)), sorted(by_step)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def workers_of(launcher_pid: int) -> dict[int, int]:
+    """{global rank: pid} of the training processes a launcher started."""
+    from launch.torchrun import children
+
+    ranks = {}
+    for pid in children(launcher_pid):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = next(int(v[5:]) for v in environ if v.startswith(b"RANK="))
+        ranks[rank] = pid
+    return ranks
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL to every process of the job (torchrun starts each worker in a session of its own,
+    so its process group holds the launcher only), as a node that dies."""
+    from launch.torchrun import children
+
+    ranks = list(workers_of(proc.pid).values())
+    for pid in [proc.pid, *ranks, *(c for rank in ranks for c in children(rank))]:
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
+def latest(run_dir: Path) -> int:
+    return int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_data) -> list[float]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    proc = run(command(run_dir, tiny_data))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return losses(run_dir)
+
+
+def test_sigterm_to_the_whole_process_group_checkpoints_exits_0_and_resumes_exactly(
+    tmp_path, tiny_data, uninterrupted
+):
+    """`kill -TERM -- -PGID`: the launcher, both ranks and their loader workers at once."""
+    run_dir = tmp_path / "run"
+    proc = start(command(run_dir, tiny_data))
+    seen = read_until(proc, r"^step +2 \|")
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = "".join(seen) + finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    assert "Traceback" not in out and "DataLoader worker" not in out
+    stopped = latest(run_dir)
+    assert "pre-emption signal (SIGTERM to rank " in out
+    assert f"checkpointed at step {stopped}, exiting" in out and 2 < stopped <= 4
+    resumed = run(command(run_dir, tiny_data))
+    assert resumed.returncode == 0 and f"at step {stopped}" in resumed.stdout
+    assert losses(run_dir) == uninterrupted  # bit for bit
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_with_the_same_command(
+    tmp_path, tiny_data, uninterrupted
+):
+    run_dir = tmp_path / "run"
+    proc = start(command(run_dir, tiny_data))
+    read_until(proc, r"^step +3 \|")
+    kill_job(proc)
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+    again = run(command(run_dir, tiny_data))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "ended before its first checkpoint: it starts again from step 0" in again.stdout
+    assert losses(run_dir) == uninterrupted
+
+
+def test_a_killed_loader_worker_ends_the_run_with_a_checkpoint_and_one_line(
+    tmp_path, tiny_data, uninterrupted
+):
+    run_dir = tmp_path / "run"
+    proc = start(command(run_dir, tiny_data))
+    seen = read_until(proc, r"^step +2 \|")
+    from launch.torchrun import children
+
+    victim = children(workers_of(proc.pid)[1])[0]
+    os.kill(victim, signal.SIGKILL)
+    out = "".join(seen) + finish(proc)
+    assert proc.returncode == 1, out[-4000:]
+    assert "Traceback" not in out
+    stopped = latest(run_dir)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.fullmatch(
+        rf"error: rank 1: data loader worker \d \(pid {victim}\) died: killed by SIGKILL \(the "
+        rf"kernel's out-of-memory killer\?\); checkpointed at step {stopped}, exiting: start the "
+        "run again to resume from there",
+        errors[0],
+    ), errors
+    resumed = run(command(run_dir, tiny_data))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert losses(run_dir) == uninterrupted
+
+
+def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_resumes_exactly(
+    tmp_path, tiny_data, uninterrupted
+):
+    run_dir = tmp_path / "run"
+    argv = command(run_dir, tiny_data, "--max-restarts=1", overrides=["checkpoint.interval=4"])
+    proc = start(argv)
+    seen = read_until(proc, r"^step +6 \|")
+    os.kill(workers_of(proc.pid)[1], signal.SIGKILL)
+    out = "".join(seen) + finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000004'} at step 4" in out
+    assert losses(run_dir) == uninterrupted
+
+
+def test_a_stopped_rank_ends_the_job_in_one_line_naming_it(tmp_path, tiny_data):
+    """SIGSTOP: the process is there, its sockets open, and it never answers again."""
+    run_dir = tmp_path / "run"
+    argv = command(
+        run_dir,
+        tiny_data,
+        overrides=["train.max_steps=100000", "run.collective_timeout_s=30", "eval.interval=0"],
+    )
+    proc = start(argv)
+    seen = read_until(proc, r"^step +3 \|")
+    stopped = workers_of(proc.pid)[1]
+    began = time.monotonic()
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        out = "".join(seen) + finish(proc, timeout=120)
+    finally:
+        if Path(f"/proc/{stopped}").exists():
+            os.kill(stopped, signal.SIGKILL)
+    took = time.monotonic() - began
+    assert proc.returncode != 0 and took < 90, (took, out[-4000:])
+    named = [line for line in out.splitlines() if "rank 1 did not arrive" in line]
+    assert len(named) == 1, out[-4000:]
+    assert named[0].startswith("error: rank 1 did not arrive at all_")
+    assert "within run.collective_timeout_s=30" in named[0]
+    assert "Traceback" not in out
