@@ -115,11 +115,72 @@ def latest(run_dir: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_data) -> list[float]:
+def uninterrupted_dir(tmp_path_factory, tiny_data) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     proc = run(command(run_dir, tiny_data))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return losses(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_dir) -> list[float]:
+    return losses(uninterrupted_dir)
+
+
+def test_run_info_says_what_made_the_run_and_metrics_name_ranks(uninterrupted_dir):
+    import torch
+
+    info = json.loads((uninterrupted_dir / "run_info.json").read_text())
+    assert (
+        info["git"]["commit"]
+        == subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
+    assert info["versions"]["torch"] == torch.__version__
+    assert {"python", "megatron-core", "deepspeed", "transformers"} <= info["versions"].keys()
+    launch = info["launch"]
+    assert launch["launcher"] == "torchrun" and launch["torchrun_restart"] == "0"
+    assert (launch["world_size"], launch["nodes"]) == (2, 1)
+    assert list(launch["processes_per_node"].values()) == [2]
+    steps = [json.loads(line) for line in (uninterrupted_dir / "metrics.jsonl").open()]
+    steps = [r for r in steps if "loss" in r]
+    assert all(r["mem_rank"] in (0, 1) and r["slowest_rank"] in (0, 1) for r in steps)
+    assert all(r["slowest_rank_s"] >= r["median_rank_s"] > 0 for r in steps)
+
+
+def test_a_slow_rank_is_named_with_how_much_slower_it_is(tmp_path, tiny_data):
+    """Rank 1 is stopped most of the time (SIGSTOP/SIGCONT): a straggler. The step time is the
+    same on both ranks; their own forward-backward time is not."""
+    run_dir = tmp_path / "run"
+    argv = command(
+        run_dir,
+        tiny_data,
+        overrides=[
+            "train.max_steps=50",
+            "train.log_interval=10",
+            "eval.interval=0",
+            "train.callbacks=[step_time_watchdog]",
+        ],
+    )
+    proc = start(argv)
+    seen = read_until(proc, r"^step +10 \|")
+    slow = workers_of(proc.pid)[1]
+    while proc.poll() is None:
+        try:
+            os.kill(slow, signal.SIGSTOP)
+            time.sleep(0.2)
+            os.kill(slow, signal.SIGCONT)
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
+    out = "".join(seen) + finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    late = [r for r in records if "loss" in r and 20 <= r["step"] < 50]
+    assert all(r["slowest_rank"] == 1 for r in late), late
+    assert all(r["slowest_rank_s"] > 1.3 * r["median_rank_s"] for r in late), late
+    assert re.search(r"rank 1 is the slowest, forward-backward [0-9.]+ s per step, [0-9.]+x", out)
 
 
 def test_sigterm_to_the_whole_process_group_checkpoints_exits_0_and_resumes_exactly(

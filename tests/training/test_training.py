@@ -179,23 +179,37 @@ def test_killed_run_resumes_to_the_same_losses(
     assert losses(run_dir).tolist() == losses(reference).tolist()  # exact, bit for bit
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_data):
+def test_sigterm_checkpoints_at_the_next_step_not_the_next_read_and_exits_cleanly(
+    tmp_path, tiny_data
+):
+    """Steps are read every 20 (a checkpoint) or 1000 (a log line); the stop comes anyway one
+    step after the signal."""
     run_dir = tmp_path / "term"
     proc = subprocess.Popen(
-        command(1, run_dir, tiny_data, "train.max_steps=100000"),
+        command(
+            1,
+            run_dir,
+            tiny_data,
+            "train.max_steps=100000",
+            "train.log_interval=1000",
+            "checkpoint.interval=20",
+            "eval.interval=0",
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=ROOT,
     )
     for line in proc.stdout:
-        if line.startswith("step      2 |"):
+        if line.startswith("saved checkpoint") and "step_00000020" in line:
             proc.send_signal(signal.SIGTERM)
             break
     out = proc.stdout.read()
     assert proc.wait(timeout=120) == 0, out
-    assert "pre-emption signal: checkpointed" in out
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    stopped = int(latest.split("_")[1])
+    assert 20 < stopped <= 25, out  # the next read would have been step 40
+    assert f"pre-emption signal (SIGTERM to rank 0): checkpointed at step {stopped}" in out
     assert (run_dir / "checkpoints" / latest / "meta.json").is_file()
     assert not (run_dir / "summary.json").exists()
 
