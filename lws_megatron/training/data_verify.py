@@ -2,10 +2,11 @@
 
 data_prep's full check (`integrity.verify_dataset`: every id read, every .bin hashed against
 its manifest) reads the whole corpus, 2 TB at a trillion uint16 tokens. A split that passes it
-leaves a stamp in `run.dir/data_cache/verified/`: the manifest's sha256 and the size and
-modification time of its .bin and .idx. A later start whose files still match checks nothing
-more; a file with another size or mtime (edited, replaced, re-prepared) or a new manifest is
-checked in full again, as is everything under another tokenizer or vocabulary. The splits to
+leaves a stamp in `run.dir/data_cache/verified/`: the manifest's sha256 and the size,
+modification time, inode and status-change time of its .bin and .idx. A later start whose files
+still match checks nothing more; a file written since (edited, replaced, re-prepared, even with
+its old mtime put back, which sets the status-change time) or a new manifest is checked in full
+again, as is everything under another tokenizer or vocabulary. The splits to
 check are dealt out over every rank of the job, each read whole by one rank (its sha256 is one
 sequential pass); a failure anywhere stops every rank with its line.
 """
@@ -38,11 +39,11 @@ def verify_sources(config: Config, prefixes: list[str], tokenizer, cache_dir: Pa
     ]
     stamps = cache_dir / "verified"
     hash_bin = config.data.verify_hashes
-    todo = [
-        s for s in splits if not _stamped(stamps, s, tokenizer, config.model.vocab_size, hash_bin)
-    ]
-    decided = [todo]
-    dist.broadcast_object_list(decided, src=0)  # rank 0's view: a stamp may appear meanwhile
+    decided = [None]
+    if dist.get_rank() == 0:  # rank 0 decides for all: a stamp may appear meanwhile
+        vocab = config.model.vocab_size
+        decided = [[s for s in splits if not _stamped(stamps, s, tokenizer, vocab, hash_bin)]]
+    dist.broadcast_object_list(decided, src=0)
     mine = decided[0][dist.get_rank() :: dist.get_world_size()]
 
     def check() -> None:
@@ -67,11 +68,17 @@ def _key(split: str, tokenizer, vocab_size: int) -> str:
 
 
 def _files(split: str) -> dict[str, list[int]]:
-    """[bytes, mtime_ns] of the split's .bin and .idx."""
+    """[bytes, mtime_ns, inode, ctime_ns] of the split's .bin and .idx: ctime is the kernel's,
+    which no user can set back."""
     found = {}
     for path in (get_bin_path(split), get_idx_path(split)):
         stat = os.stat(path)
-        found[os.path.basename(path)] = [stat.st_size, stat.st_mtime_ns]
+        found[os.path.basename(path)] = [
+            stat.st_size,
+            stat.st_mtime_ns,
+            stat.st_ino,
+            stat.st_ctime_ns,
+        ]
     return found
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from lws_megatron.errors import JobFailure
 
@@ -50,10 +49,10 @@ def flight_recorder(run_dir: Path) -> None:
 
 
 def set_timeout(seconds: float) -> None:
-    """Every process group of this rank (the default one and Megatron-Core's) waits `seconds`
-    for a collective from now on."""
+    """Every process group of this rank (the default one, Megatron-Core's, DeepSpeed's, the
+    host's) waits `seconds` for a collective from now on."""
     timeout = timedelta(seconds=seconds)
-    for group in dict.fromkeys(ps._global_process_group_list or [None]):
+    for group in list(dist.distributed_c10d._world.pg_map):
         dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 

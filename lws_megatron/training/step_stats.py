@@ -38,9 +38,9 @@ class Interval:
     skipped: int
     nonfinite_run: int  # the longest run of consecutive non-finite steps that ended in it
     slowest_prior_step_s: float = math.inf  # the `slowest` given to the read
-    # By global rank (filled in by the trainer, gathered on the host): forward-backward seconds
-    # over the interval, and peak memory in GB.
-    rank_compute_s: tuple[float, ...] = ()
+    # By global rank (filled in by the trainer, gathered on the host): seconds in forward
+    # passes over the interval, and peak memory in GB.
+    rank_forward_s: tuple[float, ...] = ()
     rank_mem_gb: tuple[float, ...] = ()
 
     @property
@@ -131,11 +131,14 @@ class StopRequests:
         return int(self._count) > 0
 
 
-class ComputeClock:
-    """This rank's forward-backward time, summed until `seconds` is asked: the work of its own
-    that other ranks wait for (with DP, the gradient reduction comes after it), so a slow rank
-    stands out from the others, where the step time, set by the slowest, is the same on all.
-    On CUDA timed by events on the device, read once the interval's numbers have been."""
+class ForwardClock:
+    """This rank's forward passes, timed and summed until `seconds` is asked: a slow rank stands
+    out by them, where the step time (set by the slowest rank, which the others wait for) is
+    the same on every rank. The forward is the part of a step that waits for no other rank with
+    DP and PP (the gradient reductions run in and after backward, a stage's sends and receives
+    around its forward), as in Megatron-Core's `StragglerDetector`; with TP a slow rank slows
+    its TP group's forward too. On CUDA timed by events on the device, read once the
+    interval's numbers have been."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"

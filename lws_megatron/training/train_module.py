@@ -26,7 +26,7 @@ from lws_megatron.training.data import Batch
 from lws_megatron.training.distributed import ParallelPlan
 from lws_megatron.training.optimizer import build_optimizer
 from lws_megatron.training.precision import resolve_precision
-from lws_megatron.training.step_stats import ComputeClock, StepResult, StopRequests
+from lws_megatron.training.step_stats import ForwardClock, StepResult, StopRequests
 
 
 def seed_everything(seed: int) -> None:
@@ -60,8 +60,7 @@ class TrainModule:
         optimizer = build_optimizer(config, module, self.args.params_dtype)
         bf16_weights = self.args.params_dtype == torch.bfloat16
         self.engine = zero.initialize_engine(config, module, optimizer, plan.dp, bf16_weights)
-        self.stop_requests = StopRequests(device)
-        self.clock = ComputeClock(device)
+        self.stop_requests, self.clock = StopRequests(device), ForwardClock(device)
 
     def compile(self) -> None:
         """`train.compile`: after the engine wraps the chunks, so DeepSpeed hooks eager modules."""
@@ -79,8 +78,8 @@ class TrainModule:
         inside their own step).
 
         `loss_tokens`: this rank's loss tokens, counted where the batches were built (counted
-        here from the host batches when not given). `stop_requested` (this rank asks the run
-        to stop) rides along with the token count, into `stop_requests`.
+        here from the host batches when not given). `stop_requested` (this rank asks the run to
+        stop) rides along with the token count, into `stop_requests`.
         """
         if loss_tokens is None:
             loss_tokens = forward.loss_tokens(batches)
@@ -90,16 +89,16 @@ class TrainModule:
         self.stop_requests.record(stops)
         if zero.uses_deepspeed_backward(self.config):
             return self._engine_backward_step(batches, tokens)
-        with self.clock.timed():
-            loss_sum = forward.run_schedule(
-                self.args,
-                self.chunks,
-                batches,
-                self.device,
-                tokens,
-                self.plan.dp * len(batches),
-                False,
-            )
+        loss_sum = forward.run_schedule(
+            self.args,
+            self.chunks,
+            batches,
+            self.device,
+            tokens,
+            self.plan.dp * len(batches),
+            False,
+            clock=self.clock,
+        )
         if self.config.zero.stage == 0:
             return self._plain_step(loss_sum, tokens)
         loss, nonfinite = forward.world_sums(loss_sum, tokens, _local_nonfinite(self.chunks))
@@ -160,13 +159,13 @@ class TrainModule:
         skipped_before = engine.skipped_steps
         loss_sum = torch.zeros((), device=self.device)
         step = forward.forward_step(self.args)
-        with self.clock.timed():
-            for batch in batches:
+        for batch in batches:
+            with self.clock.timed():
                 output, _ = step(iter([batch]), engine)
-                batch_sum, _, _ = forward.loss_func(batch["loss_mask"].to(self.device), output)
-                engine.backward(batch_sum * dp / tokens, scale_wrt_gas=False)
-                engine.step()
-                loss_sum += batch_sum.detach()
+            batch_sum, _, _ = forward.loss_func(batch["loss_mask"].to(self.device), output)
+            engine.backward(batch_sum * dp / tokens, scale_wrt_gas=False)
+            engine.step()
+            loss_sum += batch_sum.detach()
         (loss,) = forward.world_sums(loss_sum, tokens)
         skipped = engine.skipped_steps > skipped_before
         return self._result(loss, None if skipped else engine.get_global_grad_norm(), skipped)

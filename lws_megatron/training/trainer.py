@@ -151,8 +151,8 @@ class Trainer:
     def read_due(self) -> bool:
         """Whether the host reads the steps' numbers now: at each log step, wherever it needs
         them anyway (evaluation, checkpoint, the last step), and at least every
-        `READ_EVERY_S` seconds, so that a pre-emption signal or a run of non-finite steps is
-        seen in time whatever `train.log_interval` is; never in between."""
+        `READ_EVERY_S` seconds, so that a run of non-finite steps is seen in time whatever
+        `train.log_interval` is, and at a stop; never in between."""
         step, t = self.step, self.config.train
         every = (t.log_interval, self.config.eval.interval, self.config.checkpoint.interval)
         return (
@@ -175,14 +175,14 @@ class Trainer:
         return interval
 
     def _with_ranks(self, interval: Interval) -> Interval:
-        """Every rank's forward-backward time and peak memory of the interval, gathered on
+        """Every rank's time in forward passes and peak memory over the interval, gathered on
         the host once the interval's numbers are read (so the device has done its steps)."""
         numbers: list = [None] * dist.get_world_size()
         mine = (self.module.clock.seconds(), memory_gb(self.device))
         dist.all_gather_object(numbers, mine, group=self.host_group)
         return dataclasses.replace(
             interval,
-            rank_compute_s=tuple(n[0] for n in numbers),
+            rank_forward_s=tuple(n[0] for n in numbers),
             rank_mem_gb=tuple(n[1] for n in numbers),
         )
 

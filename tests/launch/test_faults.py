@@ -146,12 +146,12 @@ def test_run_info_says_what_made_the_run_and_metrics_name_ranks(uninterrupted_di
     steps = [json.loads(line) for line in (uninterrupted_dir / "metrics.jsonl").open()]
     steps = [r for r in steps if "loss" in r]
     assert all(r["mem_rank"] in (0, 1) and r["slowest_rank"] in (0, 1) for r in steps)
-    assert all(r["slowest_rank_s"] >= r["median_rank_s"] > 0 for r in steps)
+    assert all(r["slowest_rank_forward_s"] >= r["median_rank_forward_s"] > 0 for r in steps)
 
 
 def test_a_slow_rank_is_named_with_how_much_slower_it_is(tmp_path, tiny_data):
     """Rank 1 is stopped most of the time (SIGSTOP/SIGCONT): a straggler. The step time is the
-    same on both ranks; their own forward-backward time is not."""
+    same on both ranks; their time in forward passes is not."""
     run_dir = tmp_path / "run"
     argv = command(
         run_dir,
@@ -179,27 +179,41 @@ def test_a_slow_rank_is_named_with_how_much_slower_it_is(tmp_path, tiny_data):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     late = [r for r in records if "loss" in r and 20 <= r["step"] < 50]
     assert all(r["slowest_rank"] == 1 for r in late), late
-    assert all(r["slowest_rank_s"] > 1.3 * r["median_rank_s"] for r in late), late
-    assert re.search(r"rank 1 is the slowest, forward-backward [0-9.]+ s per step, [0-9.]+x", out)
+    assert all(r["slowest_rank_forward_s"] > 1.3 * r["median_rank_forward_s"] for r in late), late
+    warned = re.findall(r"warning: .*rank 1 is the slowest, forward [0-9.]+ s per step, .*", out)
+    assert warned, out[-4000:]
+    print(warned[-1])
+    print("metrics.jsonl, step 50:", {k: v for k, v in late[-1].items() if "rank" in k})
 
 
 def test_sigterm_to_the_whole_process_group_checkpoints_exits_0_and_resumes_exactly(
     tmp_path, tiny_data, uninterrupted
 ):
-    """`kill -TERM -- -PGID`: the launcher, both ranks and their loader workers at once."""
+    """`kill -TERM -- -PGID` of the launcher (torchrun starts each rank in a session of its
+    own), and SIGTERM to every loader worker too, as SLURM signals every process of a step."""
+    from launch.torchrun import children
+
     run_dir = tmp_path / "run"
     proc = start(command(run_dir, tiny_data))
     seen = read_until(proc, r"^step +2 \|")
+    loaders = [pid for rank in workers_of(proc.pid).values() for pid in children(rank)]
+    assert len(loaders) == 4  # data.num_workers=2 per rank
     os.killpg(proc.pid, signal.SIGTERM)
+    for pid in loaders:
+        os.kill(pid, signal.SIGTERM)
     out = "".join(seen) + finish(proc)
     assert proc.returncode == 0, out[-4000:]
     assert "Traceback" not in out and "DataLoader worker" not in out
     stopped = latest(run_dir)
-    assert "pre-emption signal (SIGTERM to rank " in out
-    assert f"checkpointed at step {stopped}, exiting" in out and 2 < stopped <= 4
+    by = re.search(
+        r"pre-emption signal \(SIGTERM to rank \d by step (\d+)\): checkpointed at step (\d+)", out
+    )
+    assert int(by[1]) >= 2 and int(by[2]) == stopped == int(by[1]) + 1, out[-4000:]
+    print(f"exit 0; signalled by step {by[1]}, checkpointed at step {stopped}")
     resumed = run(command(run_dir, tiny_data))
     assert resumed.returncode == 0 and f"at step {stopped}" in resumed.stdout
     assert losses(run_dir) == uninterrupted  # bit for bit
+    print(f"resumed at step {stopped}: losses of steps 1-{STEPS} equal to the uninterrupted run's")
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_with_the_same_command(
@@ -214,6 +228,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_the_same_com
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "ended before its first checkpoint: it starts again from step 0" in again.stdout
     assert losses(run_dir) == uninterrupted
+    print(f"started again with the same command: exit 0, {STEPS} steps, the uninterrupted losses")
 
 
 def test_a_killed_loader_worker_ends_the_run_with_a_checkpoint_and_one_line(
@@ -237,6 +252,7 @@ def test_a_killed_loader_worker_ends_the_run_with_a_checkpoint_and_one_line(
         "run again to resume from there",
         errors[0],
     ), errors
+    print(f"exit 1; {errors[0]}")
     resumed = run(command(run_dir, tiny_data))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert losses(run_dir) == uninterrupted
@@ -254,6 +270,7 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_resumes_exactly(
     assert proc.returncode == 0, out[-4000:]
     assert f"resumed from {run_dir / 'checkpoints' / 'step_00000004'} at step 4" in out
     assert losses(run_dir) == uninterrupted
+    print(f"exit 0 after one restart, resumed at step 4; losses of 1-{STEPS} as uninterrupted")
 
 
 def test_a_stopped_rank_ends_the_job_in_one_line_naming_it(tmp_path, tiny_data):
@@ -281,3 +298,4 @@ def test_a_stopped_rank_ends_the_job_in_one_line_naming_it(tmp_path, tiny_data):
     assert named[0].startswith("error: rank 1 did not arrive at all_")
     assert "within run.collective_timeout_s=30" in named[0]
     assert "Traceback" not in out
+    print(f"exit {proc.returncode} {took:.1f} s after SIGSTOP; {named[0]}")

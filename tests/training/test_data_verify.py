@@ -1,6 +1,7 @@
 """The corpus is checked in full once per version of its files, the work dealt out over the
 ranks; a restart over unchanged files reads none of them, and a changed token is still caught."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -53,12 +54,20 @@ def test_the_first_check_is_shared_and_a_restart_reads_nothing(tmp_path, corpus)
 
 
 def test_an_edited_token_is_still_refused_after_a_stamp(tmp_path, corpus):
+    """Even with the file's size and modification time as they were."""
     args = (corpus["prefix"], corpus["tokenizer"], str(tmp_path / "cache"))
     run_distributed(_verify, 1, *args)
-    tokens = np.memmap(corpus["prefix"] + "_train.bin", dtype=np.uint16, mode="r+")
-    tokens[1000] = (int(tokens[1000]) + 1) % 512  # still a valid id, same size
+    path = corpus["prefix"] + "_train.bin"
+    before = os.stat(path)
+    tokens = np.memmap(path, dtype=np.uint16, mode="r+")
+    tokens[1000] = (int(tokens[1000]) + 1) % 512  # still a valid id
     tokens.flush()
     del tokens
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (
+        before.st_size,
+        before.st_mtime_ns,
+    )
     ((line,), reads), _ = run_distributed(_verify, 2, *args)
     assert reads == 1 and "data_train.bin differs from the one the manifest recorded" in line
 

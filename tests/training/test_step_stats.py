@@ -6,7 +6,7 @@ import time
 import torch
 
 from lws_megatron.device import count_syncs
-from lws_megatron.training.step_stats import ComputeClock, StepResult, StepStats, StopRequests
+from lws_megatron.training.step_stats import ForwardClock, StepResult, StepStats, StopRequests
 
 CPU = torch.device("cpu")
 
@@ -65,8 +65,8 @@ def test_a_stop_request_is_known_at_the_step_that_carried_it_without_a_device_re
     assert counter.count == 0
 
 
-def test_the_compute_clock_sums_the_timed_work_until_asked():
-    clock = ComputeClock(CPU)
+def test_the_forward_clock_sums_the_timed_work_until_asked():
+    clock = ForwardClock(CPU)
     for _ in range(2):
         with clock.timed():
             time.sleep(0.05)

@@ -4,7 +4,8 @@ exit, whichever process got it: one rank, or every process of the job at once (`
 
 The signal only sets a flag; the trainer sends it with the next step's token count (one
 all-reduce on the device) and every rank reads the count at the end of that step
-(`step_stats.StopRequests`), so all of them stop after the same step: the one after the signal.
+(`step_stats.StopRequests`), so all of them stop after the same step: a signal that came by
+step N (during it, or before) ends the run with the checkpoint of step N + 1.
 """
 
 from __future__ import annotations
@@ -29,4 +30,5 @@ class Preemption(Callback):
 
     def before_step(self, trainer) -> None:
         if self.received:
-            trainer.ask_to_stop(f"pre-emption signal ({self.received} to rank {trainer.rank})")
+            to = f"{self.received} to rank {trainer.rank} by step {trainer.step}"
+            trainer.ask_to_stop(f"pre-emption signal ({to})")

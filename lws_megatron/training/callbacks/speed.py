@@ -1,6 +1,7 @@
 """Loss, learning rate, gradient norm, tokens/s and MFU, over each log interval; the peak
-memory of the rank that used the most, and the slowest rank's forward-backward time against
-the median rank's (the step time is the slowest rank's on every rank, so it names none)."""
+memory of the rank that used the most (under PP not rank 0's), and the slowest rank's time in
+forward passes against the median rank's (the step time is the slowest rank's on every rank,
+so it names none; `step_stats.ForwardClock` says why the forward)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class SpeedMonitor(Callback):
 
     def _reset(self) -> None:
         self.loss_sum, self.applied, self.steps, self.seconds = 0.0, 0, 0, 0.0
-        self.rank_compute: list[float] = []
+        self.rank_forward: list[float] = []
 
     def on_interval_end(self, trainer, interval) -> None:
         """Reads between log steps (evaluation, checkpoints) add up to one logged record."""
@@ -27,9 +28,9 @@ class SpeedMonitor(Callback):
             self.applied += interval.applied
         self.steps += interval.steps
         self.seconds += interval.seconds
-        compute = interval.rank_compute_s
-        self.rank_compute = [
-            a + b for a, b in zip(self.rank_compute or [0.0] * len(compute), compute)
+        forward = interval.rank_forward_s
+        self.rank_forward = [
+            a + b for a, b in zip(self.rank_forward or [0.0] * len(forward), forward)
         ]
         t = trainer.config.train
         if trainer.step % t.log_interval and trainer.step != t.max_steps:
@@ -47,22 +48,22 @@ class SpeedMonitor(Callback):
                 "tokens_per_s_per_device": tokens_per_s / trainer.plan.world,
                 "mfu": tokens_per_s * trainer.flops_per_token / peak if peak else 0.0,
                 "step_time_s": self.seconds / self.steps,
-                **_ranks(interval.rank_mem_gb, [s / self.steps for s in self.rank_compute]),
+                **_ranks(interval.rank_mem_gb, [s / self.steps for s in self.rank_forward]),
                 "skipped_steps": trainer.skipped_steps,
             }
         )
         self._reset()
 
 
-def _ranks(mem_gb, compute_s) -> dict:
-    """The rank with the most memory, and the slowest rank's forward-backward time per step
-    against the median rank's."""
+def _ranks(mem_gb, forward_s) -> dict:
+    """The rank with the most memory, and the slowest rank's forward time per step against
+    the median rank's."""
     mem_rank = max(range(len(mem_gb)), key=mem_gb.__getitem__)
-    slowest = max(range(len(compute_s)), key=compute_s.__getitem__)
+    slowest = max(range(len(forward_s)), key=forward_s.__getitem__)
     return {
         "mem_gb": mem_gb[mem_rank],
         "mem_rank": mem_rank,
         "slowest_rank": slowest,
-        "slowest_rank_s": compute_s[slowest],
-        "median_rank_s": statistics.median(compute_s),
+        "slowest_rank_forward_s": forward_s[slowest],
+        "median_rank_forward_s": statistics.median(forward_s),
     }

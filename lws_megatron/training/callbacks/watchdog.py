@@ -4,9 +4,9 @@ recompile) and when one rank is slower than the others (a straggler), naming it.
 
 Step times are known per read of the device (`Trainer.read_due`), so it judges each interval's
 mean step time against the median of the intervals before it. The step time is the slowest
-rank's on every rank (the others wait for it), so ranks are compared by their own
-forward-backward time (`Interval.rank_compute_s`; metrics.jsonl has it at every log step as
-`slowest_rank`, `slowest_rank_s` and `median_rank_s`)."""
+rank's on every rank (the others wait for it), so ranks are compared by their time in forward
+passes (`Interval.rank_forward_s`; metrics.jsonl has it at every log step as `slowest_rank`,
+`slowest_rank_forward_s` and `median_rank_forward_s`)."""
 
 from __future__ import annotations
 
@@ -44,15 +44,15 @@ class StepTimeWatchdog(Callback):
         self.times.append(seconds)
 
     def _judge_ranks(self, trainer, interval, steps: str) -> None:
-        compute = [s / interval.steps for s in interval.rank_compute_s]
-        if len(compute) < 2:
+        forward = [s / interval.steps for s in interval.rank_forward_s]
+        if len(forward) < 2:
             return
-        slowest = max(range(len(compute)), key=compute.__getitem__)
-        median = statistics.median(compute)
-        if median > 0 and compute[slowest] > self.rank_factor * median:
+        slowest = max(range(len(forward)), key=forward.__getitem__)
+        median = statistics.median(forward)
+        if median > 0 and forward[slowest] > self.rank_factor * median:
             self.stragglers += 1
             trainer.say(
-                f"warning: {steps}: rank {slowest} is the slowest, forward-backward "
-                f"{compute[slowest]:.3f} s per step, {compute[slowest] / median:.2f}x the median "
+                f"warning: {steps}: rank {slowest} is the slowest, forward "
+                f"{forward[slowest]:.3f} s per step, {forward[slowest] / median:.2f}x the median "
                 f"rank's {median:.3f} s"
             )
