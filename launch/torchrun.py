@@ -8,8 +8,9 @@ reach its agent only; the agent answers SIGTERM or SIGINT by passing it on, SIGK
 workers 30 s later whether or not their checkpoint is written, and exiting 1 with a traceback.
 Here SIGTERM, SIGINT and SIGUSR1 are passed to the workers (which checkpoint at the end of the
 step and exit 0), the agent keeps watching them, and the exit status is theirs. A failed job
-ends with one line naming the ranks that failed instead of torchrun's report (exit status 2 when
-every one of them refused its input, else 1). Restarts, rendezvous and logs are torchrun's own,
+ends without torchrun's report: the ranks' own line says why, or for ranks killed by a signal
+(which say nothing) one line naming them; exit status 2 when every failed rank refused its
+input, else 1. Restarts, rendezvous and logs are torchrun's own,
 but the workers of each restart get a key-value store of their own: in the store torchrun
 shares across restarts (torch 2.4+), the addresses of the last attempt's gloo and NCCL groups
 are still there, and the restarted group connects to them and fails (pytorch/pytorch#135712).
@@ -54,15 +55,17 @@ def pass_on(signum: int, frame) -> None:
             pass
 
 
-def failure_line(err: ChildFailedError) -> tuple[str, int]:
-    """One line for the ranks that failed, and the exit status."""
-    parts, codes = [], []
+def failure_line(err: ChildFailedError) -> tuple[str | None, int]:
+    """One line for the ranks that failed (None when each exited 1 or 2: it said why itself),
+    and the exit status."""
+    parts, codes = [], set()
     for rank, failure in sorted(err.failures.items()):
         code = failure.exitcode
-        codes.append(code)
+        codes.add(code)
         how = f"killed by {failure.signal_name()}" if code < 0 else f"exit status {code}"
         parts.append(f"rank {rank} (pid {failure.pid}) {how}")
-    return f"torchrun: the job failed: {'; '.join(parts)}", 2 if set(codes) == {2} else 1
+    line = None if codes <= {1, 2} else f"torchrun: the job failed: {'; '.join(parts)}"
+    return line, 2 if codes == {2} else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except ChildFailedError as err:
         line, status = failure_line(err)
-        print(line, file=sys.stderr, flush=True)
+        if line:
+            print(line, file=sys.stderr, flush=True)
         return status
     return 0
 

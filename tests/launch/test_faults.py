@@ -1,6 +1,7 @@
 """Jobs that survive the cluster, run for real: 2-process runs of the tiny config on gloo under
 launch/torchrun.py with loader workers on, signalled, killed and stopped the ways a cluster
-does it, each compared with the same run left alone (bit for bit on CPU)."""
+does it, each compared with the same run left alone (bit for bit on CPU); and a failed run that
+the project's batch script requeues on a one-node SLURM cluster (tests/launch/slurm_cluster.py)."""
 
 import json
 import os
@@ -17,6 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
 STEPS = 16
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -80,10 +82,12 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     return out
 
 
-def losses(run_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    by_step = {r["step"]: r["loss"] for r in records if "loss" in r}
-    assert sorted(by_step) == list(range(1, STEPS + 1)), sorted(by_step)
+def losses(run_dir: Path, steps: int = STEPS) -> list[float]:
+    """The loss of every step, each logged once."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    steps_logged = [r["step"] for r in map(json.loads, lines) if "loss" in r]
+    assert steps_logged == list(range(1, steps + 1)), steps_logged
+    by_step = {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -299,3 +303,62 @@ def test_a_stopped_rank_ends_the_job_in_one_line_naming_it(tmp_path, tiny_data):
     assert "within run.collective_timeout_s=30" in named[0]
     assert "Traceback" not in out
     print(f"exit {proc.returncode} {took:.1f} s after SIGSTOP; {named[0]}")
+
+
+def training_process(run_dir: Path, rank: int) -> int:
+    """The pid of the training process of `rank` in the run writing to `run_dir`."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"run.dir={run_dir}".encode() in argv and f"RANK={rank}".encode() in environ:
+            if any(arg.endswith(b"pretrain.py") for arg in argv):
+                return int(entry.name)
+    raise AssertionError(f"no training process of rank {rank} writes to {run_dir}")
+
+
+def test_slurm_requeues_a_failed_run_which_resumes(slurm_cluster, tmp_path, tiny_data):
+    """No restart inside the job (LWS_MAX_RESTARTS=0): rank 1 SIGKILLed after a checkpoint fails
+    the run, the batch script requeues the job, and the requeued run resumes."""
+    cluster, run_dir, steps = slurm_cluster, tmp_path / "failed", 200
+    log = tmp_path / "failed.log"
+    env = "LWS_NPROC_PER_NODE=2,LWS_MAX_RESTARTS=0,LWS_MAX_REQUEUES=1,OMP_NUM_THREADS=1"
+    proc = cluster.run(
+        "sbatch",
+        "--parsable",
+        f"--cpus-per-task={cluster.cpus}",
+        "--time=10",
+        f"--output={log}",
+        f"--export=ALL,{env},LWS_PYTHON={sys.executable}",
+        str(SBATCH),
+        str(TINY),
+        f"data.path=[{tiny_data['prefix']}]",
+        f"data.tokenizer={tiny_data['tokenizer']}",
+        f"run.dir={run_dir}",
+        f"train.max_steps={steps}",
+        "checkpoint.interval=5",
+        "eval.interval=0",
+    )
+    job_id = cluster.track(proc.stdout.strip().split(";")[0])
+    deadline = time.monotonic() + 180
+    while not (run_dir / "checkpoints" / "latest").exists():
+        state = cluster.job(job_id).get("JobState")
+        if time.monotonic() > deadline or state not in ("PENDING", "RUNNING", "CONFIGURING"):
+            pytest.fail(f"job {job_id} {state}, no checkpoint:\n{cluster.logs()}")
+        time.sleep(0.2)
+    os.kill(training_process(run_dir, 1), signal.SIGKILL)
+    fields = cluster.wait_job(
+        job_id,
+        timeout=300,
+        until=lambda f: f.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+    )
+    text = log.read_text()
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", text
+    assert "lws: the run failed with status 1" in text
+    assert f"requeueing job {job_id} (requeue 1 of 1) to resume from the latest checkpoint" in text
+    assert "error: rank 1 did not arrive at" in text  # rank 0's line, before the requeue
+    assert f"lws: job {job_id} (restart 1)" in text and "resumed from" in text
+    assert len(losses(run_dir, steps)) == steps  # every step once
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == steps

@@ -1,5 +1,6 @@
 """A collective that gives up on a rank names it: real gloo timeouts on 3 processes."""
 
+import os
 import time
 
 import pytest
@@ -51,3 +52,19 @@ def _roll_call() -> list[int]:
 
 def test_a_roll_call_everyone_answers_names_no_one():
     assert run_distributed(_roll_call, 2) == [[], []]
+
+
+def test_the_nccl_flight_recorder_dumps_into_the_run_directory(tmp_path, monkeypatch):
+    for name in ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "/scratch/fr_")  # the user's wins
+    hangs.flight_recorder(tmp_path / "run")
+    assert (tmp_path / "run" / "flight_recorder").is_dir()
+    assert int(os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0
+    assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == "/scratch/fr_"
+    monkeypatch.delenv("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+    hangs.flight_recorder(tmp_path / "run")
+    assert os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(
+        tmp_path / "run" / "flight_recorder" / "rank_"
+    )
