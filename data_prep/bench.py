@@ -37,6 +37,7 @@ from data_prep.demo_corpus import build_demo_corpus
 from data_prep.preprocess import default_workers, preprocess
 from data_prep.readers import InputStats, ReaderOptions, expand_inputs, read_documents
 from data_prep.tokenizer import FORMATS, HUGGING_FACE, Tokenizer, load_tokenizer, train_tokenizer
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import write_json_atomic
 
@@ -302,7 +303,9 @@ def _against_megatron(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.bench", description=__doc__.split("\n")[0]
+        prog="python -m data_prep.bench",
+        description=__doc__.split("\n")[0],
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--input", nargs="+", metavar="FILE", help="jsonl/txt files (default: demo corpus)"

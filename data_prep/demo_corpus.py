@@ -25,6 +25,7 @@ import warnings
 from typing import Iterator, Sequence
 
 from data_prep.files import refuse_existing
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import atomic_output, ensure_dir
 
@@ -130,7 +131,9 @@ def build_demo_corpus(output_dir: str, *, overwrite: bool = False) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.demo_corpus", description=__doc__.split("\n")[0]
+        prog="python -m data_prep.demo_corpus",
+        description=__doc__.split("\n")[0],
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--output", required=True, metavar="DIR")
     parser.add_argument(

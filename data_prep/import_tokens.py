@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from data_prep.files import ensure_parent, refuse_existing
 from data_prep.indexed import IndexedWriter, token_dtype
@@ -49,6 +50,7 @@ from data_prep.preprocess import (
 from data_prep.readers import expand_inputs
 from data_prep.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron import __version__
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import remove_quietly, sha256_file
 
@@ -81,6 +83,13 @@ def read_token_file(path: str, dtype: str) -> np.ndarray:
                 f"{path} has a NumPy header but cannot be read ({err}); "
                 "re-export it with numpy.save"
             ) from None
+        if array.dtype.byteorder == ">":
+            little = array.dtype.newbyteorder("<")
+            raise UserError(
+                f"{path} holds big-endian {array.dtype.name} ids (its .npy header says "
+                f"{array.dtype.str!r}); token files are little-endian: re-save it with "
+                f"numpy.save(path, array.astype({little.str!r}))"
+            )
         if array.dtype != stated:
             raise UserError(
                 f"{path} holds {array.dtype.name} ids (its .npy header says so) but --dtype is "
@@ -232,7 +241,13 @@ def _import_file(
 ) -> _FileCounts:
     ends = document_ends(tokens, eod)
     counts = _FileCounts()
-    for first in range(0, len(ends), BATCH_DOCS):
+    bar = tqdm(
+        range(0, len(ends), BATCH_DOCS),
+        desc=f"importing {os.path.basename(path)}",
+        unit="batch",
+        disable=None if len(ends) > 50 * BATCH_DOCS else True,
+    )
+    for first in bar:
         batch_ends = ends[first : first + BATCH_DOCS]
         offset = int(ends[first - 1]) if first else 0
         chunk = np.asarray(tokens[offset : int(batch_ends[-1])])
@@ -271,7 +286,9 @@ def _valid(chunk: np.ndarray, lengths: np.ndarray, fraction: float) -> np.ndarra
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.import_tokens", description=__doc__.split("\n")[0]
+        prog="python -m data_prep.import_tokens",
+        description=__doc__.split("\n")[0],
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files or globs")
     parser.add_argument(

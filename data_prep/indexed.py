@@ -1,9 +1,10 @@
 """Megatron-Core's indexed dataset (.bin/.idx): the token dtype rule, a streaming writer, a
 checked reader.
 
-The files are byte for byte those of `megatron.core.datasets.indexed_dataset` (its header, dtype
-codes and layout are imported from there), so Megatron-LM, Megatron-Core and NeMo read them with
-`IndexedDataset(prefix)`. The writer differs from `IndexedDatasetBuilder` only in how it gets
+The files are byte for byte those of `megatron.core.datasets.indexed_dataset`, so Megatron-LM,
+Megatron-Core and NeMo read them with `IndexedDataset(prefix)`. Its header, dtype codes and file
+names are restated here (a test holds them equal to Megatron's) so that data preparation never
+imports Megatron-Core or torch. The writer differs from `IndexedDatasetBuilder` only in how it gets
 there: it takes whole batches of documents as arrays and keeps the per-document lengths in a
 scratch file instead of Python lists, so it is fast and its memory stays flat for any corpus.
 Every file is written under a `.partial` name and renamed by `commit()`.
@@ -15,21 +16,11 @@ import contextlib
 import hashlib
 import os
 import struct
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import BinaryIO
 
 import numpy as np
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from megatron.core.datasets.indexed_dataset import (
-        _INDEX_HEADER,
-        DType,
-        get_bin_path,
-        get_idx_path,
-    )
 
 from lws_megatron.errors import UserError
 from lws_megatron.fileio import os_errors, partial_path, remove_quietly
@@ -39,6 +30,26 @@ INT32_VOCAB_LIMIT = 1 << 31
 _INDEX_VERSION = 1
 _HEADER = struct.Struct("<9sQBQQ")
 _CHUNK = 1 << 20
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+# Megatron-Core's `DType` codes: the token dtype as the index header records it.
+DTYPE_CODES = {
+    np.uint8: 1,
+    np.int8: 2,
+    np.int16: 3,
+    np.int32: 4,
+    np.int64: 5,
+    np.float64: 6,
+    np.float32: 7,
+    np.uint16: 8,
+}
+
+
+def get_bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def get_idx_path(prefix: str) -> str:
+    return prefix + ".idx"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -141,7 +152,7 @@ class IndexedWriter:
     def _write_index(self, out: _HashingWriter) -> None:
         """Megatron's layout: header, int32 lengths, int64 byte pointers, int64 document indices."""
         count = self.documents
-        code = DType.code_from_dtype(self.dtype.type)
+        code = DTYPE_CODES[self.dtype.type]
         out.write(_HEADER.pack(_INDEX_HEADER, _INDEX_VERSION, code, count, count + 1))
         for chunk in self._length_chunks():
             out.write(chunk)
@@ -191,12 +202,10 @@ def read_index(prefix: str) -> IndexFile:
         raise UserError(
             f"{path} is not a Megatron indexed-dataset index (bad header); re-run preprocess"
         )
-    try:
-        dtype = np.dtype(DType.dtype_from_code(code))
-    except ValueError:
-        raise UserError(
-            f"{path} names unknown token dtype code {code}; re-run preprocess"
-        ) from None
+    by_code = {c: np.dtype(t) for t, c in DTYPE_CODES.items()}
+    if code not in by_code:
+        raise UserError(f"{path} names unknown token dtype code {code}; re-run preprocess")
+    dtype = by_code[code]
     expected = _HEADER.size + sequences * 12 + documents * 8
     if size != expected:
         raise UserError(

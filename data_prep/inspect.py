@@ -24,6 +24,7 @@ from data_prep.indexed import read_index, read_tokens
 from data_prep.integrity import locate, verify_dataset
 from data_prep.manifest import Manifest, manifest_path, read_manifest, split_prefix
 from data_prep.tokenizer import Tokenizer, load_tokenizer
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.errors import cli_entry
 
 SAMPLE_TOKENS = 64
@@ -106,7 +107,9 @@ def _sample_tokenizer(path: str | None, manifest: Manifest) -> tuple[Tokenizer |
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.inspect", description=__doc__.split("\n")[0]
+        prog="python -m data_prep.inspect",
+        description=__doc__.split("\n")[0],
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("prefix", metavar="PREFIX")
     parser.add_argument(

@@ -63,6 +63,7 @@ from data_prep.readers import (
 )
 from data_prep.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron import __version__
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import remove_quietly
 
@@ -357,7 +358,9 @@ def _warn_about_inputs(stats: Sequence[InputStats], warn: Callable[[str], None])
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.preprocess", description=__doc__.split("\n")[0]
+        prog="python -m data_prep.preprocess",
+        description=__doc__.split("\n")[0],
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--input", nargs="+", required=True, metavar="FILE", help="files or globs")
     parser.add_argument(

@@ -5,6 +5,12 @@ to back with the step's numbers read once per `train.log_interval`, as the train
 tokens per second over the timed steps, step time (median, min-max), host waits for the device
 per step, MFU against the shape engine's FLOPs and the device's peak, peak memory; each
 distinct layer shape timed alone; with --profile, where the time of a step goes.
+
+Under torchrun the processes train data-parallel (one per GPU, or gloo on CPUs): each runs
+--micro-batch sequences a step, tokens/s and MFU count the whole job, and rank 0 prints; the
+step is also split into the time it waited for the gradient reduction left when backward
+ended and the time of the optimizer step with ZeRO's weight all-gather (measure/comm.py):
+    torchrun --nproc_per_node 2 launch/bench.py configs/demo/crown.yaml zero.stage=1
 """
 
 from __future__ import annotations
@@ -14,14 +20,18 @@ import json
 import sys
 from pathlib import Path
 
+from lws_megatron.cli import add_configs, configs_and_overrides
+from lws_megatron.cli import parser as make_parser
 from lws_megatron.config import load_config
-from lws_megatron.errors import UserError, cli_entry
+from lws_megatron.errors import cli_entry
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("items", nargs="+", metavar="CONFIG|key=value")
-    parser.add_argument("--micro-batch", type=int, help="sequences per step (one micro batch)")
+    parser = make_parser("launch/bench.py", __doc__)
+    add_configs(parser, many=True)
+    parser.add_argument(
+        "--micro-batch", type=int, help="sequences per step and process (one micro batch)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument(
@@ -57,30 +67,21 @@ def main(argv: list[str] | None = None) -> int:
 
 @cli_entry
 def run(args: argparse.Namespace) -> int:
-    paths = [i for i in args.items if "=" not in i]
-    overrides = [i for i in args.items if "=" in i]
-    if not paths:
-        raise UserError("give at least one config, e.g. configs/paper/baseline-18l.yaml")
+    paths, overrides = configs_and_overrides(
+        args, "launch/bench.py configs/paper/baseline-18l.yaml"
+    )
     if args.compile:
         overrides = [f"train.compile={args.compile}", *overrides]
-    if args.micro_batch:
-        overrides = [
-            f"train.micro_batch_size={args.micro_batch}",
-            f"train.global_batch_size={args.micro_batch}",
-            *overrides,
-        ]
     configs = [load_config(p, overrides) for p in paths]
+    if args.micro_batch:
+        configs = [_micro_batch(p, c, args.micro_batch, overrides) for p, c in zip(paths, configs)]
 
     import torch
     import torch.distributed as dist
 
-    from lws_megatron.benchmark import (
-        bench_config,
-        gemm_ceiling,
-        load_compile_cache,
-        render,
-        save_compile_cache,
-    )
+    from lws_megatron.benchmark import bench_config, render
+    from lws_megatron.measure.ceiling import gemm_ceiling
+    from lws_megatron.measure.compile_cache import load_compile_cache, save_compile_cache
     from lws_megatron.training.distributed import init_processes
 
     if args.gemm:
@@ -89,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compile_cache:
         load_compile_cache(args.compile_cache)
     init_processes()
-    if dist.get_world_size() != 1:
-        raise UserError("launch/bench.py measures one device: run it as a single process")
+    first = dist.get_rank() == 0
     results = []
     for path, config in zip(paths, configs):
         results.append(
@@ -106,11 +106,21 @@ def run(args: argparse.Namespace) -> int:
         )
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if args.compile_cache:
+    if args.compile_cache and first:
         save_compile_cache(args.compile_cache)
-    print(json.dumps([r.to_dict() for r in results]) if args.json else render(results))
+    if first:
+        print(json.dumps([r.to_dict() for r in results]) if args.json else render(results))
     dist.destroy_process_group()
     return 0
+
+
+def _micro_batch(path: str, config, micro: int, overrides: list[str]):
+    """`config` with `micro` sequences per step on each data-parallel process of the job."""
+    from lws_megatron.training.distributed import discover
+
+    dp = max(discover().world_size // (config.parallel.tp * config.parallel.pp), 1)
+    sizes = [f"train.micro_batch_size={micro}", f"train.global_batch_size={micro * dp}"]
+    return load_config(path, [*sizes, *overrides])
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 DOC_TOKENS = 2048
-STEP_LINE = re.compile(r"^step +\d+ \|")
+STEP_LINE = re.compile(r"^step +\d+/\d+ \|")
 
 
 def make_tokenizer(root: Path) -> Path:

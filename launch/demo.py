@@ -1,8 +1,8 @@
 """The whole method on the built-in demo: corpus, tokenizer, index, five runs, report.
 
-    python launch/demo.py                 # 72 steps a run (12.2 minutes measured on 2 shared cores)
+    python launch/demo.py                 # 72 steps a run (6.4 minutes measured on 2 CPU cores)
     python launch/demo.py --quick         # 24 steps a run
-    python launch/demo.py --input my/*.jsonl --configs my/a.yaml my/b.yaml --output out
+    python launch/demo.py my/a.yaml my/b.yaml --input my/*.jsonl --output out [key=value ...]
 
 Everything is built offline: the default corpus is Python's own documentation. Each config
 trains with `torchrun --nproc_per_node N launch/pretrain.py` (data parallel on CPU), then
@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from lws_megatron.cli import Progress, add_configs
+from lws_megatron.cli import parser as make_parser
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError, cli_entry
 
@@ -102,24 +104,30 @@ def prepare_data(inputs: list[str], out: Path, vocab_size: int) -> tuple[str, st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = make_parser("launch/demo.py", __doc__)
+    add_configs(parser, many=True)
     parser.add_argument("--quick", action="store_true", help="24 steps per run instead of 72")
     parser.add_argument("--output", default="demo_out", help="everything goes here")
     parser.add_argument("--input", nargs="+", help="your own corpus (jsonl, jsonl.gz, txt)")
-    parser.add_argument("--configs", nargs="+", help="your own configs (default configs/demo)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        dest="config_list",
+        default=[],
+        metavar="CONFIG",
+        help="your own configs (default: configs/demo)",
+    )
     parser.add_argument("--nproc", type=int, default=2, help="processes per run (data parallel)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
-    return run(parser.parse_args(argv))
+    return run(parser.parse_intermixed_args(argv))
 
 
 @cli_entry
 def run(args: argparse.Namespace) -> int:
     started = time.time()
     out = Path(args.output).resolve()
-    configs = [Path(c) for c in args.configs] if args.configs else DEMO_CONFIGS
-    overrides = (QUICK if args.quick else []) + list(args.overrides)
+    given = args.configs + args.config_list + [i for i in args.items if "=" not in i]
+    configs = [Path(c) for c in given] or DEMO_CONFIGS
+    overrides = (QUICK if args.quick else []) + [i for i in args.items if "=" in i]
     loaded = [load_config(c, overrides) for c in configs]
     vocab = {c.model.vocab_size for c in loaded}
     if len(vocab) != 1:
@@ -136,9 +144,10 @@ def run(args: argparse.Namespace) -> int:
         inputs = sorted(str(p) for p in (out / "corpus").glob("*.jsonl"))
     prefix, tokenizer = prepare_data(inputs, out, vocab.pop())
 
-    run_dirs = []
+    run_dirs, progress = [], Progress(len(configs))
     for path in configs:
         run_dir = out / "runs" / path.stem
+        progress.start(f"{path.stem}: {path}")
         shutil.rmtree(run_dir, ignore_errors=True)
         pretrain(
             path,

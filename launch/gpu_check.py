@@ -1,6 +1,6 @@
 """GPU correctness: the bf16 model on CUDA against fp32 on CPU, same weights, same batch.
 
-    python launch/gpu_check.py [CONFIG] [key=value ...]
+    python launch/gpu_check.py [CONFIG] [key=value ...]     (default configs/paper/crown-18l.yaml)
 
 The fp32 reference runs in a child process that cannot see the GPU (so the model is built and
 run exactly as on a CPU machine) and hands over its weights, loss and gradients. The check
@@ -19,24 +19,22 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-
-from lws_megatron.benchmark import first_sync, synthetic_batch
+from lws_megatron.cli import add_configs, configs_and_overrides
+from lws_megatron.cli import parser as make_parser
 from lws_megatron.config import load_config
-from lws_megatron.device import autocast
-from lws_megatron.errors import UserError
-from lws_megatron.model import build_model
-from lws_megatron.model.compile import compile_chunks, compile_stats
-from lws_megatron.training import distributed
-from lws_megatron.training.train_module import model_args
+from lws_megatron.errors import UserError, cli_entry
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT = "configs/paper/crown-18l.yaml"
 
 
 def _loss_and_grads(dtype, model, batch, device):
+    from lws_megatron.device import autocast
+
     tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
     model.zero_grad(set_to_none=True)
     with autocast(device, dtype):
@@ -51,6 +49,12 @@ def _loss_and_grads(dtype, model, batch, device):
 
 def _build(path: str, overrides: list[str], precision: str, device: torch.device):
     """(config, autocast dtype, model) inside fresh model-parallel groups of one process."""
+    import torch.distributed as dist
+
+    from lws_megatron.model import build_model
+    from lws_megatron.training import distributed
+    from lws_megatron.training.train_module import model_args
+
     config = load_config(path, [f"train.precision={precision}", *overrides])
     distributed.init_processes()
     plan = distributed.resolve_plan(config, dist.get_world_size())
@@ -61,6 +65,10 @@ def _build(path: str, overrides: list[str], precision: str, device: torch.device
 
 def reference(out: str, path: str, overrides: list[str]) -> None:
     """fp32 on the CPU: weights, batch, loss and gradients into `out`."""
+    import torch
+
+    from lws_megatron.measure.batches import synthetic_batch
+
     config, dtype, model = _build(path, overrides, "fp32", torch.device("cpu"))
     batch = synthetic_batch(config, micro=2)
     loss, grads = _loss_and_grads(dtype, model, batch, torch.device("cpu"))
@@ -68,6 +76,8 @@ def reference(out: str, path: str, overrides: list[str]) -> None:
 
 
 def _compare(label: str, ref: dict, loss: float, grads: dict) -> list[str]:
+    import torch.nn.functional as F
+
     failures = []
     rel = abs(loss - ref["loss"]) / ref["loss"]
     print(
@@ -91,6 +101,10 @@ def _compare(label: str, ref: dict, loss: float, grads: dict) -> list[str]:
 def check(path: str, overrides: list[str]) -> list[str]:
     """bf16 on CUDA: eager on PyTorch's own SDPA choice, on each pinned fused kernel
     (model.sdpa_kernel), and compiled whole (train.compile=model)."""
+    import torch
+
+    from lws_megatron.model.compile import compile_chunks, compile_stats
+    from lws_megatron.training import distributed
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "reference.pt")
@@ -133,6 +147,9 @@ def check(path: str, overrides: list[str]) -> list[str]:
 
 def check_sync_free(path: str, overrides: list[str]) -> list[str]:
     """Steady-state steps, eager and compiled whole, with any host wait an error."""
+    from lws_megatron.measure.syncs import first_sync
+    from lws_megatron.training import distributed
+
     failures = []
     for mode in ("none", "model"):
         config = load_config(path, [*overrides, f"train.compile={mode}"])
@@ -145,15 +162,23 @@ def check_sync_free(path: str, overrides: list[str]) -> list[str]:
     return failures
 
 
+@cli_entry
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--reference"]:
+    if argv[:1] == ["--reference"]:  # the fp32 child process of `check`
         reference(argv[1], argv[2], argv[3:])
         return 0
+    parser = make_parser("launch/gpu_check.py", __doc__)
+    add_configs(parser)
+    args = parser.parse_intermixed_args(argv)
+    if not (args.configs or [i for i in args.items if "=" not in i]):
+        args.configs = [DEFAULT]
+    [path], overrides = configs_and_overrides(args, DEFAULT, exactly_one=True)
+
+    import torch
+
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
-    path = argv[0] if argv and "=" not in argv[0] else DEFAULT
-    overrides = [a for a in argv if "=" in a]
     failures = check(path, overrides) + check_sync_free(path, overrides)
     for failure in failures:
         print(f"FAILED: {failure}")

@@ -1,136 +1,245 @@
-"""The GPU measurement, one row per process: `python launch/gpu_measure.py OUT [CACHE]`.
+"""The GPU measurement, sized for a lent GPU's minutes: `python launch/gpu_measure.py OUT [CACHE]`.
 
-Correctness first (`launch/gpu_check.py`: bf16 on the GPU against fp32 on the CPU, and steps
-that never make the host wait), then the matmul ceiling, then the paper's baseline with one
-change added per row, the leave-one-out of the fused loss, and crown with everything. Each row
-is its own `launch/bench.py` process with its own timeout, so a hung row loses only itself;
-rows start only while the time budget lasts. Compiled kernels are loaded from and saved to
-CACHE (default OUT/compile_cache), so a second call compiles little. Writes every row's JSON
-and OUT/table.md. SMOKE=1 runs the same on tiny shapes (a CPU test of the script); ROWS=0,3
-runs only those rows.
+One process builds each model once and measures the rows of `lws_megatron/measure/rows.py`
+on it, switching in place what can be switched (CUDA graphs, the fused loss, reading the
+step's numbers every step), in order of value: everything on for baseline-18l and crown-18l
+first, then one thing off at a time, then the builds of their own (fp32 weights under
+autocast, Transformer Engine's spec), then data parallelism over every GPU (torchrun over
+`launch/bench.py`, where there are two or more). Each row is checked (its first loss
+against fp32, no host wait in a steady step, no graph break) and printed the moment it is
+measured. The whole run ends within BUDGET_S seconds (default 300): a row that would not fit
+is not started, a process past its time is stopped, and what was measured is kept.
+
+OUT receives table.md, results.json, logs.tar.gz and compile_cache.N.xz (at most 8 files).
+CACHE (a folder holding an earlier OUT's compile_cache.*.xz) is loaded first, so a second
+run compiles little. Exits 1 when a row failed or was not run. SMOKE=1: the same rows on
+tiny shapes (a CPU test of the script; data parallelism on two CPU processes); ROWS=0,3:
+only those rows.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
+from lws_megatron.measure.results import PREFIX, check, load_records, row_line, write_results
+from lws_megatron.measure.rows import GPU, ROWS, SMOKE, on_device, skip_reason
+
 ROOT = Path(__file__).resolve().parents[1]
-BUDGET_S = float(os.environ.get("BUDGET_S", 420))
-SMOKE = os.environ.get("SMOKE") == "1"
-ONLY = os.environ.get("ROWS")  # e.g. "0,3": the rows to run (default all)
-BF16_AUTOCAST = ["train.precision=bf16-autocast"]
-ALL = ["train.cuda_graphs=true", "model.fused_loss=true", "train.precision=bf16"]
-ROWS = [  # name, config, overrides, bench options
-    ("current step", "baseline-18l", BF16_AUTOCAST, ["--read-every-step"]),
-    ("sync-free", "baseline-18l", BF16_AUTOCAST, []),
-    ("+ CUDA graphs", "baseline-18l", [*BF16_AUTOCAST, "train.cuda_graphs=true"], []),
-    ("+ fused loss, bf16 weights", "baseline-18l", ALL, []),
-    ("all but the fused loss", "baseline-18l", [*ALL[:1], ALL[2]], []),
-    ("all", "crown-18l", ALL, []),
-    ("all but CUDA graphs", "baseline-18l", ALL[1:], []),
-]
-TINY = [
-    "model.d_model=128",
-    "model.d_head=16",
-    "model.num_layers=4",
-    "model.vocab_size=512",
-    "model.seq_length=64",
-    "train.cuda_graphs=false",  # CPU: the rest of each row runs as it would on the GPU
-]
+
+PACK_S = 15  # kept for writing the files at the end
+GRACE_S = 30  # for the row in progress when the measuring process's own time is up
+SIZES = SMOKE if os.environ.get("SMOKE") == "1" else GPU
 
 
-def run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def gpu_count() -> int:
+    """GPUs on this machine as the driver lists them, before any process has started torch;
+    the measuring process's own count (its device record) decides the data-parallel row."""
     try:
-        return subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
-        )
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(command, 124, "", f"timed out after {timeout:.0f} s")
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines())
 
 
-def last_error(proc: subprocess.CompletedProcess) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
-    return lines[-1] if lines else f"exit code {proc.returncode}"
+def run_logged(command: list[str], log: Path, timeout: float, env: dict) -> int | None:
+    """Run `command` in its own process group, its output into `log` and the lines marked
+    for the console onto this console; its exit code, or None if it was stopped at `timeout`."""
+    with log.open("a") as sink:
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+
+        def pump() -> None:
+            for line in proc.stdout:
+                sink.write(line)
+                if line.startswith(PREFIX):
+                    print(line[len(PREFIX) :], end="", flush=True)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+        reader.join(timeout=10)
+    return code
 
 
-def bench_row(out: Path, cache: Path, index: int, row: tuple, timeout: float) -> dict:
-    name, config, overrides, options = row
-    if SMOKE:  # bf16 autocast is CUDA's; bf16 weights run on a CPU too
-        overrides = [o.replace("bf16-autocast", "fp32") for o in overrides]
-    sizes = (
-        ["--micro-batch", "2", "--steps", "3", "--warmup", "1"]
-        if SMOKE
-        else ["--micro-batch", "16", "--steps", "15", "--warmup", "5"]
+def environment() -> dict:
+    path = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
+def session_rows(
+    chosen: list[int], scratch: Path, cache: Path | None, seconds: float
+) -> list[dict]:
+    """The rows one measuring process runs (its device record first, whatever the rows), as
+    their records; rows it did not hand over are recorded as stopped at the time limit, lost
+    with the process, or not run."""
+    indices = [i for i in chosen if not ROWS[i].data_parallel]
+    command = [sys.executable, __file__, "--session", str(scratch), str(seconds - GRACE_S),
+               ",".join(map(str, indices)), str(cache or "")]  # fmt: skip
+    # At least the time to start and hand over its device record.
+    code = run_logged(command, scratch / "session.log", max(seconds, GRACE_S), environment())
+    _, records = load_records(scratch / "rows.jsonl")
+    done = {r["index"] for r in records}
+    lost = (
+        "stopped at the time limit before it finished"
+        if code is None
+        else f"the measuring process ended (exit code {code}) before it finished; see session.log"
     )
-    command = [
-        sys.executable, "launch/bench.py", f"configs/paper/{config}.yaml", *sizes,
-        "--compile", "model", "--no-layer-times", "--json",
-        "--compile-cache", str(cache / f"row{index}.bin"),
-        *options, *overrides, *(TINY if SMOKE else []),
-    ]  # fmt: skip
-    proc = run(command, timeout)
-    (out / f"row{index}.log").write_text(proc.stderr[-20000:])
-    record = {"row": name, "config": config, "overrides": overrides, "options": options}
-    try:
-        (result,) = json.loads(proc.stdout.strip().splitlines()[-1])
-        record["result"] = result
-    except (IndexError, ValueError):
-        record["error"] = last_error(proc)
-    (out / f"row{index}.json").write_text(json.dumps(record, indent=1))
-    return record
+    for i in indices:
+        if i not in done:
+            status = ("failed", lost) if lost else ("not run", "out of time")
+            records.append(_unfinished(i, *status))
+            lost = None  # the row in progress is lost; the ones after it never started
+    return records
 
 
-def table(records: list[dict]) -> str:
-    lines = [
-        "| device | config | row | tokens/s | MFU | step ms median (min-max) | syncs/step |",
-        "|---|---|---|---:|---:|---|---:|",
-    ]
-    for r in records:
-        if "result" not in r:
-            lines.append(f"| - | {r['config']} | {r['row']} | failed: {r['error']} | | | |")
-            continue
-        x = r["result"]
-        syncs = "-" if x.get("syncs_per_step") is None else f"{x['syncs_per_step']:.2f}"
-        lines.append(
-            f"| {x['device']} | {x['config']} | {r['row']} | {x['tokens_per_s']:,.0f} | "
-            f"{100 * x['mfu']:.1f}% | {1000 * x['step_time_median_s']:.1f} "
-            f"({1000 * x['step_time_min_s']:.1f}-{1000 * x['step_time_max_s']:.1f}) | {syncs} |"
+def _unfinished(index: int, status: str, reason: str) -> dict:
+    row = ROWS[index]
+    key = "error" if status == "failed" else "reason"
+    return {
+        "index": index,
+        "row": row.name,
+        "config": row.build.config,
+        "status": status,
+        key: reason,
+    }
+
+
+def data_parallel_row(index: int, scratch: Path, seconds: float, header: dict | None) -> dict:
+    """The row over every GPU (two CPU processes without one): torchrun over launch/bench.py,
+    whose own figures (its JSON row) are the row's result. `header`: the measuring
+    process's device record (None: it gave none)."""
+    row = ROWS[index]
+    record = {"index": index, "row": row.name, "config": row.build.config}
+    if header is None:
+        return {
+            **record,
+            "status": "not run",
+            "reason": "the measuring process gave no device record",
+        }
+    gpus = header["gpus"]
+    cuda = header["device"] != "cpu"
+    reason = skip_reason(row, cuda, gpus, None)
+    if reason or seconds < SIZES.min_row_s:
+        status = (
+            ("skipped", reason) if reason else ("not run", f"out of time ({seconds:.0f} s left)")
         )
-    return "\n".join(lines) + "\n"
+        return {**record, "status": status[0], "reason": status[1]}
+    build, switches, notes = on_device(row, cuda)
+    processes = gpus if cuda else 2
+    notes.append(f"{processes} processes, one per {'GPU' if cuda else 'CPU process (gloo)'}")
+    cache = []  # the measuring process's kernels: crown's step compiles to the same graphs
+    if (scratch / "compile_cache.bin").is_file():
+        shutil.copyfile(scratch / "compile_cache.bin", scratch / "data_parallel_cache.bin")
+        cache = ["--compile-cache", str(scratch / "data_parallel_cache.bin")]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={processes}", "launch/bench.py", build.path,
+        "--micro-batch", str(SIZES.micro_batch), "--steps", str(SIZES.steps),
+        "--warmup", str(SIZES.warmup), "--no-layer-times", "--json", *cache,
+        *([] if switches.sync_free else ["--read-every-step"]),
+        *build.overrides(), *switches.overrides(), *SIZES.overrides,
+    ]  # fmt: skip
+    started = time.monotonic()
+    log = scratch / "data_parallel.log"
+    code = run_logged(command, log, seconds, environment())
+    record.update(notes=notes, seconds=time.monotonic() - started)
+    result = _bench_json(log)
+    if code != 0 or result is None:
+        error = "stopped at the time limit" if code is None else f"exit code {code}"
+        return {**record, "status": "failed", "error": f"{error}; see data_parallel.log"}
+    checks, failures = check(result, None, switches.sync_free)
+    status = "failed" if failures else "measured"
+    return {
+        **record,
+        "status": status,
+        "error": "; ".join(failures) or None,
+        "checks": checks,
+        "result": result,
+    }
+
+
+def _bench_json(log: Path) -> dict | None:
+    """Rank 0's result: the last JSON row launch/bench.py printed."""
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("[{"):
+            try:
+                return json.loads(line)[0]
+            except (ValueError, IndexError):
+                return None
+    return None
+
+
+def measure(out: Path, cache: Path | None, chosen: list[int], budget: float) -> int:
+    started = time.monotonic()
+    scratch = Path(tempfile.mkdtemp(prefix="gpu_measure."))
+    gpus = gpu_count()
+    parallel = [i for i in chosen if ROWS[i].data_parallel]
+    reserve = PACK_S + (SIZES.data_parallel_s if parallel and gpus != 1 else 0)
+    records = session_rows(chosen, scratch, cache, budget - reserve - (time.monotonic() - started))
+    header, _ = load_records(scratch / "rows.jsonl")
+    for index in parallel:
+        left = budget - PACK_S - (time.monotonic() - started)
+        records.append(data_parallel_row(index, scratch, left, header))
+        print(row_line(records[-1]), flush=True)
+    records.sort(key=lambda r: r["index"])
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(
+            [*(["SMOKE=1"] if SIZES is SMOKE else []), f"BUDGET_S={budget:.0f}", "python",
+             "launch/gpu_measure.py", str(out), *([str(cache)] if cache else [])]
+        ),
+        "budget_s": budget,
+        "wall_s": time.monotonic() - started,
+    }  # fmt: skip
+    files = write_results(out, scratch, header, records, meta)
+    shutil.rmtree(scratch, ignore_errors=True)
+    print((out / "table.md").read_text())
+    print("files: " + ", ".join(f"{f.name} ({f.stat().st_size:,} bytes)" for f in files))
+    bad = [r for r in records if r["status"] in ("failed", "not run")]
+    return 1 if bad else 0
 
 
 def main(argv: list[str]) -> int:
-    started = time.monotonic()
+    if argv[:1] == ["--session"]:
+        from lws_megatron.measure.session import run_session
+
+        scratch, seconds, indices, cache = argv[1:5]
+        chosen = [int(i) for i in indices.split(",") if i]
+        return run_session(
+            Path(scratch), chosen, ROWS, SIZES, float(seconds), Path(cache) if cache else None
+        )
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: launch/gpu_measure.py [-h] OUT [CACHE]\n\n{__doc__}")
+        return 0
+    if not argv or len(argv) > 2 or argv[0].startswith("-"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    only = os.environ.get("ROWS")
+    chosen = [int(i) for i in only.split(",")] if only else list(range(len(ROWS)))
+    if any(not 0 <= i < len(ROWS) for i in chosen):
+        print(f"error: ROWS={only}: rows are 0 to {len(ROWS) - 1}", file=sys.stderr)
+        return 2
     out = Path(argv[0])
-    cache = Path(argv[1]) if len(argv) > 1 else out / "compile_cache"
     out.mkdir(parents=True, exist_ok=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    if not SMOKE:
-        check = run([sys.executable, "launch/gpu_check.py", "configs/paper/crown-18l.yaml"], 150)
-        (out / "gpu_check.txt").write_text(check.stdout + check.stderr[-5000:])
-        print(check.stdout[-3000:], flush=True)
-    shapes = ["configs/paper/baseline-18l.yaml", "--micro-batch", "2" if SMOKE else "16"]
-    gemm = run([sys.executable, "launch/bench.py", *shapes, "--gemm", *(TINY if SMOKE else [])], 60)
-    (out / "gemm.json").write_text(gemm.stdout.strip().splitlines()[-1] if gemm.stdout else "[]")
-    print(f"matmul ceiling: {gemm.stdout.strip()[-400:] or last_error(gemm)}", flush=True)
-    records = []
-    chosen = [int(i) for i in ONLY.split(",")] if ONLY else range(len(ROWS))
-    for index, row in ((i, ROWS[i]) for i in chosen):
-        left = BUDGET_S - (time.monotonic() - started)
-        if left < 30:
-            records.append({"row": row[0], "config": row[1], "error": "not run: out of time"})
-            continue
-        records.append(bench_row(out, cache, index, row, min(left, 150)))
-        print(table(records[-1:]).splitlines()[-1], flush=True)
-    (out / "table.md").write_text(table(records))
-    print(table(records))
-    return 0
+    cache = Path(argv[1]) if len(argv) > 1 else None
+    return measure(out, cache, chosen, float(os.environ.get("BUDGET_S", 300)))
 
 
 if __name__ == "__main__":

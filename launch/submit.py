@@ -28,13 +28,16 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from lws_megatron.cli import add_configs, configs_and_overrides
+from lws_megatron.cli import parser as make_parser
 from lws_megatron.config import Config, dump_config, load_config
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import ensure_dir, write_text_atomic
-from lws_megatron.training.data import resolve_sources
-from lws_megatron.training.data_passes import passes_warning
-from lws_megatron.training.distributed import ParallelPlan, resolve_plan
+
+if TYPE_CHECKING:
+    from lws_megatron.training.distributed import ParallelPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "launch" / "slurm" / "pretrain.sbatch"
@@ -64,6 +67,10 @@ def time_seconds(value: str) -> int | None:
 def check(config: Config, nodes: int, per_node: int, unit: str, data_check: bool) -> ParallelPlan:
     """Refuse, with a UserError naming the values and the fix, what the allocation can't run:
     the same plan every rank resolves first (heads vs TP, the layout, the batch split)."""
+    from lws_megatron.training.data import resolve_sources
+    from lws_megatron.training.data_passes import passes_warning
+    from lws_megatron.training.distributed import resolve_plan
+
     world = nodes * per_node
     plan = resolve_plan(
         config, world, f"--nodes {nodes} x {per_node} {unit} per node = {world} processes"
@@ -164,17 +171,9 @@ def launch_line(script: str, nodes: int) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Check a config against a SLURM allocation and submit a pre-training job."
-    )
-    parser.add_argument("config", help="YAML config, e.g. configs/demo/crown.yaml")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="dotted overrides, baked into the job's resolved config",
-    )
-    parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    parser = make_parser("launch/submit.py", __doc__)
+    add_configs(parser)
+    parser.add_argument("--nodes", type=int, default=1, help="nodes")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--gpus-per-node", type=int, help="GPUs per node: one process per GPU")
     size.add_argument(
@@ -186,7 +185,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--launcher",
         choices=("torchrun", "mpi"),
         default="torchrun",
-        help="torchrun per node (default), or one srun --mpi=pmix task per process",
+        help="torchrun per node, or one srun --mpi=pmix task per process",
     )
     parser.add_argument("--partition", help="SLURM partition(s)")
     parser.add_argument("--account", help="SLURM account to charge")
@@ -204,8 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=120,
         metavar="SECONDS",
-        help="pre-emption warning: USR1 this long before the time limit "
-        "(checkpoint, then requeue; default 120)",
+        help="pre-emption warning: USR1 this long before the time limit (checkpoint, then requeue)",
     )
     add_restart_options(parser)
     parser.add_argument(
@@ -218,7 +216,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="print the batch script and launch line; write and submit nothing",
     )
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    [args.config], args.overrides = configs_and_overrides(
+        args, "launch/submit.py configs/demo/crown.yaml --nodes 2 --gpus-per-node 8", True
+    )
+    return args
 
 
 def add_restart_options(parser: argparse.ArgumentParser) -> None:

@@ -14,13 +14,14 @@ from their checkpoints and does not train the finished ones again.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from demo import pretrain
 
+from lws_megatron.cli import Progress, add_configs
+from lws_megatron.cli import parser as make_parser
 from lws_megatron.config import config_name, load_config
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.report import write_report
@@ -78,15 +79,8 @@ def plan_runs(
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "items",
-        nargs="+",
-        metavar="CONFIG|key=value",
-        help="YAML configs to train, and overrides applied to every run",
-    )
+    parser = make_parser("launch/sweep.py", __doc__)
+    add_configs(parser, many=True)
     parser.add_argument("--seeds", nargs="*", metavar="S", help="train.seed of each run")
     parser.add_argument("--nproc", type=int, default=2, help="processes per run (data parallel)")
     parser.add_argument("--output", default="sweep_out", help="runs and report go here")
@@ -94,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     # --seeds takes every value up to the next option, so overrides written after it land there
     items = args.items + [v for v in args.seeds or [] if "=" in v]
     seeds = parse_seeds([v for v in args.seeds or [] if "=" not in v])
-    configs = [item for item in items if "=" not in item]
+    configs = args.configs + [item for item in items if "=" not in item]
     if not configs:
         raise UserError(
             "give at least one config, e.g. launch/sweep.py configs/demo/crown.yaml --seeds 1 2 3"
@@ -103,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--nproc {args.nproc}: give at least 1 process per run")
     out = Path(args.output).resolve()
     runs = plan_runs(configs, seeds, [item for item in items if "=" in item], out)
-    failed = []
-    for i, (path, seed, run_dir, overrides) in enumerate(runs, start=1):
-        print(f"\n[{i}/{len(runs)}] {path} seed {seed} -> {run_dir}", flush=True)
+    failed, progress = [], Progress(len(runs))
+    for path, seed, run_dir, overrides in runs:
+        progress.start(f"{path} seed {seed} -> {run_dir}")
         try:
             pretrain(Path(path), overrides, args.nproc)
         except UserError:

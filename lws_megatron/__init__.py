@@ -2,9 +2,28 @@
 
 __version__ = "0.1.0"
 
+import logging
+import sys
 import warnings
 
 # Megatron-Core and DeepSpeed warn at import about optional CUDA packages (Transformer Engine,
 # Apex) that a run without them does not need; every command would otherwise open with them.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|deepspeed)\.")
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|deepspeed)\.")
+
+
+class _ToStderr(logging.Filter):
+    """DeepSpeed logs to stdout (its accelerator warning on import, among others), where it would
+    land in a command's output; its records go to stderr instead, formatted as DeepSpeed does."""
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [DeepSpeed] %(message)s"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.getLogger("DeepSpeed").getEffectiveLevel():
+            self.handler.handle(record)
+        return False
+
+
+# Installed before DeepSpeed creates its logger (the same object): it holds from the first record.
+logging.getLogger("DeepSpeed").addFilter(_ToStderr())

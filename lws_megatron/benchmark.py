@@ -1,9 +1,9 @@
 """Training throughput on the current device: the runtime's own step, timed after a warm-up.
 
 A step is what `launch/pretrain.py` runs (Megatron forward/backward, DeepSpeed optimizer step,
-clipping, the global-token loss), on synthetic tokens so that no data is needed. Also times
-each distinct layer shape's forward + backward alone, which is what the stage planner weighs,
-and, on request, profiles two steps: the operators that take the time and the launches.
+clipping, the global-token loss), on synthetic tokens so that no data is needed. `measure`
+times a built module as it stands, so one build can be measured again after a switch
+(the GPU measurement's rows); `bench_config` builds one and measures it.
 """
 
 from __future__ import annotations
@@ -11,48 +11,26 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+import torch.distributed as dist
 
 from lws_megatron.config import Config, config_name
-from lws_megatron.device import autocast, count_syncs, default_device, synchronize
-from lws_megatron.fileio import ensure_dir, write_bytes_atomic
+from lws_megatron.device import default_device, synchronize
+from lws_megatron.measure.batches import global_batch
+from lws_megatron.measure.blocks import LayerTiming, time_layers
+from lws_megatron.measure.comm import CommWaits
+from lws_megatron.measure.profile import OpTime, StepProfile, profile_steps
+from lws_megatron.measure.syncs import sync_counts
 from lws_megatron.model.compile import compile_stats
 from lws_megatron.model.fused_loss import FusedLossGPTModel
-from lws_megatron.training import distributed, forward
+from lws_megatron.model.spec import resolve_backend
+from lws_megatron.training import data_parallel, distributed, forward
 from lws_megatron.training.data import Batch
-from lws_megatron.training.metrics import device_peak_flops, memory_gb
+from lws_megatron.training.metrics import memory_gb
+from lws_megatron.training.peak_flops import device_peak_flops
 from lws_megatron.training.step_stats import StepStats
 from lws_megatron.training.train_module import TrainModule
-
-
-@dataclass(frozen=True)
-class LayerTiming:
-    ffn_hidden_size: int
-    num_query_heads: int
-    num_kv_heads: int
-    layers: list[int]
-    seconds: float
-
-
-@dataclass(frozen=True)
-class OpTime:
-    name: str
-    calls_per_step: float
-    ms_per_step: float
-
-
-@dataclass(frozen=True)
-class StepProfile:
-    """Where a step's time goes: device (GPU kernel) time against wall time, the kernels the
-    host launched, and the operators that took longest (self time, on the GPU where one ran)."""
-
-    wall_ms_per_step: float
-    busy_ms_per_step: float
-    launches_per_step: float
-    top: list[OpTime]
 
 
 @dataclass(frozen=True)
@@ -63,12 +41,12 @@ class BenchResult:
     micro_batch_size: int
     seq_length: int
     steps: int
-    tokens_per_s: float
+    tokens_per_s: float  # of the whole job: every data-parallel rank's tokens
     step_time_median_s: float
     step_time_min_s: float
     step_time_max_s: float
-    mfu: float
-    peak_flops: float
+    mfu: float  # against the peak of every device of the job
+    peak_flops: float  # of one device
     peak_memory_gb: float
     flops_per_token: int
     total_params: int
@@ -80,6 +58,15 @@ class BenchResult:
     graph_breaks: int = 0
     syncs_per_step: float | None = None  # host waits for the device (device.count_syncs)
     read_every_step: bool = False  # the step numbers read after every step, as before
+    syncs_in_steps: int = 0  # host waits inside the counted steps, their reads left out
+    first_loss: float | None = None  # of the first warm-up step, read after it
+    fused_loss: bool = False
+    cuda_graphs: bool = False
+    attention_backend: str = "sdpa"
+    data_parallel: int = 1
+    zero_stage: int = 0
+    grad_wait_ms: float = 0.0  # medians: finalize, the gradient reduction left after backward
+    optimizer_ms: float = 0.0  # the optimizer step, with ZeRO's all-gather of the weights
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,119 +84,6 @@ class BenchResult:
         )
 
 
-def synthetic_batch(config: Config, micro: int, seed: int = 0) -> Batch:
-    generator = torch.Generator().manual_seed(seed)
-    s = config.model.seq_length
-    text = torch.randint(0, config.model.vocab_size, (micro, s + 1), generator=generator)
-    return {
-        "tokens": text[:, :-1].contiguous(),
-        "labels": text[:, 1:].contiguous(),
-        "loss_mask": torch.ones(micro, s),
-    }
-
-
-class BlockTimer:
-    """Forward + backward of one micro batch through a built chunk's own blocks, alone: its
-    input embedding, any run of its layers, its head (final norm, output layer, cross-entropy).
-
-    What the benchmark reports per layer shape and what the pipeline planner calibrates on:
-    the very Megatron modules that train, in the run's compute dtype and attention kernel.
-    """
-
-    def __init__(self, chunk, config: Config, micro: int, device: torch.device, dtype: torch.dtype):
-        self.chunk, self.device, self.dtype = chunk, device, dtype
-        s, d = config.model.seq_length, config.model.d_model
-        batch = synthetic_batch(config, micro)
-        self.tokens, self.labels = batch["tokens"].to(device), batch["labels"].to(device)
-        self.hidden = torch.randn(s, micro, d, device=device)
-        self.grad = torch.randn_like(self.hidden)
-        self.rope = chunk.rotary_pos_emb(s)
-
-    def step(self, embedding: bool, layers: list, head: bool) -> None:
-        chunk = self.chunk
-        with autocast(self.device, self.dtype):
-            if embedding:
-                x = chunk.embedding(input_ids=self.tokens, position_ids=None)
-            else:
-                x = self.hidden.detach().requires_grad_()
-            for layer in layers:
-                x, _ = layer(x, attention_mask=None, rotary_pos_emb=self.rope)
-            if head:
-                out = _head_loss(chunk, chunk.decoder.final_layernorm(x), self.labels).mean()
-        if head:
-            out.backward()
-        else:
-            x.backward(self.grad.to(x.dtype))
-
-    def seconds(self, embedding: bool, layers: list, head: bool) -> float:
-        synchronize(self.device)
-        start = time.perf_counter()
-        self.step(embedding, layers, head)
-        synchronize(self.device)
-        return time.perf_counter() - start
-
-
-def _head_loss(chunk, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The chunk's own head: output layer and cross-entropy, or the fused one."""
-    if isinstance(chunk, FusedLossGPTModel):
-        return chunk.head_loss(hidden, labels)
-    weight = (
-        chunk.shared_embedding_or_output_weight()
-        if chunk.share_embeddings_and_output_weights
-        else None
-    )
-    logits, _ = chunk.output_layer(hidden, weight=weight)
-    return chunk.compute_language_model_loss(labels, logits).float()
-
-
-def time_layers(
-    chunk, config: Config, micro: int, device: torch.device, dtype: torch.dtype, repeats: int = 5
-) -> list[LayerTiming]:
-    """Forward + backward seconds of one micro batch through each distinct layer shape."""
-    timer = BlockTimer(chunk, config, micro, device, dtype)
-    shapes = config.summary().layers
-    by_shape: dict[tuple[int, int, int], list[int]] = {}
-    layers = {}
-    for layer in chunk.decoder.layers:
-        shape = shapes[layer.layer_number - 1]
-        key = (shape.ffn_hidden_size, shape.num_query_heads, shape.num_kv_heads)
-        by_shape.setdefault(key, []).append(layer.layer_number - 1)
-        layers.setdefault(key, layer)
-    timings = []
-    for key, layer in layers.items():
-        best = min(timer.seconds(False, [layer], False) for _ in range(repeats + 1))
-        timings.append(LayerTiming(*key, layers=by_shape[key], seconds=best))
-    chunk.zero_grad(set_to_none=True)
-    return timings
-
-
-_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
-
-
-def profile_steps(run_step, device: torch.device, steps: int = 2, top: int = 12) -> StepProfile:
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    synchronize(device)
-    start = time.perf_counter()
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            run_step()
-        synchronize(device)
-    wall = (time.perf_counter() - start) / steps
-    events = prof.key_averages()
-
-    def self_us(e) -> float:
-        return e.self_device_time_total if cuda else e.self_cpu_time_total
-
-    ranked = sorted((e for e in events if self_us(e) > 0), key=self_us, reverse=True)
-    return StepProfile(
-        wall_ms_per_step=1000 * wall,
-        busy_ms_per_step=sum(self_us(e) for e in ranked) / 1000 / steps,
-        launches_per_step=sum(e.count for e in events if e.key in _LAUNCHES) / steps,
-        top=[OpTime(e.key, e.count / steps, self_us(e) / 1000 / steps) for e in ranked[:top]],
-    )
-
-
 def bench_config(
     config: Config,
     path: str,
@@ -219,60 +93,111 @@ def bench_config(
     profile: bool = False,
     read_every_step: bool = False,
 ) -> BenchResult:
-    """Needs an initialised default process group of one rank (see launch/bench.py)."""
+    """Needs an initialised default process group (see launch/bench.py)."""
     device = default_device()
     with distributed.model_parallel(config) as plan:
         module = TrainModule(config, plan, device)
-        layer_timings = (
-            time_layers(
-                module.chunks[0], config, plan.micro_batch_size, device, module.args.autocast_dtype
+        with data_parallel.no_sync(module.model):
+            layer_timings = (
+                time_layers(
+                    module.chunks[0],
+                    config,
+                    plan.micro_batch_size,
+                    device,
+                    module.args.autocast_dtype,
+                )
+                if time_each_layer
+                else []
             )
-            if time_each_layer
-            else []
-        )
-        before = compile_stats()
         module.compile()
-        batches = _global_batch(config, plan)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times, total = _timed_steps(module, batches, warmup, steps, read_every_step)
-        step_profile = (
-            profile_steps(lambda: module.train_batch(batches), device) if profile else None
+        return measure(module, path, steps, warmup, profile, read_every_step, layer_timings)
+
+
+def measure(
+    module: TrainModule,
+    path: str,
+    steps: int,
+    warmup: int,
+    profile: bool = False,
+    read_every_step: bool = False,
+    layer_timings: list[LayerTiming] | None = None,
+) -> BenchResult:
+    """`steps` timed training steps of a built module after `warmup` untimed ones (the first
+    compiles, if anything does, and its loss is read); then, with `profile`, two profiled
+    steps; then one log interval of steps with its host waits counted."""
+    config, device = module.config, module.device
+    before = compile_stats()
+    batches = global_batch(config, module.plan)
+    tokens = forward.loss_tokens(batches)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    first_loss = module.train_batch(batches, tokens).loss.item() if warmup else None
+    with CommWaits(module) as waits:
+        times, total = _timed_steps(
+            module, batches, tokens, max(warmup - 1, 0), steps, read_every_step
         )
-        compiled = {k: v - before[k] for k, v in compile_stats().items()}
-        # Last: on a CPU the counting is a torch function mode, which Dynamo recompiles under.
-        syncs = _syncs_per_step(module, batches, read_every_step)
-    summary = config.summary()
+    grad_wait_ms, optimizer_ms = waits.medians_ms(steps)
+    step_profile = (
+        profile_steps(lambda: module.train_batch(batches, tokens), device) if profile else None
+    )
+    compiled = {k: v - before[k] for k, v in compile_stats().items()}
+    # Last: on a CPU the counting is a torch function mode, which Dynamo recompiles under.
+    every = 1 if read_every_step else config.train.log_interval
+    in_steps, in_read = sync_counts(module, batches, tokens, every)
+    described = _describe(module, path)
     tokens_per_s = config.train.global_batch_size * config.model.seq_length * steps / total
-    peak, _ = device_peak_flops(device)
+    peak = described["peak_flops"] * dist.get_world_size()
     return BenchResult(
-        config=config_name(path),
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        precision=module.precision.name,
-        micro_batch_size=plan.micro_batch_size,
-        seq_length=config.model.seq_length,
+        **described,
         steps=steps,
         tokens_per_s=tokens_per_s,
         step_time_median_s=statistics.median(times),
         step_time_min_s=min(times),
         step_time_max_s=max(times),
-        mfu=tokens_per_s * summary.flops_per_token / peak if peak else 0.0,
-        peak_flops=peak,
+        mfu=tokens_per_s * described["flops_per_token"] / peak if peak else 0.0,
         peak_memory_gb=memory_gb(device),
-        flops_per_token=summary.flops_per_token,
-        total_params=summary.total_params,
-        compile=config.train.compile,
-        layer_timings=layer_timings,
+        layer_timings=layer_timings or [],
         profile=step_profile,
-        sdpa_kernel=config.model.sdpa_kernel,
-        syncs_per_step=syncs,
+        syncs_per_step=(in_steps + in_read) / every,
         read_every_step=read_every_step,
+        syncs_in_steps=in_steps,
+        first_loss=first_loss,
+        grad_wait_ms=grad_wait_ms,
+        optimizer_ms=optimizer_ms,
         **compiled,
     )
 
 
+def _describe(module: TrainModule, path: str) -> dict:
+    """What a result says about the step it measured, besides the measured figures."""
+    config, device, chunk = module.config, module.device, module.chunks[-1]
+    summary = config.summary()
+    return {
+        "config": config_name(path),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": module.precision.name,
+        "micro_batch_size": module.plan.micro_batch_size,
+        "seq_length": config.model.seq_length,
+        "peak_flops": device_peak_flops(device)[0],
+        "flops_per_token": summary.flops_per_token,
+        "total_params": summary.total_params,
+        "compile": config.train.compile,
+        "sdpa_kernel": config.model.sdpa_kernel,
+        "fused_loss": isinstance(chunk, FusedLossGPTModel) and chunk.fused,
+        "cuda_graphs": config.train.cuda_graphs,
+        "attention_backend": resolve_backend(config.model.attention_backend, device),
+        "data_parallel": module.plan.dp,
+        "zero_stage": config.zero.stage,
+    }
+
+
 def _timed_steps(
-    module: TrainModule, batches: list[Batch], warmup: int, steps: int, read_every_step: bool
+    module: TrainModule,
+    batches: list[Batch],
+    tokens: int,
+    warmup: int,
+    steps: int,
+    read_every_step: bool,
 ) -> tuple[list[float], float]:
     """(seconds of each timed step, seconds of them all), stepping as the trainer does: the
     step numbers are read once per `train.log_interval`. On CUDA a step's time is the span
@@ -281,7 +206,6 @@ def _timed_steps(
     read its numbers after it (the old step)."""
     device, every = module.device, module.config.train.log_interval
     cuda = device.type == "cuda"
-    tokens = forward.loss_tokens(batches)
     stats = StepStats(device)
     marks = []
     for i in range(warmup + steps):
@@ -313,99 +237,6 @@ def _mark(cuda: bool, wait: bool):
     return event
 
 
-def _global_batch(config: Config, plan: distributed.ParallelPlan) -> list[Batch]:
-    """Synthetic micro batches of one global batch."""
-    return [
-        synthetic_batch(config, plan.micro_batch_size, seed) for seed in range(plan.micro_batches)
-    ]
-
-
-def _steps(module: TrainModule, batches: list[Batch], stats: StepStats, count: int) -> None:
-    """`count` training steps on the same batches, their numbers added to `stats`."""
-    tokens = forward.loss_tokens(batches)
-    for _ in range(count):
-        stats.add(module.train_batch(batches, tokens))
-
-
-def _syncs_per_step(module: TrainModule, batches: list[Batch], read_every_step: bool) -> float:
-    """Host waits per step over one log interval of steps, read as the trainer reads."""
-    every = 1 if read_every_step else module.config.train.log_interval
-    stats = StepStats(module.device)
-    with count_syncs(module.device) as counter:
-        _steps(module, batches, stats, every)
-        stats.read(time.perf_counter())
-    synchronize(module.device)
-    return counter.count / every
-
-
-def first_sync(config: Config, warmup: int = 3, steps: int = 2) -> str | None:
-    """Steady-state steps under `torch.cuda.set_sync_debug_mode("error")`, where any host wait
-    for the device raises: None if there was none, else the error's first line. CUDA only;
-    needs an initialised default process group of one rank."""
-    device = default_device()
-    with distributed.model_parallel(config) as plan:
-        module = TrainModule(config, plan, device)
-        module.compile()
-        batches = _global_batch(config, plan)
-        stats = StepStats(device)
-        _steps(module, batches, stats, warmup)
-        stats.read(time.perf_counter())
-        synchronize(device)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            _steps(module, batches, stats, steps)
-        except RuntimeError as err:
-            return str(err).strip().splitlines()[0]
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        stats.read(time.perf_counter())
-    return None
-
-
-def gemm_ceiling(config: Config, repeats: int = 20) -> list[dict]:
-    """TFLOP/s of the compute dtype's matrix multiply at the step's shapes (tokens x d_model by
-    the widest FFN, and by the vocabulary): what the step's matmuls could reach at best."""
-    device = default_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokens = config.train.micro_batch_size * config.model.seq_length
-    widest = max(shape.ffn_hidden_size for shape in config.summary().layers)
-    rows = []
-    for name, n in (("ffn", widest), ("head", config.model.vocab_size)):
-        a = torch.randn(tokens, config.model.d_model, device=device, dtype=dtype)
-        b = torch.randn(config.model.d_model, n, device=device, dtype=dtype)
-        a @ b
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        synchronize(device)
-        seconds = (time.perf_counter() - start) / repeats
-        flops = 2 * tokens * config.model.d_model * n
-        rows.append(
-            {
-                "gemm": name,
-                "shape": [tokens, config.model.d_model, n],
-                "dtype": str(dtype),
-                "tflops": flops / seconds / 1e12,
-            }
-        )
-    return rows
-
-
-def load_compile_cache(path: Path) -> None:
-    """Compiled kernels of an earlier process (torch.compiler's portable cache), if any."""
-    if path.is_file():
-        torch.compiler.load_cache_artifacts(path.read_bytes())
-
-
-def save_compile_cache(path: Path) -> None:
-    """What this process compiled or loaded, for the next process to skip compiling."""
-    saved = torch.compiler.save_cache_artifacts()
-    if saved is not None:
-        ensure_dir(path.parent)
-        write_bytes_atomic(path, saved[0])
-
-
 def render(results: list[BenchResult]) -> str:
     lines = [
         f"{'config':<16} {'device':<24} {'prec':<5} {'compile':<7} {'sdpa':<9} "
@@ -422,6 +253,14 @@ def render(results: list[BenchResult]) -> str:
             f"{r.peak_memory_gb:>7.2f} {_syncs(r):>10} {graphs}"
         )
     for r in results:
+        if r.data_parallel > 1:
+            lines.append(
+                f"{r.config}: DP={r.data_parallel}, ZeRO {r.zero_stage}: of a "
+                f"{1000 * r.step_time_median_s:.1f} ms step, {r.grad_wait_ms:.1f} ms waiting for "
+                f"the gradient reduction after backward, {r.optimizer_ms:.1f} ms in the "
+                "optimizer step and weight all-gather"
+            )
+    for r in results:
         if r.layer_timings:
             lines.append(
                 f"\n{r.config}: forward+backward per layer shape, micro batch "
@@ -434,17 +273,21 @@ def render(results: list[BenchResult]) -> str:
                 )
     for r in results:
         if r.profile:
-            p = r.profile
-            busy = (
-                f"GPU kernels {p.busy_ms_per_step:.1f} ms, {p.launches_per_step:,.0f} kernel "
-                "launches"
-                if r.device != "cpu"
-                else f"operators (self time) {p.busy_ms_per_step:.1f} ms"
-            )
-            lines.append(f"\n{r.config}: a profiled step takes {p.wall_ms_per_step:.1f} ms, {busy}")
-            for o in p.top:
-                lines.append(f"  {o.ms_per_step:8.2f} ms {o.calls_per_step:7.1f} x  {o.name[:90]}")
+            lines += ["", *render_profile(r)]
     return "\n".join(lines)
+
+
+def render_profile(r: BenchResult) -> list[str]:
+    p = r.profile
+    busy = (
+        f"GPU kernels {p.busy_ms_per_step:.1f} ms, {p.launches_per_step:,.0f} kernel launches"
+        if r.device != "cpu"
+        else f"operators (self time) {p.busy_ms_per_step:.1f} ms"
+    )
+    lines = [f"{r.config}: a profiled step takes {p.wall_ms_per_step:.1f} ms, {busy}"]
+    for o in p.top:
+        lines.append(f"  {o.ms_per_step:8.2f} ms {o.calls_per_step:7.1f} x  {o.name[:90]}")
+    return lines
 
 
 def _syncs(r: BenchResult) -> str:

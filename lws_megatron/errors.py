@@ -30,12 +30,17 @@ class JobFailure(Exception):
 
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a command-line main so that a UserError prints one line and exits with status 2,
-    a JobFailure one line and status 1."""
+    a JobFailure one line and status 1, and a reader that stops early (`| head`) ends the output
+    quietly, as for `cat`."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs) or 0
+        except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's status for SIGINT
+            if os.environ.get("RANK", "0") == "0":
+                print("interrupted (Ctrl-C)", file=sys.stderr)
+            return 130
         except UserError as err:
             if os.environ.get("RANK", "0") == "0":  # one line per job, not one per process
                 print(f"error: {err}", file=sys.stderr)
@@ -44,5 +49,9 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
             if err.report:
                 print(f"error: {err}", file=sys.stderr, flush=True)
             return 1
+        except BrokenPipeError:
+            # Nothing more can reach the reader; the interpreter's final flush must not fail.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE, what a shell reports for a command that met `head`
 
     return wrapper

@@ -1,7 +1,8 @@
 """`python -m lws_megatron.evaluate DIR --tasks a,b`: lm-eval-harness benchmarks on a run's export.
 
 DIR is a run dir (its newest checkpoint, or --step, exported to a temporary dir) or an export
-dir. lm-eval's `HFLM` runs the export with `trust_remote_code`, fp32; `--include-path` adds a
+dir. lm-eval's `HFLM` runs the model as this package loads it (`hf/loading.py`: our own code,
+never the folder's unless --trust-remote-code), fp32; `--include-path` adds a
 folder of task YAMLs (local tasks). The hub and datasets are offline, so tasks must find their
 data locally (a task whose data is not cached fails in one line). The scores are written to
 DIR/lm_eval.json (or --output): {"step", "tasks": {task: {metric: value}}, "settings"}.
@@ -14,9 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import write_json_atomic
-from lws_megatron.generate import export_dir, go_offline
 
 RESULTS = "lm_eval.json"
 
@@ -46,30 +47,35 @@ def evaluate(
     device: str = "cpu",
     step: int | None = None,
     output: Path | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Run lm-eval's `tasks` on the model of `path`; write and return the scores."""
+    if not tasks:
+        raise UserError("--tasks names no task; give comma-separated lm-eval task names")
+    from lws_megatron.hf.loading import export_dir, go_offline, load
+
     go_offline()
     import lm_eval
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     manager = _task_manager(TaskManager, tasks, include_path)
     with export_dir(path, step) as model_dir:
-        model_args = {
-            "pretrained": str(model_dir),
-            "trust_remote_code": True,
-            "dtype": "float32",
-            "backend": "causal",
-        }
+        model, tokenizer = load(model_dir, trust_remote_code)
+        lm = HFLM(
+            pretrained=model.to(device),
+            tokenizer=tokenizer,
+            backend="causal",
+            batch_size=batch_size,
+            device=device,
+        )
         try:
             results = lm_eval.simple_evaluate(
-                model="hf",
-                model_args=model_args,
+                model=lm,
                 tasks=tasks,
                 task_manager=manager,
                 num_fewshot=num_fewshot,
                 limit=limit,
-                batch_size=batch_size,
-                device=device,
                 log_samples=False,
             )
         except (FileNotFoundError, ConnectionError) as err:
@@ -105,7 +111,11 @@ def _export_step(model_dir: Path) -> int | None:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lws_megatron.evaluate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m lws_megatron.evaluate",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("path", type=Path, help="a run dir or an export dir")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     parser.add_argument("--include-path", type=Path, help="a folder of extra task YAMLs")
@@ -115,8 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--step", type=int, help="a run dir's checkpoint (default: newest)")
     parser.add_argument("--output", type=Path, help=f"scores JSON (default: DIR/{RESULTS})")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run an export folder's own modeling code instead of this package's",
+    )
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError(
+            f"--tasks {args.tasks!r} names no task; give comma-separated lm-eval task "
+            "names, e.g. --tasks arc_easy,hellaswag"
+        )
     record = evaluate(
         args.path,
         tasks,
@@ -127,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         step=args.step,
         output=args.output,
+        trust_remote_code=args.trust_remote_code,
     )
     for task, metrics in record["tasks"].items():
         print(task, " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))

@@ -18,6 +18,7 @@ from lws_megatron.errors import UserError
 
 PARTIAL_SUFFIX = ".partial"
 _HASH_BLOCK = 1 << 22
+_BAR_BYTES = 1 << 30
 
 
 def partial_path(path: str | os.PathLike) -> str:
@@ -59,16 +60,30 @@ def remove_quietly(path: str | os.PathLike) -> None:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """The file's sha256; a file of a GB or more shows a progress bar on a terminal."""
     digest = hashlib.sha256()
+    size = os.path.getsize(path)
+    bar = None
+    if size >= _BAR_BYTES:
+        from tqdm import tqdm
+
+        name = os.path.basename(path)
+        bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {name}", disable=None)
     with open(path, "rb") as f:
         while block := f.read(_HASH_BLOCK):
             digest.update(block)
+            if bar is not None:
+                bar.update(len(block))
+    if bar is not None:
+        bar.close()
     return digest.hexdigest()
 
 
 _FIXES = {
     errno.ENOSPC: "free space there or write elsewhere",
     errno.EDQUOT: "free space in your quota or write elsewhere",
+    errno.EFBIG: "the file outgrew a file-size limit (ulimit -f, or the filesystem's); "
+    "raise it or write elsewhere",
     errno.EROFS: "the filesystem is read-only; write elsewhere",
     errno.EACCES: "you may not write there; fix its permissions or write elsewhere",
     errno.EPERM: "you may not write there; fix its permissions or write elsewhere",

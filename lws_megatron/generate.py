@@ -2,63 +2,30 @@
 for a quick look at what a run learned.
 
 A run dir is exported to a temporary dir first (its newest checkpoint, or --step); an export
-dir is loaded as it is. Sampling is transformers' `generate` on the exported model: temperature
-0 is greedy, otherwise temperature and top-p sampling from a seeded generator. Nothing is
+dir is loaded as it is, by this package's own code (`hf/loading.py`: a folder whose code is not
+ours is refused unless --trust-remote-code). Sampling is transformers' `generate` on the exported
+model: temperature 0 is greedy, otherwise temperature and top-p sampling from a seeded
+generator; the prompt and its continuation are decoded together, as one text. Nothing is
 downloaded (the Hugging Face hub is switched offline).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterator
+import math
 from pathlib import Path
 
-import torch
-
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.errors import UserError, cli_entry
-from lws_megatron.export import export
-
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def go_offline() -> None:
-    """Before transformers or datasets is imported: never reach for the hub."""
-    for key, value in OFFLINE.items():
-        os.environ.setdefault(key, value)
-
-
-@contextlib.contextmanager
-def export_dir(path: Path, step: int | None = None) -> Iterator[Path]:
-    """`path` if it is an export; a temporary export of it if it is a run dir."""
-    if (path / "config.json").is_file() and (path / "modeling_lws.py").is_file():
-        if step is not None:
-            raise UserError(f"{path} is an export (of one step); --step applies to a run dir")
-        yield path
-    elif (path / "config.yaml").is_file():
-        with tempfile.TemporaryDirectory(prefix="lws-export-") as tmp:
-            yield export(path, Path(tmp) / "model", step)
-    else:
-        raise UserError(
-            f"{path} is neither a run dir (config.yaml) nor an export dir "
-            "(config.json, modeling_lws.py); pass one of them"
-        )
-
-
-def load(model_dir: Path):
-    """(model, tokenizer) of an export dir, fp32 on the CPU, in eval mode."""
-    go_offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, trust_remote_code=True, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    return model.eval(), tokenizer
+def check_options(temperature: float, top_p: float, max_tokens: int) -> None:
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature {temperature}: give a number >= 0 (0: greedy)")
+    if not 0 < top_p <= 1:  # also refuses nan
+        raise UserError(f"--top-p {top_p}: give a number in (0, 1]")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens {max_tokens}: give at least 1")
 
 
 def sample(
@@ -72,14 +39,19 @@ def sample(
     seed: int = 0,
 ) -> list[int]:
     """The generated token ids after `prompt` (at most `max_tokens`; fewer at end of text)."""
-    if temperature < 0 or not 0 < top_p <= 1 or max_tokens < 1:
-        raise UserError(
-            f"--temperature {temperature} must be >= 0, --top-p {top_p} in (0, 1] "
-            f"and --max-tokens {max_tokens} at least 1"
-        )
+    import torch
+
+    check_options(temperature, top_p, max_tokens)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         raise UserError("--prompt is empty after tokenization; give some text to continue")
+    context = model.config.max_position_embeddings
+    if ids.shape[1] + max_tokens > context:
+        raise UserError(
+            f"--max-tokens {max_tokens} after the {ids.shape[1]}-token prompt exceeds the "
+            f"model's context of {context} tokens (max_position_embeddings, the run's "
+            f"model.seq_length); ask for at most {max(context - ids.shape[1], 0)}"
+        )
     options = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
         if temperature > 0
@@ -97,17 +69,19 @@ def sample(
     return out[0, ids.shape[1] :].tolist()
 
 
-def decode(tokenizer, ids: list[int]) -> str:
-    """Text of `ids`; a sentencepiece model decodes itself, so byte pieces become characters."""
-    processor = getattr(tokenizer, "sp_model", None)
-    if processor is not None:
-        return processor.decode(ids)
-    return tokenizer.decode(ids, skip_special_tokens=True)
+def continuation(tokenizer, prompt: str, ids: list[int]) -> str:
+    """The prompt and its continuation as one text: decoding the new ids alone would drop the
+    space that starts the first of them (sentencepiece's "▁")."""
+    return tokenizer.decode(tokenizer(prompt).input_ids + ids, skip_special_tokens=True)
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lws_megatron.generate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m lws_megatron.generate",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("path", type=Path, help="a run dir or an export dir")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -115,9 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, help="a run dir's checkpoint (default: newest)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run an export folder's own modeling code instead of this package's",
+    )
     args = parser.parse_args(argv)
+    check_options(args.temperature, args.top_p, args.max_tokens)
+
+    from lws_megatron.hf.loading import export_dir, load
+
     with export_dir(args.path, args.step) as model_dir:
-        model, tokenizer = load(model_dir)
+        model, tokenizer = load(model_dir, args.trust_remote_code)
         ids = sample(
             model,
             tokenizer,
@@ -127,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens,
             seed=args.seed,
         )
-    print(args.prompt + decode(tokenizer, ids))
+    print(continuation(tokenizer, args.prompt, ids))
     return 0
 
 

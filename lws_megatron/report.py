@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from lws_megatron.cli import HelpFormatter
 from lws_megatron.config import Config, load_config
 from lws_megatron.describe import describe_json, plot_profiles
 from lws_megatron.errors import UserError, cli_entry
@@ -114,6 +115,9 @@ class RunStats:
     tokens_per_s: float
     mfu: float
     wall_time_s: float
+    tokens_per_s_range: tuple[float, float] = (math.nan, math.nan)
+    mfu_range: tuple[float, float] = (math.nan, math.nan)
+    busiest_load: float | None = None  # the host's highest 1-minute load average logged
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,19 @@ class ProfileStats:
     tokens_per_s: float
     mfu: float
     wall_time_s: float
+
+    @property
+    def tokens_per_s_range(self) -> tuple[float, float]:
+        """The slowest and fastest logged interval after the first, over every seed."""
+        return _range([s.tokens_per_s_range for s in self.runs])
+
+    @property
+    def mfu_range(self) -> tuple[float, float]:
+        return _range([s.mfu_range for s in self.runs])
+
+
+def _range(ranges: list[tuple[float, float]]) -> tuple[float, float]:
+    return min(low for low, _ in ranges), max(high for _, high in ranges)
 
 
 # ---------------------------------------------------------------- reading (pure)
@@ -255,6 +272,8 @@ def run_stats(run: Run) -> RunStats:
     interval."""
     last, steady = run.train[-1], run.train[1:] or run.train
     final_eval = run.evals[-1] if run.evals else None
+    speeds, mfus = [r["tokens_per_s"] for r in steady], [r["mfu"] for r in steady]
+    loads = [r["load_avg"] for r in steady if isinstance(r.get("load_avg"), (int, float))]
     return RunStats(
         params=int(run.info["total_params"]),
         flops_per_token=int(run.info["flops_per_token"]),
@@ -265,6 +284,9 @@ def run_stats(run: Run) -> RunStats:
         tokens_per_s=sum(r["tokens_per_s"] for r in steady) / len(steady),
         mfu=sum(r["mfu"] for r in steady) / len(steady),
         wall_time_s=float(run.wall_time_s),
+        tokens_per_s_range=(min(speeds), max(speeds)),
+        mfu_range=(min(mfus), max(mfus)),
+        busiest_load=max(loads) if loads else None,
     )
 
 
@@ -462,6 +484,10 @@ def _num(value: float | None, fmt: str) -> str:
     return "—" if value is None or not math.isfinite(value) else format(value, fmt)
 
 
+def _span(bounds: tuple[float, float], fmt: str) -> str:
+    return f"{bounds[0]:{fmt}}-{bounds[1]:{fmt}}"
+
+
 def _spread(value: Spread | None, fmt: str) -> str:
     if value is None or value.std is None or not math.isfinite(value.mean):
         return _num(None if value is None else value.mean, fmt)
@@ -494,8 +520,8 @@ def render_table(profiles: list[Profile], stats: dict[str, ProfileStats]) -> str
             _spread(s.final_loss, ".4f"),
             _spread(s.final_val_loss, ".4f"),
             _num(s.final_val_ppl, ".2f"),
-            f"{s.tokens_per_s:,.0f}",
-            f"{s.mfu:.2%}",
+            f"{s.tokens_per_s:,.0f} ({_span(s.tokens_per_s_range, ',.0f')})",
+            f"{s.mfu:.2%} ({_span(s.mfu_range, '.1%')})",
             _duration(s.wall_time_s),
         )
         for p, s in ((p, stats[p.name]) for p in profiles)
@@ -506,6 +532,35 @@ def render_table(profiles: list[Profile], stats: dict[str, ProfileStats]) -> str
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def throughput_notes(profiles: list[Profile], stats: dict[str, ProfileStats]) -> list[str]:
+    """What the MFU is measured against, and which runs shared their machine (a load average
+    above the host's cores): their speed includes other work's."""
+    sources = {
+        str(r.info.get("peak_flops_source", "not recorded")) for p in profiles for r in p.runs
+    }
+    lines = [f"MFU is measured against: {'; '.join(sorted(sources))}.", ""]
+    if len(sources) > 1:
+        lines += [
+            "> **Warning:** the runs' MFU is measured against different peaks; compare "
+            "their tokens/s, not their MFU.",
+            "",
+        ]
+    shared = []
+    for p in profiles:
+        for run, s in zip(p.runs, stats[p.name].runs):
+            cpus = run.info.get("host_cpus")
+            if s.busiest_load is not None and cpus and s.busiest_load > cpus + 1:
+                shared.append(f"{p.label(run)} (load {s.busiest_load:.1f} on {cpus} cores)")
+    if shared:
+        lines += [
+            f"> **Note:** the machine was shared during {', '.join(shared)}: more work was "
+            "waiting than it has cores, so those runs' tokens/s and MFU include other work's "
+            "time; compare throughput from runs on an otherwise idle machine.",
+            "",
+        ]
+    return lines
 
 
 def render_markdown(
@@ -521,9 +576,11 @@ def render_markdown(
         + ".",
         "",
         "Final losses are in nats per token at the last logged step (validation: last evaluation); "
-        "tokens/s and MFU are means over the logged intervals after the first; "
+        "tokens/s and MFU are means over the logged intervals after the first, with the "
+        "slowest and fastest of those intervals in brackets; "
         "wall time is the last logged `time_s`.",
         "",
+        *throughput_notes(profiles, stats),
     ]
     if any(p.seeded for p in profiles):
         parts += [
@@ -723,21 +780,41 @@ def plot_throughput(
         else [f"{p.name}\n{' / '.join(sorted(w))}" for p, w in zip(profiles, where)]
     )
     fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.55 * len(profiles)), sharey=True)
-    for ax, values, xlabel, fmt in (
-        (axes[0], [stats[n].tokens_per_s for n in names], "throughput (tokens/s)", "{:,.0f}"),
-        (axes[1], [100 * stats[n].mfu for n in names], "model FLOPs utilisation (%)", "{:.2f}%"),
+    for ax, values, ranges, xlabel, fmt in (
+        (
+            axes[0],
+            [stats[n].tokens_per_s for n in names],
+            [stats[n].tokens_per_s_range for n in names],
+            "throughput (tokens/s)",
+            "{:,.0f}",
+        ),
+        (
+            axes[1],
+            [100 * stats[n].mfu for n in names],
+            [tuple(100 * v for v in stats[n].mfu_range) for n in names],
+            "model FLOPs utilisation (%)",
+            "{:.2f}%",
+        ),
     ):
-        bars = ax.barh(range(len(names)), values, color=[colors[n] for n in names])
+        spread = [
+            [v - low for v, (low, _) in zip(values, ranges)],
+            [high - v for v, (_, high) in zip(values, ranges)],
+        ]
+        bars = ax.barh(
+            range(len(names)), values, xerr=spread, capsize=3, color=[colors[n] for n in names]
+        )
         ax.bar_label(bars, labels=[fmt.format(v) for v in values], fontsize=8, padding=3)
         ax.set_xlabel(xlabel)
-        ax.set_xlim(0, max(values) * 1.2 or 1)
+        ax.set_xlim(0, max(high for _, high in ranges) * 1.25 or 1)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(names)), labels)
     axes[0].invert_yaxis()
     subtitle = f" on {hardware.pop()}" if len(hardware) == 1 else ""
     seeds = ", and over seeds" if any(p.seeded for p in profiles) else ""
     fig.suptitle(
-        f"Training speed{subtitle}: mean over logged intervals after the first{seeds}", fontsize=10
+        f"Training speed{subtitle}: mean over logged intervals after the first{seeds}, "
+        "bars from the slowest to the fastest interval",
+        fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -793,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lws_megatron.report",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories")
     parser.add_argument(

@@ -60,6 +60,9 @@ def test_bench_measures_steps_and_every_layer_shape(compile):
     # the numbers of a step are read once per log interval (2 steps), or after every step
     assert result["read_every_step"] == (compile == "none")
     assert result["syncs_per_step"] == (1.0 if compile == "none" else 0.5)
+    assert result["syncs_in_steps"] == 0  # the read is the one wait; the steps have none
+    assert 5 < result["first_loss"] < 7  # about ln 512 at initialisation
+    assert result["fused_loss"] == (compile == "model") and result["data_parallel"] == 1
     if compile == "model":
         profile = result["profile"]
         assert profile["wall_ms_per_step"] > 0 and 0 < profile["busy_ms_per_step"]

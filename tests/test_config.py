@@ -107,7 +107,7 @@ def write(tmp_path, text, name="c.yaml"):
             [],
             r"multiple of train.micro_batch_size",
         ),
-        ("zero: {stage: 2}\nparallel: {pp: 2}\n", [], r"zero.stage=2 needs parallel.pp=1"),
+        ("zero: {stage: 3}\n", [], r"zero.stage=3 is not allowed; choose one of 0, 1, 2"),
         ("model: [1, 2]\n", [], r"model must be a mapping"),
         ("model: {num_layers: 4\n", [], r"not valid YAML"),
         ("{}", ["model.num_layers"], r"write it as section.key=value"),

@@ -4,6 +4,7 @@ download) scores the accuracy that our Megatron model's own log-likelihoods give
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from export_utils import megatron_logits, trained_export
 
 from data_prep.tokenizer import load_tokenizer
 from lws_megatron.errors import UserError
-from lws_megatron.evaluate import RESULTS, evaluate
+from lws_megatron.evaluate import RESULTS, evaluate, main
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -104,3 +105,20 @@ def test_from_a_run_dir_scores_go_to_the_run_dir(run, task_dir):
 def test_unknown_task_is_refused_in_one_line(run):
     with pytest.raises(UserError, match="lm-eval knows no task no_such_task"):
         evaluate(run[1], ["no_such_task"])
+
+
+def test_tasks_naming_nothing_fail_in_one_line(run, capsys):
+    assert main([str(run[1]), "--tasks", ","]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tasks ',' names no task" in err
+
+
+def test_a_folder_with_edited_code_is_refused(run, task_dir, tmp_path):
+    folder = tmp_path / "edited"
+    shutil.copytree(run[1], folder)
+    marker = tmp_path / "ran"
+    code = folder / "modeling_lws.py"
+    code.write_text(code.read_text() + f"\nopen({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(UserError, match="differs from the modeling code"):
+        evaluate(folder, ["lws_local_mc"], include_path=task_dir)
+    assert not marker.exists()

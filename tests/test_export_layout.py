@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lws_megatron.export import _SPLIT, _merge, _stage_offsets
+from lws_megatron.hf.weights import _SPLIT, _merge, _stage_offsets
 
 
 @pytest.mark.parametrize("name", sorted(_SPLIT))

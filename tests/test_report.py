@@ -28,6 +28,7 @@ def make_run(
     finished: bool = True,
     steps: int = 200,
     overrides: tuple[str, ...] = (),
+    load: float = 1.0,
 ) -> Path:
     """A run directory `root/profile` exactly as the training runtime writes it, its config
     the demo profile's with `overrides`.
@@ -72,6 +73,7 @@ def make_run(
                     "step_time_s": 0.5,
                     "mem_gb": 1.2,
                     "skipped_steps": 0,
+                    "load_avg": load,
                     "time_s": t,
                 }
             )
@@ -107,6 +109,8 @@ def make_run(
                 "dp": 1,
                 "device": "cpu",
                 "peak_flops": 1e12,
+                "peak_flops_source": "CPU peak 1000.0 GFLOP/s: measured once on this machine",
+                "host_cpus": 2,
                 "started": "2025-01-01T00:00:00+00:00",
             }
         )
@@ -201,6 +205,36 @@ def test_findings_are_computed(rendered):
     assert "Lowest final validation loss: **crown**" in report
     assert "relative to baseline" in report
     assert "No summary.json for framed" in report
+
+
+def test_throughput_shows_the_spread_of_its_intervals_and_what_mfu_divides_by(rendered):
+    out, runs = rendered
+    report = (out / "report.md").read_text()
+    row = table(report)["baseline"]
+    steady = [8000.0 + step for step in range(20, 201, 10)]  # the intervals after the first
+    mean = sum(steady) / len(steady)
+    assert row["tokens/s"] == f"{mean:,.0f} ({min(steady):,.0f}-{max(steady):,.0f})"
+    assert row["MFU"].endswith(f"({0.0102:.1%}-{0.012:.1%})")
+    assert "MFU is measured against: CPU peak 1000.0 GFLOP/s: measured once" in report
+    assert "shared" not in report
+
+
+def test_a_shared_machine_is_said_and_different_peaks_warned(tmp_path):
+    runs = [
+        make_run(tmp_path, "baseline", name="baseline", steps=60),
+        make_run(tmp_path, "crown", name="crown", steps=60, load=5.5),
+    ]
+    info = json.loads((runs[0] / "run_info.json").read_text())
+    info["peak_flops_source"] = "CPU peak 30.0 GFLOP/s: measured at start"
+    (runs[0] / "run_info.json").write_text(json.dumps(info))
+    assert main([*map(str, runs), "--output", str(tmp_path / "out")]) == 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    [note] = [line for line in report.splitlines() if line.startswith("> **Note:**")]
+    assert (
+        "machine was shared during crown (load 5.5 on 2 cores)" in note and "baseline" not in note
+    )
+    [warning] = [line for line in report.splitlines() if line.startswith("> **Warning:**")]
+    assert "different peaks" in warning
 
 
 def test_warns_when_tokenizer_or_validation_data_differ(tmp_path):

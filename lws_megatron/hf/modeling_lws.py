@@ -1,11 +1,12 @@
 """The LWS decoder in plain PyTorch, computing what the Megatron-Core model computes.
 
-Shipped inside every export dir (loaded with `trust_remote_code=True`), so it depends on
+Shipped inside every LWS export dir (loaded with `trust_remote_code=True`), so it depends on
 torch and transformers only. Each layer has its own FFN width and head counts. The block
 follows Megatron's: RMSNorm in fp32 with gain, q/k/v projections, QK-norm before RoPE, RoPE
 on the whole head with the two halves rotated (Megatron's `rotary_interleaved=False`), causal
-GQA attention via SDPA with scale 1/sqrt(d_head), SwiGLU (silu(gate) * up) without biases; pre
-norm (`x + f(norm(x))`) or OLMo-2's post norm (`x + norm(f(x))`), a final norm, then the head.
+GQA attention via SDPA with scale 1/sqrt(d_head) (eager where `output_attentions` asks for
+the probabilities), SwiGLU (silu(gate) * up) without biases; pre norm (`x + f(norm(x))`) or
+OLMo-2's post norm (`x + norm(f(x))`), a final norm, then the head.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_lws import LWSConfig
 
@@ -67,7 +68,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm((self.heads, self.d_head), eps)
             self.k_norm = RMSNorm((self.kv_heads, self.d_head), eps)
 
-    def forward(self, x, positions, mask, cache: Cache | None):
+    def forward(self, x, positions, mask, cache: Cache | None, weights: bool = False):
+        """The attention output, and its [b, heads, s, keys] probabilities when `weights`."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.d_head)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.d_head)
@@ -78,10 +80,26 @@ class Attention(nn.Module):
         q, k = rotate(q, positions, self.theta), rotate(k, positions, self.theta)
         if cache is not None:
             k, v = cache.update(k, v, self.layer)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.d_head))
+        probs = None
+        if weights:  # eager: SDPA does not return the probabilities
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
+            if mask is None:
+                mask = torch.ones(s, k.shape[2], dtype=torch.bool, device=x.device).tril(
+                    k.shape[2] - s
+                )
+            scores = (q @ k.transpose(-1, -2)) * self.d_head**-0.5
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32)
+            out = probs.to(q.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                enable_gqa=self.kv_heads != self.heads,
+            )
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.d_head)), probs
 
 
 class MLP(nn.Module):
@@ -111,13 +129,15 @@ class DecoderLayer(nn.Module):
         for name in names:
             self.add_module(name, RMSNorm((config.hidden_size,), config.rms_norm_eps))
 
-    def forward(self, x, positions, mask, cache):
+    def forward(self, x, positions, mask, cache, weights: bool = False):
         attn_norm, mlp_norm = getattr(self, self.attn_norm_name), getattr(self, self.mlp_norm_name)
         if self.post:
-            x = x + attn_norm(self.self_attn(x, positions, mask, cache))
-            return x + mlp_norm(self.mlp(x))
-        x = x + self.self_attn(attn_norm(x), positions, mask, cache)
-        return x + self.mlp(mlp_norm(x))
+            out, probs = self.self_attn(x, positions, mask, cache, weights)
+            x = x + attn_norm(out)
+            return x + mlp_norm(self.mlp(x)), probs
+        out, probs = self.self_attn(attn_norm(x), positions, mask, cache, weights)
+        x = x + out
+        return x + self.mlp(mlp_norm(x)), probs
 
 
 class LWSPreTrainedModel(PreTrainedModel):
@@ -150,16 +170,35 @@ class LWSModel(LWSPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        output_hidden_states=None,
+        output_attentions=None,
+    ):
+        """As transformers' decoders: `hidden_states` holds the embeddings and every layer's
+        output, the last one after the final norm; `attentions` every layer's probabilities."""
         b, s = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(s, device=input_ids.device) + past).expand(b, s)
         x = self.embed_tokens(input_ids)
         mask = _mask(attention_mask, b, s, past, input_ids.device)
+        hidden, attentions = [], []
         for layer in self.layers:
-            x = layer(x, position_ids, mask, cache)
-        return self.norm(x)
+            hidden.append(x)
+            x, probs = layer(x, position_ids, mask, cache, bool(output_attentions))
+            attentions.append(probs)
+        x = self.norm(x)
+        return BaseModelOutputWithPast(
+            last_hidden_state=x,
+            cache=cache,
+            hidden_states=(*hidden, x) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
 
 
 def _mask(attention_mask, b: int, s: int, past: int, device) -> torch.Tensor | None:
@@ -208,12 +247,23 @@ class LWSForCausalLM(LWSPreTrainedModel, GenerationMixin):
         use_cache=None,
         past_key_values=None,
         logits_to_keep=0,
+        output_hidden_states=None,
+        output_attentions=None,
         **kwargs,
     ):
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = DynamicCache()
-        hidden = self.model(input_ids, attention_mask, position_ids, cache)
+        config = self.config
+        decoded = self.model(
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            _default(output_hidden_states, config.output_hidden_states),
+            _default(output_attentions, config.output_attentions),
+        )
+        hidden = decoded.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -222,4 +272,14 @@ class LWSForCausalLM(LWSPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=cache,
+            hidden_states=decoded.hidden_states,
+            attentions=decoded.attentions,
+        )
+
+
+def _default(value, configured):
+    return configured if value is None else value

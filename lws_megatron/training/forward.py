@@ -108,6 +108,7 @@ def world_sums(loss_sum: torch.Tensor, tokens: torch.Tensor, *flags: torch.Tenso
 
 
 def run_schedule(
+    *,
     args: ModelArgs,
     chunks,
     batches: list[Batch],
@@ -117,8 +118,9 @@ def run_schedule(
     forward_only: bool,
     clock: ForwardClock | None = None,
 ) -> torch.Tensor:
-    """Megatron's forward-backward schedule (1F1B with PP > 1); returns the local loss sum.
-    `clock` times each micro batch's forward."""
+    """Megatron's forward-backward schedule (1F1B with PP > 1) over `chunks` (in Megatron's DDP
+    for a training step, whose hooks it drives); returns the local loss sum. `clock` times each
+    micro batch's forward."""
     sums: list[torch.Tensor] = []
     model_step = forward_step(args)
 
@@ -130,7 +132,7 @@ def run_schedule(
             loss_sum, _, report = model_loss(output_tensor)
             sums.append(loss_sum.detach())
             # The schedule divides a 2-tuple's loss by the number of micro batches, and
-            # DeepSpeed averages gradients over DP: `scale` undoes both.
+            # DDP averages gradients over DP: `scale` undoes both.
             return loss_sum * scale / tokens, report
 
         return output, loss

@@ -117,8 +117,14 @@ def _collective(err: BaseException) -> str:
     """The torch.distributed call that gave up, and the line of ours that made it."""
     frames = traceback.extract_tb(err.__traceback__)
     c10d = [f for f in frames if f.filename.endswith("distributed_c10d.py")]
+    core = [f for f in frames if f"{os.sep}megatron{os.sep}core{os.sep}" in f.filename]
     ours = [f for f in frames if f"{os.sep}lws_megatron{os.sep}" in f.filename]
-    name = c10d[-1].name if c10d else "a collective"
+    if c10d:
+        name = c10d[-1].name
+    elif core:  # waiting on work Megatron-Core started (DDP's bucket all-reduce, PP's sends)
+        name = f"megatron.core {Path(core[-1].filename).stem}.{core[-1].name}"
+    else:
+        name = "a collective"
     if not ours:
         return name
     caller = ours[-1]

@@ -19,6 +19,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
     their rounding.
     """
 
+    reads_main_grad = True  # the fp32 `main_grad` of Megatron's DDP, not a bf16 rounding of it
+
     def __init__(self, groups: list[dict], **kwargs) -> None:
         self.model_params = [p for group in groups for p in group["params"]]
         masters = [
@@ -31,7 +33,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         for master, param in zip(self.masters, self.model_params):
-            master.grad = None if param.grad is None else param.grad.float()
+            grad = getattr(param, "main_grad", param.grad)
+            master.grad = None if grad is None else grad.float()
         super().step(closure)
         torch._foreach_copy_(self.model_params, self.masters)
 

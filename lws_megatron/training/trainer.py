@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +34,8 @@ from lws_megatron.training.data_passes import passes_warning
 from lws_megatron.training.data_verify import verify_sources
 from lws_megatron.training.documents import DocumentBatches
 from lws_megatron.training.loader import StepLoader
-from lws_megatron.training.metrics import MetricsWriter, device_peak_flops, memory_gb
+from lws_megatron.training.metrics import MetricsWriter, memory_gb
+from lws_megatron.training.peak_flops import device_peak_flops
 from lws_megatron.training.run_dir import RunLock, clear_records, refuse_foreign_records
 from lws_megatron.training.step_stats import Interval, StepStats
 from lws_megatron.training.train_module import TrainModule
@@ -64,7 +66,8 @@ def train(config: Config) -> dict[str, Any] | None:
 
 
 def fingerprint(config: Config, plan: distributed.ParallelPlan) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the model's shapes and the parallel split."""
+    """What a checkpoint must match to be resumed: the model's shapes, the parallel split and
+    the seed (the data order after the resume follows it)."""
     m = config.model
     return {
         "layers": [list(vars(s).values()) for s in config.summary().layers],
@@ -79,6 +82,7 @@ def fingerprint(config: Config, plan: distributed.ParallelPlan) -> dict[str, Any
         "pipeline_layout": plan.layout,
         "zero_stage": config.zero.stage,
         "global_batch_size": plan.global_batch_size,
+        "seed": config.train.seed,
     }
 
 
@@ -131,7 +135,11 @@ class Trainer:
         self._resume()
         self._write_records()
         self.writer = MetricsWriter(
-            self.run_dir, enabled=self.rank == 0, purge_after=self.resumed_step
+            self.run_dir,
+            enabled=self.rank == 0,
+            purge_after=self.resumed_step,
+            max_steps=config.train.max_steps,
+            hparams=config.to_dict(),
         )
 
     def _validation_batches(self, valid_ds):
@@ -349,6 +357,7 @@ class Trainer:
                     "precision": self.module.precision.name,
                     "peak_flops": self.peak_flops,
                     "peak_flops_source": self.peak_source,
+                    "host_cpus": os.cpu_count(),
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "git": provenance.git_commit(),
                     "versions": provenance.versions(),

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO over Megatron-Core's process groups, configured from our YAML."""
+"""DeepSpeed ZeRO over Megatron-Core's process groups: it holds the optimizer state (sharded
+over the data-parallel ranks at ZeRO >= 1) and gathers the updated weights."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from megatron.core import parallel_state as ps
 
 from lws_megatron.config import Config
 from lws_megatron.training.checkpoint import SafeCheckpointEngine
+from lws_megatron.training.distributed import skip_cpu_comm_op
 
 
 class MegatronMPU:
@@ -40,33 +42,27 @@ class MegatronMPU:
         )
 
 
-def uses_deepspeed_backward(config: Config) -> bool:
-    """ZeRO-2/3 reduce gradients in backward hooks, so each micro batch goes through
-    `engine.backward`; stages 0/1 let Megatron's schedule run backward and reduce at the end."""
-    return config.zero.stage >= 2
-
-
 def deepspeed_config(config: Config, dp: int, bf16_weights: bool = False) -> dict[str, Any]:
+    """The engine holds the optimizer state only: Megatron's DDP has reduced the gradients
+    (`data_parallel.py`) and the train module clips and skips (`grad_scale`, `found_inf` on
+    fused AdamW), so DeepSpeed's own reduction hooks, norm, clipping and overflow check stay
+    off: at ZeRO >= 1 its step reads nothing back from the device."""
     t = config.train
-    if uses_deepspeed_backward(config):
-        micro, accumulation = t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dp)
-    else:
-        micro, accumulation = t.global_batch_size // dp, 1
+    bf16 = config.zero.stage >= 1 and bf16_weights
     zero: dict[str, Any] = {"stage": config.zero.stage}
     if config.zero.stage >= 1:
-        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+        zero.update(overlap_comm=False, contiguous_gradients=False, compute_grad_norm=False)
     return {
         "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accumulation,
-        # Without ZeRO the runtime clips itself (step._plain_step): DeepSpeed's stage-0
-        # clipping neither reports the norm nor counts pipeline-stage parameters right.
-        "gradient_clipping": config.optim.clip_grad if config.zero.stage else 0.0,
+        "train_micro_batch_size_per_gpu": t.global_batch_size // dp,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
         "zero_optimization": zero,
-        # ZeRO >= 1 with bf16 weights: DeepSpeed keeps (and shards) the fp32 masters. Otherwise
-        # its bf16 optimizer, with its per-parameter host-synchronising checks, stays out: the
-        # weights are fp32, or bf16 with our master-weight AdamW (training/optimizer.py).
-        "bf16": {"enabled": config.zero.stage >= 1 and bf16_weights},
+        # ZeRO >= 1 with bf16 weights: DeepSpeed keeps (and shards) the fp32 masters, taking
+        # bf16 gradients (its other bf16 optimizer would re-reduce them). Otherwise the weights
+        # are fp32, or bf16 with our master-weight AdamW (training/optimizer.py).
+        "bf16": {"enabled": bf16, "check_grad_overflow": False},
+        "data_types": {"grad_accum_dtype": "bf16" if bf16 else "fp32"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -84,6 +80,7 @@ def initialize_engine(
     bf16_weights: bool = False,
 ):
     """`bf16_weights`: the model holds bf16 weights (`train.precision`, as resolved)."""
+    skip_cpu_comm_op()  # a process group set up without init_processes (tests, notebooks)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -93,4 +90,32 @@ def initialize_engine(
     )
     # DeepSpeed's own engine unpickles whatever a checkpoint file holds.
     engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+    if config.zero.stage >= 1:
+        # Stage 2 reduces each gradient in a hook as backward produces it; DDP already does.
+        for hook in engine.optimizer._grad_acc_hooks:
+            hook.remove()
+        engine.optimizer._grad_acc_hooks = []
     return engine
+
+
+def fused_adamw(engine) -> torch.optim.Optimizer:
+    """The torch AdamW that updates the (partitioned) fp32 weights: ours at ZeRO 0, the one
+    DeepSpeed's ZeRO optimizer wraps at ZeRO >= 1."""
+    optimizer = engine.optimizer
+    return optimizer.optimizer if hasattr(optimizer, "averaged_gradients") else optimizer
+
+
+def hand_over_grads(engine, params: list[torch.nn.Parameter]) -> None:
+    """The reduced gradients (`main_grad`) as the `.grad` the optimizer reads.
+
+    At ZeRO >= 1 DeepSpeed's optimizer takes its partition of them through its own
+    end-of-backward step (`independent_gradient_partition_epilogue`); its only communication
+    there reduces its own buckets, which stay empty since its hooks are off.
+    """
+    if getattr(engine.optimizer, "reads_main_grad", False):
+        return
+    for param in params:
+        grad = param.main_grad
+        param.grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
+    if hasattr(engine.optimizer, "averaged_gradients"):
+        engine.optimizer.independent_gradient_partition_epilogue()

@@ -4,8 +4,10 @@ import os
 
 import numpy as np
 import pytest
+from megatron.core.datasets import indexed_dataset
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+from data_prep import indexed
 from data_prep.indexed import IndexedWriter, token_dtype
 from data_prep.integrity import verify_dataset
 from lws_megatron.errors import UserError
@@ -44,6 +46,13 @@ def test_writer_output_is_byte_identical_to_megatrons_builder(tmp_path, dtype):
     for suffix in (".bin", ".idx"):
         ours, theirs = tmp_path / f"ours{suffix}", tmp_path / f"megatron{suffix}"
         assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_the_restated_format_is_megatrons():
+    assert indexed._INDEX_HEADER == indexed_dataset._INDEX_HEADER
+    assert indexed.DTYPE_CODES == {getattr(np, d.name): d.value for d in indexed_dataset.DType}
+    assert indexed.get_bin_path("a/b") == indexed_dataset.get_bin_path("a/b")
+    assert indexed.get_idx_path("a/b") == indexed_dataset.get_idx_path("a/b")
 
 
 def test_partial_files_are_not_a_dataset(tmp_path):

@@ -56,5 +56,12 @@ def test_quick_demo_builds_data_trains_five_profiles_and_writes_the_report(tmp_p
     assert (out / "data" / "demo.manifest.json").is_file() and (out / "corpus").is_dir()
     # The best run is exported for Hugging Face and continues the demo's prompt.
     assert [p.name for p in (out / "export").iterdir()] == [min(final, key=final.get)]
-    sample = [line for line in proc.stdout.splitlines() if line.startswith("The Python")]
-    assert len(sample) == 1 and len(sample[0]) > len("The Python")
+    sample = proc.stdout[proc.stdout.rindex("\nThe Python") + 1 :].split("\nreport: ")[0]
+    assert len(sample.strip()) > len("The Python") and "<0x" not in sample  # bytes as text
+    # Progress: each run announced, with an ETA once a run has finished; steps of the total.
+    lines = proc.stdout.splitlines()
+    banners = [line for line in lines if line.startswith("[") and "/5] " in line]
+    assert [b.split("]")[0] + "]" for b in banners] == [f"[{i}/5]" for i in range(1, 6)]
+    assert [b.split()[1] for b in banners] == [f"{p}:" for p in PROFILES]
+    assert "ETA" not in banners[0] and all(" | ETA " in b for b in banners[1:])
+    assert sum(line.startswith("step      4/4 | loss") for line in lines) == 5

@@ -168,7 +168,7 @@ def test_a_slow_rank_is_named_with_how_much_slower_it_is(tmp_path, tiny_data):
         ],
     )
     proc = start(argv)
-    seen = read_until(proc, r"^step +10 \|")
+    seen = read_until(proc, r"^step +10/\d+ \|")
     slow = workers_of(proc.pid)[1]
     while proc.poll() is None:
         try:
@@ -199,7 +199,7 @@ def test_sigterm_to_the_whole_process_group_checkpoints_exits_0_and_resumes_exac
 
     run_dir = tmp_path / "run"
     proc = start(command(run_dir, tiny_data))
-    seen = read_until(proc, r"^step +2 \|")
+    seen = read_until(proc, r"^step +2/\d+ \|")
     loaders = [pid for rank in workers_of(proc.pid).values() for pid in children(rank)]
     assert len(loaders) == 4  # data.num_workers=2 per rank
     os.killpg(proc.pid, signal.SIGTERM)
@@ -225,7 +225,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_the_same_com
 ):
     run_dir = tmp_path / "run"
     proc = start(command(run_dir, tiny_data))
-    read_until(proc, r"^step +3 \|")
+    read_until(proc, r"^step +3/\d+ \|")
     kill_job(proc)
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
     again = run(command(run_dir, tiny_data))
@@ -240,7 +240,7 @@ def test_a_killed_loader_worker_ends_the_run_with_a_checkpoint_and_one_line(
 ):
     run_dir = tmp_path / "run"
     proc = start(command(run_dir, tiny_data))
-    seen = read_until(proc, r"^step +2 \|")
+    seen = read_until(proc, r"^step +2/\d+ \|")
     from launch.torchrun import children
 
     victim = children(workers_of(proc.pid)[1])[0]
@@ -268,7 +268,7 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_resumes_exactly(
     run_dir = tmp_path / "run"
     argv = command(run_dir, tiny_data, "--max-restarts=1", overrides=["checkpoint.interval=4"])
     proc = start(argv)
-    seen = read_until(proc, r"^step +6 \|")
+    seen = read_until(proc, r"^step +6/\d+ \|")
     os.kill(workers_of(proc.pid)[1], signal.SIGKILL)
     out = "".join(seen) + finish(proc)
     assert proc.returncode == 0, out[-4000:]
@@ -286,7 +286,7 @@ def test_a_stopped_rank_ends_the_job_in_one_line_naming_it(tmp_path, tiny_data):
         overrides=["train.max_steps=100000", "run.collective_timeout_s=30", "eval.interval=0"],
     )
     proc = start(argv)
-    seen = read_until(proc, r"^step +3 \|")
+    seen = read_until(proc, r"^step +3/\d+ \|")
     stopped = workers_of(proc.pid)[1]
     began = time.monotonic()
     os.kill(stopped, signal.SIGSTOP)

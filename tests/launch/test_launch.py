@@ -146,7 +146,7 @@ def test_two_torchrun_launchers_on_loopback_train_as_one_job(tmp_path, tiny_data
         out0, out1 = finish(n0, "node rank 0"), finish(n1, "node rank 1")
     info = json.loads((run_dir / "run_info.json").read_text())
     assert (info["world_size"], info["dp"]) == (2, 2)
-    assert "step      3 |" in out0 and "step      1 |" not in out1  # one job: global rank 0 logs
+    assert "step      3/" in out0 and "step      1/" not in out1  # one job: global rank 0 logs
     np.testing.assert_allclose(losses(run_dir), losses(two_proc), rtol=0, atol=1e-6)
 
 
@@ -179,7 +179,9 @@ def test_mpirun_trains_with_ranks_from_mpi(tmp_path, tiny_data, two_proc):
     ]
     with started(argv, env=mpirun_env()) as (proc,):
         out = finish(proc, "mpirun -np 2")
-    assert out.count("step      3 | loss") == 1  # two ranks of one job, not two lone processes
+    assert (
+        out.count(f"step      3/{STEPS} | loss") == 1
+    )  # two ranks of one job, not two lone processes
     info = json.loads((run_dir / "run_info.json").read_text())
     assert (info["world_size"], info["dp"]) == (2, 2)
     np.testing.assert_allclose(losses(run_dir), losses(two_proc), rtol=0, atol=1e-6)
@@ -534,5 +536,5 @@ def test_slurm_mpi_launcher_gets_ranks_from_pmix(slurm_cluster, tmp_path, tiny_d
     log = job_log(run_dir)
     assert fields["JobState"] == "COMPLETED", log + cluster.logs()
     assert "srun --mpi=pmix --nodes=1 --ntasks-per-node=2" in log
-    assert log.count("step      3 | loss") == 1
+    assert log.count(f"step      3/{STEPS} | loss") == 1
     np.testing.assert_allclose(losses(run_dir), losses(two_proc), rtol=0, atol=1e-6)

@@ -32,8 +32,8 @@ def test_a_compiled_model_on_one_gpu_may_use_them():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_steps_train_like_the_compiled_ones():
     """Replayed steps give the compiled model's losses (tiny model, one GPU)."""
-    from lws_megatron.benchmark import synthetic_batch
     from lws_megatron.config import load_config
+    from lws_megatron.measure.batches import synthetic_batch
     from lws_megatron.training import distributed
     from lws_megatron.training.train_module import TrainModule
     from tests.training.test_training import TINY

@@ -137,6 +137,40 @@ def _saved_for_backward(tp: int, vocab_size: int) -> dict[bool, list[torch.Size]
     return found
 
 
+def _switched_off() -> dict[str, object]:
+    """A fused model with `fused` off against a model built with Megatron's head: losses,
+    and whether it saves a rows x vocabulary tensor for backward as Megatron's head does."""
+    from lws_megatron.model import build_model
+    from lws_megatron.training.distributed import model_parallel
+    from lws_megatron.training.train_module import model_args
+
+    config = _config("model.vocab_size=1000")
+    tokens = torch.randint(0, 1000, (3, config.model.seq_length))
+    with model_parallel(config) as plan:
+        args = model_args(config, plan, torch.device("cpu"))
+        models = {
+            fused: build_model(
+                dataclasses.replace(args, model=dataclasses.replace(args.model, fused_loss=fused)),
+                seed=5,
+            )
+            for fused in (False, True)
+        }
+        models[True].fused = False
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: shapes.append(t.shape) or t, lambda t: t
+        ):
+            switched = models[True](tokens, None, None, labels=tokens)
+        plain = models[False](tokens, None, None, labels=tokens)
+    return {"equal": torch.equal(switched, plain), "widest": max(s.numel() for s in shapes)}
+
+
+@pytest.mark.distributed
+def test_the_fused_head_switched_off_is_megatrons_head():
+    (found,) = run_distributed(_switched_off, 1)
+    assert found["equal"] and found["widest"] >= 3 * 32 * 1024
+
+
 @pytest.mark.distributed
 def test_the_fused_head_saves_no_tensor_of_rows_times_vocabulary():
     # vocab 1000 pads to 1024 per rank (TP=1): no other tensor of this model is that wide.

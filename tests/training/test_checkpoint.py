@@ -10,11 +10,13 @@ import json
 import os
 import pickle
 import random
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import run_distributed
+from dist_utils import DistributedFailure, run_distributed
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -34,12 +36,14 @@ class _Payload:
 
 def _module():
     """The tiny model's train module (ZeRO-1: DeepSpeed writes optimizer shards too)."""
+    import torch.distributed as dist
+
     from lws_megatron.config import load_config
     from lws_megatron.training.distributed import resolve_plan
     from lws_megatron.training.train_module import TrainModule
 
     config = load_config(TINY, ["zero.stage=1"])
-    return TrainModule(config, resolve_plan(config, 1), torch.device("cpu"))
+    return TrainModule(config, resolve_plan(config, dist.get_world_size()), torch.device("cpu"))
 
 
 def _weights(module) -> dict[str, torch.Tensor]:
@@ -126,6 +130,52 @@ def test_a_full_disk_fails_in_one_line_and_leaves_no_partial_checkpoint(tmp_path
     assert _names(tmp_path) == ["latest", "step_00000001"]
 
 
+def _save_past_a_size_limit(run_dir: str, failing_rank: int) -> dict:
+    """Save step 1; step 2 with writes of more than 64 KiB refused by the kernel on
+    `failing_rank` (EFBIG: the failed write() a full disk gives too, under another errno);
+    then step 3 with the limit lifted."""
+    import resource
+    import signal
+
+    import torch.distributed as dist
+
+    from lws_megatron.config import load_config
+    from lws_megatron.errors import UserError
+    from lws_megatron.training.distributed import model_parallel
+
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    with model_parallel(load_config(TINY, ["zero.stage=1"])):
+        module = _module()
+        ck = _checkpointer(run_dir, 3)
+        ck.save(module.engine, 1, {"skipped_steps": 0})
+        if dist.get_rank() == failing_rank:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+        try:
+            ck.save(module.engine, 2, {"skipped_steps": 0})
+            error = ""
+        except UserError as err:
+            error = str(err)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
+        after = _names(Path(run_dir))  # rank 0 has removed the partial save
+        ck.save(module.engine, 3, {"skipped_steps": 0})
+    return {"error": error, "after": after}
+
+
+@pytest.mark.parametrize("world, failing_rank", [(1, 0), (2, 1)])
+def test_a_failed_write_of_torch_save_is_one_line_on_every_rank(tmp_path, world, failing_rank):
+    outs = run_distributed(_save_past_a_size_limit, world, str(tmp_path), failing_rank, timeout=300)
+    for out in outs:
+        assert re.fullmatch(
+            r"checkpoint step_00000002 was not saved: \S+step_00000002\.tmp/\S+\.pt: File too "
+            r"large; the file outgrew a file-size limit .*; the checkpoints before it are kept",
+            out["error"],
+        ), out["error"]
+    assert outs[0]["after"] == ["latest", "step_00000001"]
+    assert _names(tmp_path) == ["latest", "step_00000001", "step_00000003"]
+
+
 def _resume(run_dir: str) -> dict:
     from lws_megatron.config import load_config
     from lws_megatron.errors import UserError
@@ -166,23 +216,105 @@ def test_only_damaged_checkpoints_left_is_an_error_not_a_fresh_start(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "rel",
+    "rel, protocol",
     [
-        "rng/rank00000.pt",
-        "pp0/state/mp_rank_00_model_states.pt",
-        "pp0/state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        ("rng/rank00000.pt", 2),
+        ("pp0/state/mp_rank_00_model_states.pt", 4),
+        ("pp0/state/zero_pp_rank_0_mp_rank_00_optim_states.pt", 2),
     ],
 )
-def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, rel):
+def test_a_checkpoint_file_that_would_run_code_is_refused(tmp_path, capfd, rel, protocol):
     run_distributed(_save_steps, 1, str(tmp_path), [1], 3)
     marker = tmp_path / MARKER_NAME
     _damage(
         tmp_path / "checkpoints" / "step_00000001",
         rel,
-        pickle.dumps({"state": _Payload(str(marker))}),
+        pickle.dumps({"state": _Payload(str(marker))}, protocol=protocol),
         rehash=True,
     )
+    capfd.readouterr()
     (out,) = run_distributed(_resume, 1, str(tmp_path))
     assert "refused to load: it holds objects that could run code" in out["error"]
-    assert rel.split("/")[-1] in out["error"]
+    assert rel.split("/")[-1] in out["error"] and "\n" not in out["error"]
+    if protocol == 2:  # the payload's global is named
+        assert "it asks for posix.system" in out["error"]
+    # none of PyTorch's advice, which would run the code: weights_only=False, allow-listing it
+    assert "weights_only" not in out["error"] and "safe_globals" not in out["error"]
+    assert "file an issue" not in capfd.readouterr().err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("record", ["{}", "[]", '{"format": 2, "step": 2}', "not json"])
+def test_a_meta_json_that_is_no_record_falls_back_to_the_checkpoint_before(tmp_path, capfd, record):
+    run_distributed(_save_steps, 1, str(tmp_path), [1, 2], 3)
+    (tmp_path / "checkpoints" / "step_00000002" / "meta.json").write_text(record)
+    (out,) = run_distributed(_resume, 1, str(tmp_path))
+    assert out == {"step": 1}
+    assert "step_00000002 is damaged (its meta.json is not a checkpoint record)" in (
+        capfd.readouterr().out
+    )
+    assert _names(tmp_path) == ["latest", "step_00000001", "step_00000002.damaged"]
+
+
+def test_a_checkpoint_of_the_pickling_format_is_refused_not_set_aside(tmp_path):
+    run_distributed(_save_steps, 1, str(tmp_path), [1], 3)
+    earlier = {"step": 1, "state": {"skipped_steps": 0}, "fingerprint": {"model": "tiny"}}
+    (tmp_path / "checkpoints" / "step_00000001" / "meta.json").write_text(json.dumps(earlier))
+    (out,) = run_distributed(_resume, 1, str(tmp_path))
+    assert (
+        "written by an earlier lws-megatron, whose checkpoints load by unpickling" in (out["error"])
+    )
+    assert _names(tmp_path) == ["latest", "step_00000001"]
+
+
+def _killed_while_pruning(run_dir: str) -> None:
+    """Save steps 1 and 2 keeping one: SIGKILL halfway through removing step 1, its rng/ left."""
+    import shutil
+    import signal
+
+    from lws_megatron.config import load_config
+    from lws_megatron.training.distributed import model_parallel
+
+    remove = shutil.rmtree
+
+    def cut_short(path, *args, **kwargs):
+        path = Path(path)
+        if path.name.startswith("step_00000001") and path.exists():
+            (path / "meta.json").unlink()
+            remove(path / "pp0")
+            os.kill(os.getpid(), signal.SIGKILL)
+        remove(path, *args, **kwargs)
+
+    with model_parallel(load_config(TINY, ["zero.stage=1"])):
+        module = _module()
+        ck = _checkpointer(run_dir, keep=1)
+        ck.save(module.engine, 1, {"skipped_steps": 0})
+        shutil.rmtree = cut_short
+        ck.save(module.engine, 2, {"skipped_steps": 0})
+
+
+def _start_again(run_dir: str) -> list[str]:
+    from lws_megatron.config import load_config
+    from lws_megatron.training.distributed import model_parallel
+
+    with model_parallel(load_config(TINY, ["zero.stage=1"])):
+        _checkpointer(run_dir).remove_partial()
+    return _names(Path(run_dir))
+
+
+def test_a_prune_cut_short_leaves_nothing_after_the_next_start(tmp_path):
+    with pytest.raises(DistributedFailure, match="exited with code -9"):
+        run_distributed(_killed_while_pruning, 1, str(tmp_path))
+    (names,) = run_distributed(_start_again, 1, str(tmp_path))
+    assert names == ["latest", "step_00000002"]
+
+
+def test_what_an_earlier_prune_left_is_removed_at_start(tmp_path):
+    run_distributed(_save_steps, 1, str(tmp_path), [1, 2, 3], 3)
+    for step in (1, 3):  # a step directory without its record: only rng/ left
+        remnant = tmp_path / "checkpoints" / f"step_0000000{step}"
+        (remnant / "meta.json").unlink()
+        shutil.rmtree(remnant / "pp0")
+    (names,) = run_distributed(_start_again, 1, str(tmp_path))
+    # below the newest complete checkpoint only; one above it is left for a person to judge
+    assert names == ["latest", "step_00000002", "step_00000003"]

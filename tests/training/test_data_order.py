@@ -87,7 +87,7 @@ def test_pretrain_step_losses_do_not_depend_on_max_steps(tmp_path, tiny_data):
         cwd=ROOT,
     )
     for line in proc.stdout:
-        if line.startswith("step      2 |"):
+        if line.startswith("step      2/"):
             proc.send_signal(signal.SIGTERM)
             break
     out = proc.stdout.read()

@@ -54,12 +54,17 @@ def _reads_between_steps(
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
-@pytest.mark.parametrize("layout", [["train.global_batch_size=8"], ["parallel.pp=2"]])
-def test_a_zero_0_step_reads_nothing_and_an_interval_reads_once(tmp_path, tiny_data, layout):
-    """DP=2 (gradients all-reduced, clipped and checked on the device) and PP=2 (the loss
-    on the last stage, the norm summed over stages): after the first two steps (read to learn
-    the step time) the host reads once per log interval, after steps 5 and 10 (steps far
-    faster than READ_EVERY_S, set beyond any machine's hiccup)."""
+@pytest.mark.parametrize(
+    "layout",
+    [["train.global_batch_size=8"], ["parallel.pp=2"], ["zero.stage=1"]],
+    ids=["dp2", "pp2", "dp2-zero1"],
+)
+def test_a_step_reads_nothing_and_an_interval_reads_once(tmp_path, tiny_data, layout):
+    """DP=2 (gradients all-reduced, clipped and checked on the device), PP=2 (the loss on the
+    last stage, the norm summed over stages) and DP=2 at ZeRO 1 (DeepSpeed updates each rank's
+    shard and gathers the weights, its own norm and overflow check off): after the first two
+    steps (read to learn the step time) the host reads once per log interval, after steps 5
+    and 10 (steps far faster than READ_EVERY_S, set beyond any machine's hiccup)."""
     reads = run_distributed(_reads_between_steps, 2, str(tmp_path / "run"), tiny_data, layout, 1e9)
     for rank_reads in reads:
         assert rank_reads == [1, 1, 0, 0, 1, 0, 0, 0, 0]
@@ -79,7 +84,7 @@ def test_slow_steps_are_read_more_often_than_the_log_interval(tmp_path, tiny_dat
 def test_a_steady_state_step_never_synchronises_on_cuda():
     """A lone process on NCCL, as `launch/gpu_check.py` runs it."""
     script = (
-        "from lws_megatron.benchmark import first_sync\n"
+        "from lws_megatron.measure.syncs import first_sync\n"
         "from lws_megatron.config import load_config\n"
         "from lws_megatron.training.distributed import init_processes\n"
         "init_processes()\n"

@@ -142,6 +142,15 @@ def test_model_parallel_layouts_match_the_reference(
         assert summary["graph_breaks"] == 0 and summary["compiled_graphs"] >= 2
 
 
+def test_zero_2_with_tp_and_a_shared_qk_norm_gain_matches_the_reference(
+    tmp_path, tiny_data, reference
+):
+    """The gain's gradient is summed over TP on the reduced gradients, before DeepSpeed's
+    stage-2 optimizer takes them."""
+    run_dir, _ = train(tmp_path, "z2tp", 2, tiny_data, "parallel.tp=2", "zero.stage=2")
+    np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=0, atol=1e-4)
+
+
 def test_data_parallel_zero_stages_agree(tmp_path, tiny_data, reference):
     runs = {
         stage: losses(train(tmp_path, f"zero{stage}", 2, tiny_data, f"zero.stage={stage}")[0])
@@ -152,17 +161,22 @@ def test_data_parallel_zero_stages_agree(tmp_path, tiny_data, reference):
     np.testing.assert_allclose(runs[0], losses(reference), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision, nproc", [("fp32", 1), ("bf16", 1), ("fp32", 2)])
 def test_killed_run_resumes_to_the_same_losses(
-    tmp_path, tiny_data, reference, bf16_reference, precision
+    tmp_path, tiny_data, reference, bf16_reference, precision, nproc
 ):
-    """bf16: the fp32 master weights come back from the checkpoint, not their rounding."""
+    """bf16: the fp32 master weights come back from the checkpoint, not their rounding. Two
+    processes: DP=2 at ZeRO 1, each rank's shard of the optimizer state comes back, and the
+    run continues its own uninterrupted losses."""
     run_dir = tmp_path / "killed"
     extra = ("checkpoint.interval=4", f"train.precision={precision}")
     if precision == "bf16":
         reference = bf16_reference
+    if nproc == 2:
+        extra = (*extra, "zero.stage=1")
+        reference, _ = train(tmp_path, "whole", 2, tiny_data, *extra)
     proc = subprocess.Popen(
-        command(1, run_dir, tiny_data, *extra),
+        command(nproc, run_dir, tiny_data, *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -170,12 +184,14 @@ def test_killed_run_resumes_to_the_same_losses(
     )
     for line in proc.stdout:
         if "step_00000004" in line and "saved checkpoint" in line:
+            # torchrun's workers run in sessions of their own: each is killed, then torchrun.
+            subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)], check=False)
             proc.kill()
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert max(records(run_dir)) < 10
-    _, resumed = train(tmp_path, "killed", 1, tiny_data, *extra)
+    _, resumed = train(tmp_path, "killed", nproc, tiny_data, *extra)
     assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
     assert losses(run_dir).tolist() == losses(reference).tolist()  # exact, bit for bit
 

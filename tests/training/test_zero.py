@@ -1,9 +1,12 @@
-"""The DeepSpeed configuration each ZeRO stage gets: who accumulates, who clips, what stays off."""
+"""The DeepSpeed configuration each ZeRO stage gets: it holds the optimizer state, nothing else."""
 
 from pathlib import Path
 
+import pytest
+
 from lws_megatron.config import load_config
-from lws_megatron.training.zero import deepspeed_config, uses_deepspeed_backward
+from lws_megatron.errors import UserError
+from lws_megatron.training.zero import deepspeed_config
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -21,31 +24,34 @@ def _config(stage: int, *overrides: str):
     )
 
 
-def test_stages_0_and_1_hand_deepspeed_the_whole_batch_once():
-    for stage in (0, 1):
+def test_every_stage_hands_deepspeed_the_whole_batch_once():
+    """DDP has reduced the global batch's gradients before DeepSpeed's step sees them."""
+    for stage in (0, 1, 2):
         ds = deepspeed_config(_config(stage), dp=2)
         assert ds["train_batch_size"] == 16
         assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 1
         assert ds["zero_optimization"]["stage"] == stage
-        assert not uses_deepspeed_backward(_config(stage))
 
 
-def test_stages_2_and_3_accumulate_each_micro_batch_in_deepspeed():
-    for stage in (2, 3):
-        ds = deepspeed_config(_config(stage), dp=2)
-        assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 4
-        assert ds["train_batch_size"] == 2 * 4 * 2
-        assert uses_deepspeed_backward(_config(stage))
+def test_deepspeed_neither_reduces_nor_clips_nor_reads_the_norm():
+    """The train module clips and skips on the device; DeepSpeed's own norm, clipping and
+    overflow check would each read the device back."""
+    for stage in (1, 2):
+        ds = deepspeed_config(_config(stage), dp=2, bf16_weights=True)
+        zero = ds["zero_optimization"]
+        assert zero["overlap_comm"] is False and zero["compute_grad_norm"] is False
+        assert ds["gradient_clipping"] == 0.0 and ds["bf16"]["check_grad_overflow"] is False
+        assert ds["data_types"] == {"grad_accum_dtype": "bf16"}  # not its re-reducing BF16 one
 
 
-def test_only_zero_lets_deepspeed_clip():
-    assert deepspeed_config(_config(0), dp=1)["gradient_clipping"] == 0.0  # the runtime clips
-    assert deepspeed_config(_config(1), dp=1)["gradient_clipping"] == 0.5
+def test_zero_3_is_refused_in_one_line():
+    with pytest.raises(UserError, match="zero.stage=3 is not allowed"):
+        _config(3)
 
 
 def test_no_deepspeed_mixed_precision_and_no_per_step_printing():
     ds = deepspeed_config(_config(1), dp=1)
-    assert ds["bf16"] == {"enabled": False}  # fp32 weights
+    assert ds["bf16"]["enabled"] is False  # fp32 weights
     assert ds["wall_clock_breakdown"] is False and ds["steps_per_print"] >= 2**30
 
 
@@ -62,5 +68,5 @@ def test_deepspeeds_throughput_timer_never_synchronises_the_device():
 def test_deepspeed_keeps_the_fp32_masters_of_bf16_weights_only_under_zero():
     """At ZeRO 0 our master-weight AdamW does (training/optimizer.py), without DeepSpeed's
     host-synchronising bf16 optimizer."""
-    assert deepspeed_config(_config(1), dp=1, bf16_weights=True)["bf16"] == {"enabled": True}
-    assert deepspeed_config(_config(0), dp=1, bf16_weights=True)["bf16"] == {"enabled": False}
+    assert deepspeed_config(_config(1), dp=1, bf16_weights=True)["bf16"]["enabled"] is True
+    assert deepspeed_config(_config(0), dp=1, bf16_weights=True)["bf16"]["enabled"] is False

@@ -1,10 +1,12 @@
 """Loss, learning rate, gradient norm, tokens/s and MFU, over each log interval; the peak
 memory of the rank that used the most (under PP not rank 0's), and the slowest rank's time in
 forward passes against the median rank's (the step time is the slowest rank's on every rank,
-so it names none; `step_stats.ForwardClock` says why the forward)."""
+so it names none; `step_stats.ForwardClock` says why the forward); the host's load average
+beside them, so that a report can tell a shared machine's figures."""
 
 from __future__ import annotations
 
+import os
 import statistics
 
 from lws_megatron.training.callbacks.base import Callback, registered
@@ -50,6 +52,7 @@ class SpeedMonitor(Callback):
                 "step_time_s": self.seconds / self.steps,
                 **_ranks(interval.rank_mem_gb, [s / self.steps for s in self.rank_forward]),
                 "skipped_steps": trainer.skipped_steps,
+                "load_avg": os.getloadavg()[0],
             }
         )
         self._reset()
