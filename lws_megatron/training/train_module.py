@@ -20,7 +20,7 @@ from megatron.core import parallel_state as ps
 from lws_megatron.config import Config
 from lws_megatron.model import ModelArgs, build_model_chunks
 from lws_megatron.model.compile import check_cuda_graphs, compile_chunks
-from lws_megatron.training import data_parallel, forward, zero
+from lws_megatron.training import data_parallel, forward, weight_gather, zero
 from lws_megatron.training.data import Batch
 from lws_megatron.training.distributed import ParallelPlan
 from lws_megatron.training.optimizer import build_optimizer
@@ -56,14 +56,22 @@ class TrainModule:
         seed_everything(config.train.seed)
         self.chunks = build_model_chunks(self.args, seed=config.train.seed, device=device)
         module = self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
-        optimizer = build_optimizer(config, module, self.args.params_dtype)
+        z = config.zero
+        runs = None
+        if z.stage >= 1 and z.overlap_param_gather and plan.dp > 1:
+            runs = weight_gather.segments(self.chunks, z, plan.dp)
+        optimizer = build_optimizer(config, module, self.args.params_dtype, runs)
         bf16_weights = self.args.params_dtype == torch.bfloat16
         self.engine = zero.initialize_engine(config, module, optimizer, plan.dp, bf16_weights)
         self.stop_requests, self.clock = StopRequests(device), ForwardClock(device)
         self.adamw = zero.fused_adamw(self.engine)
         self.model = data_parallel.wrap_chunks(
-            self.chunks, config.zero, self.args.params_dtype, plan.micro_batches
+            self.chunks, z, self.args.params_dtype, plan.micro_batches
         )
+        self.weight_gather = None
+        if runs:
+            compiled = config.train.compile != "none"
+            self.weight_gather = weight_gather.install(self.engine, self.model, runs, compiled)
         self.params = [p for c in self.chunks for p in c.parameters() if p.requires_grad]
 
     def compile(self) -> None:
@@ -86,7 +94,9 @@ class TrainModule:
         `grad_scale`, dividing by max(1, norm / clip_grad)) and the skip of a non-finite step
         (its `found_inf`: weights, moments and step count stay as they were) are computed on
         the device, the same on every rank. The ZeRO stage decides only who updates what:
-        every rank all of AdamW, or DeepSpeed each rank its shard and then the all-gather.
+        every rank all of AdamW, or DeepSpeed each rank its shard; it then starts the
+        all-gather of the new weights, which the next forward waits for segment by segment
+        (`weight_gather.py`).
 
         `loss_tokens`: this rank's loss tokens, counted where the batches were built (counted
         here from the host batches when not given). `stop_requested` (this rank asks the run to

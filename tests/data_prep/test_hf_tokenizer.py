@@ -14,9 +14,10 @@ from data_prep import demo_corpus
 from data_prep import preprocess as preprocess_cli
 from data_prep import tokenizer as tokenizer_cli
 from data_prep.bench import run_bench
-from data_prep.integrity import verify_dataset
-from data_prep.tokenizer import HUGGING_FACE, load_tokenizer, train_tokenizer
+from data_prep.tokenizer import train_tokenizer
 from lws_megatron.config import load_config
+from lws_megatron.dataset.integrity import verify_dataset
+from lws_megatron.dataset.tokenizer import HUGGING_FACE, load_tokenizer
 from lws_megatron.errors import UserError
 from lws_megatron.training.data import resolve_sources
 

@@ -295,5 +295,5 @@ def test_the_olmo_block_compiles_to_single_graphs_on_every_tp_rank(tmp_path):
         f"base: {ROOT / 'tests' / 'configs' / 'tiny.yaml'}\n"
         "model: {norm_placement: post, qk_norm: full, init: olmo}\n"
     )
-    for rank, found in enumerate(run_distributed(_explain_layer_and_model, 2, str(path))):
+    for rank, found in enumerate(run_distributed(_explain_layer_and_model, 2, str(path), [])):
         assert found and all(v == (1, 0) for v in found.values()), (rank, found)
