@@ -46,7 +46,7 @@ def make_tokenizer(root: Path) -> Path:
 
 def make_corpus(root: Path, size_mb: int, tokenizer: Path) -> str:
     """A dataset of `size_mb` MB of uint16 ids; returns its prefix."""
-    from data_prep.tokenizer import load_tokenizer
+    from lws_megatron.dataset.tokenizer import load_tokenizer
 
     eod = load_tokenizer(str(tokenizer)).eod
     raw, prefix = root / f"tokens_{size_mb}mb.u16", root / f"corpus_{size_mb}mb"

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from data_prep.indexed import get_bin_path, get_idx_path
-from data_prep.integrity import verify_dataset
-from data_prep.manifest import manifest_path, read_manifest, split_prefix
 from lws_megatron.config import Config
+from lws_megatron.dataset.indexed import get_bin_path, get_idx_path
+from lws_megatron.dataset.integrity import verify_dataset
+from lws_megatron.dataset.manifest import manifest_path, read_manifest, split_prefix
 from lws_megatron.fileio import ensure_dir, os_errors, sha256_file, write_json_atomic
 from lws_megatron.training.distributed import agreed
 
