@@ -1,5 +1,6 @@
 """Pre-train an LWS model:
-`torchrun --nproc_per_node N launch/pretrain.py CONFIG [key=value ...]` (or `--config CONFIG`).
+`python launch/torchrun.py --nproc-per-node N launch/pretrain.py CONFIG [key=value ...]` (or
+`--config CONFIG`; plain torchrun works too: launch/torchrun.py says what it changes).
 
 Also runs under `mpirun -np N` and `srun --mpi=pmix` (ranks from MPI), or as one plain process.
 `--print-config` prints the resolved config (base files and overrides applied) and exits. The
@@ -8,6 +9,7 @@ runtime lives in lws_megatron.training; this file only reads the command line.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from lws_megatron.cli import add_configs, config_keys, configs_and_overrides, parser
@@ -30,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
+    # SLURM's pre-emption warning must not end the process before the runtime handles it (it
+    # then checkpoints and exits); the runtime takes seconds to import.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     import torch.distributed as dist
 

@@ -1,7 +1,8 @@
 """Check a config against a SLURM allocation, write the job beside the run, and submit it.
 
     python launch/submit.py CONFIG --nodes N --gpus-per-node G [--partition P] [--time T]
-        [--account A] [--qos Q] [--job-name J] [--launcher torchrun|mpi] [--dry-run] [key=value ...]
+        [--account A] [--qos Q] [--job-name J] [--launcher torchrun|mpi] [--max-restarts N]
+        [--max-requeues N] [--dry-run] [key=value ...]
 
 Before anything is queued: TP x PP must divide the world size (nodes x GPUs per node), the global
 batch must split into micro-batches over the data-parallel ranks, every layer's heads must split
@@ -141,6 +142,8 @@ def render(args: argparse.Namespace, config_path: Path, log_dir: Path, per_node:
         "LWS_PYTHON": sys.executable,
         "LWS_LAUNCHER": args.launcher,
         "LWS_NPROC_PER_NODE": str(per_node),
+        "LWS_MAX_RESTARTS": str(args.max_restarts),
+        "LWS_MAX_REQUEUES": str(args.max_requeues),
     }
     lines += [
         "",
@@ -202,6 +205,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SECONDS",
         help="pre-emption warning: USR1 this long before the time limit (checkpoint, then requeue)",
     )
+    add_restart_options(parser)
     parser.add_argument(
         "--skip-data-check",
         action="store_true",
@@ -219,17 +223,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    gpus = args.gpus_per_node is not None
-    per_node = args.gpus_per_node if gpus else args.procs_per_node
-    for option, value in (
-        ("--nodes", args.nodes),
-        ("--gpus-per-node" if gpus else "--procs-per-node", per_node),
+def add_restart_options(parser: argparse.ArgumentParser) -> None:
+    """How often a failed run is started again: inside the job, then by a requeue."""
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        metavar="N",
+        help="torchrun's restarts of the process group inside the job after a rank fails, "
+        "each resuming from the newest checkpoint",
+    )
+    parser.add_argument(
+        "--max-requeues",
+        type=int,
+        default=3,
+        metavar="N",
+        help="requeues of a job whose run failed, pre-emptions included",
+    )
+
+
+def check_options(args: argparse.Namespace, per_node: int) -> None:
+    """Refuse option values SLURM or torchrun would refuse later, or misread."""
+    for option, value, least in (
+        ("--nodes", args.nodes, 1),
+        ("--gpus-per-node" if args.gpus_per_node is not None else "--procs-per-node", per_node, 1),
+        ("--max-restarts", args.max_restarts, 0),
+        ("--max-requeues", args.max_requeues, 0),
     ):
-        if value < 1:
-            raise UserError(f"{option} {value}: must be at least 1")
+        if value < least:
+            raise UserError(f"{option} {value}: must be at least {least}")
     if args.cpus_per_task is not None and args.cpus_per_task < 1:
         raise UserError(f"--cpus-per-task {args.cpus_per_task}: must be at least 1")
     if not 1 <= args.warning <= 65535:
@@ -241,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"--time {args.time} ({limit} s) leaves no room before the pre-emption warning "
                 f"{args.warning} s ahead of the limit; ask for more time or a smaller --warning"
             )
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    gpus = args.gpus_per_node is not None
+    per_node = args.gpus_per_node if gpus else args.procs_per_node
+    check_options(args, per_node)
     config = load_config(args.config, args.overrides)
     default_name = re.sub(r"[^A-Za-z0-9_.+-]", "-", config.run.name or Path(args.config).stem)
     args.job_name = args.job_name or f"lws-{default_name}"

@@ -62,6 +62,9 @@ def _within(default: Any, allowed: Range) -> Any:
 class RunConfig:
     name: str = ""
     dir: str = "runs/default"
+    # How long a collective waits for the other ranks once training runs (setup and checkpoint
+    # saves wait at least 30 min); a rank that stops answering ends the job after this.
+    collective_timeout_s: float = _within(600.0, POSITIVE)
 
 
 @dataclass

@@ -15,9 +15,23 @@ class UserError(Exception):
     """
 
 
+class JobFailure(Exception):
+    """A fault of the job, not of its input: a dead loader worker, a rank that stopped
+    answering. One line, exit status 1, so that torchrun or SLURM starts the job again.
+
+    `report`: whether this process prints the line (one per job: the lowest rank that is
+    still alive, which is not always rank 0).
+    """
+
+    def __init__(self, message: str, report: bool | None = None) -> None:
+        super().__init__(message)
+        self.report = os.environ.get("RANK", "0") == "0" if report is None else report
+
+
 def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a command-line main so that a UserError prints one line and exits with status 2,
-    and a reader that stops early (`| head`) ends the output quietly, as for `cat`."""
+    a JobFailure one line and status 1, and a reader that stops early (`| head`) ends the output
+    quietly, as for `cat`."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
@@ -31,6 +45,10 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
             if os.environ.get("RANK", "0") == "0":  # one line per job, not one per process
                 print(f"error: {err}", file=sys.stderr)
             return 2
+        except JobFailure as err:
+            if err.report:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            return 1
         except BrokenPipeError:
             # Nothing more can reach the reader; the interpreter's final flush must not fail.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

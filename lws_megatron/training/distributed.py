@@ -11,6 +11,7 @@ import contextlib
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Iterator, TypeVar
 
 import deepspeed
@@ -27,6 +28,7 @@ from lws_megatron.model.parallel import check_layout, virtual_pipeline_size
 from lws_megatron.planner import plan_layout
 
 T = TypeVar("T")
+_LAUNCHED: list[str] = []  # how this process was started, once it joined the job
 _MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
@@ -100,10 +102,12 @@ def skip_cpu_comm_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-def init_processes() -> torch.device:
-    """Join the job's default process group (nccl on CUDA, gloo on CPU); this rank's device."""
+def init_processes(timeout: timedelta | None = None) -> torch.device:
+    """Join the job's default process group (nccl on CUDA, gloo on CPU); this rank's device.
+    `timeout`: how long its collectives wait (None: DeepSpeed's default)."""
     env = discover()
-    export(env)
+    export(env)  # from here on RANK etc. are set whoever started the process
+    _LAUNCHED[:] = [env.launcher]
     skip_cpu_comm_op()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
@@ -115,8 +119,22 @@ def init_processes() -> torch.device:
             dist_backend="nccl" if device.type == "cuda" else "gloo",
             auto_mpi_discovery=False,
             verbose=False,
+            **({"timeout": timeout} if timeout else {}),
         )
     return device
+
+
+def host_group() -> dist.ProcessGroup | None:
+    """Collective, once: a gloo group of the whole world, for numbers that live on the host
+    (exchanging them there waits for no device); the default group when it is gloo already."""
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def launcher() -> str:
+    """torchrun, mpi or single: what started this process (as `init_processes` found it)."""
+    return _LAUNCHED[0] if _LAUNCHED else discover().launcher
 
 
 def agreed(fn: Callable[[], T]) -> T:
@@ -188,8 +206,11 @@ def resolve_plan(config: Config, world: int, launched: str | None = None) -> Par
     )
 
 
-def initialize_model_parallel(plan: ParallelPlan, seed: int) -> None:
-    """Megatron's TP/PP/DP groups for `plan` over the default process group.
+def initialize_model_parallel(
+    plan: ParallelPlan, seed: int, timeout: timedelta | None = None
+) -> None:
+    """Megatron's TP/PP/DP groups for `plan` over the default process group; `timeout`: how
+    long their collectives wait (None: Megatron's default).
 
     Also installs the CPU bridges (inert on CUDA) and, on CUDA, seeds Megatron's CUDA RNG
     tracker that TE attention and dropout draw from.
@@ -203,6 +224,7 @@ def initialize_model_parallel(plan: ParallelPlan, seed: int) -> None:
         tensor_model_parallel_size=plan.tp,
         pipeline_model_parallel_size=plan.pp,
         virtual_pipeline_model_parallel_size=plan.vpp,
+        **({"distributed_timeout_minutes": timeout.total_seconds() / 60} if timeout else {}),
     )
     if torch.cuda.is_available():
         model_parallel_cuda_manual_seed(seed)

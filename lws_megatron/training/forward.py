@@ -9,6 +9,7 @@ and micro 4 x 1 train on the same number.
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Callable, Iterator
 
@@ -21,6 +22,7 @@ from megatron.core.utils import get_attr_wrapped_model
 from lws_megatron.device import autocast, host_values
 from lws_megatron.model import ModelArgs, check_batch
 from lws_megatron.training.data import Batch
+from lws_megatron.training.step_stats import ForwardClock
 
 LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 ForwardStep = Callable[[Iterator[Batch] | None, torch.nn.Module], tuple[torch.Tensor, LossFunc]]
@@ -114,14 +116,17 @@ def run_schedule(
     tokens: torch.Tensor,
     scale: float,
     forward_only: bool,
+    clock: ForwardClock | None = None,
 ) -> torch.Tensor:
     """Megatron's forward-backward schedule (1F1B with PP > 1) over `chunks` (in Megatron's DDP
-    for a training step, whose hooks it drives); returns the local loss sum."""
+    for a training step, whose hooks it drives); returns the local loss sum. `clock` times each
+    micro batch's forward."""
     sums: list[torch.Tensor] = []
     model_step = forward_step(args)
 
     def scaled_step(iterator, model):
-        output, model_loss = model_step(iterator, model)
+        with clock.timed() if clock else contextlib.nullcontext():
+            output, model_loss = model_step(iterator, model)
 
         def loss(output_tensor):
             loss_sum, _, report = model_loss(output_tensor)

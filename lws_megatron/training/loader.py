@@ -4,11 +4,19 @@ The data position is the step (`data.step_batches`): a torch DataLoader over ste
 counting from the resumed step, keeps that exactly, while `data.num_workers` processes read
 and stack the samples, count the loss tokens on the host and (on CUDA) pin the batches, so the
 forward step's copy to the device is queued without a host wait.
+
+The workers survive what ends a run cleanly: SIGTERM, SIGINT and SIGUSR1 sent to the whole
+process group (`kill -- -PGID`, `timeout`, SLURM) are ignored there (the training process
+checkpoints and shuts them down). A worker that dies (SIGKILL, the kernel's OOM killer) does
+not take the trainer down with an exception raised at a random point (what torch's SIGCHLD
+handler does): the death is found at the next step, that step and the rest are built in the
+training process, and `lost` says what happened, for the trainer to checkpoint and stop.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+import signal
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -18,6 +26,7 @@ from lws_megatron.training.distributed import ParallelPlan
 from lws_megatron.training.forward import loss_tokens
 
 PREFETCH_STEPS = 2  # batches each worker keeps ready
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StepData(NamedTuple):
@@ -37,22 +46,97 @@ class StepBatches(Dataset):
         return StepData(step, batches, loss_tokens(batches))
 
 
-def step_loader(
-    dataset,
-    plan: ParallelPlan,
-    dp_rank: int,
-    first_step: int,
-    max_steps: int,
-    num_workers: int,
-    device: torch.device,
-) -> Iterator[StepData]:
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In each worker, before it reads anything: the stop signals are the trainer's."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class StepLoader:
     """Steps first_step .. max_steps-1 in order; with `num_workers` 0, built when asked for."""
-    loader = DataLoader(
-        StepBatches(dataset, plan, dp_rank),
-        batch_size=None,
-        sampler=range(first_step, max_steps),
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=PREFETCH_STEPS if num_workers else None,
-    )
-    yield from loader
+
+    def __init__(
+        self,
+        dataset,
+        plan: ParallelPlan,
+        dp_rank: int,
+        first_step: int,
+        max_steps: int,
+        num_workers: int,
+        device: torch.device,
+    ) -> None:
+        self.items = StepBatches(dataset, plan, dp_rank)
+        self.next_step, self.max_steps = first_step, max_steps
+        self.lost: str | None = None  # what happened to a worker that died
+        self._iterator = None
+        if num_workers and first_step < max_steps:
+            self._iterator = self._start(device, num_workers, first_step)
+
+    def _start(self, device: torch.device, num_workers: int, first_step: int):
+        loader = DataLoader(
+            self.items,
+            batch_size=None,
+            sampler=range(first_step, self.max_steps),
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=PREFETCH_STEPS,
+            worker_init_fn=_ignore_stop_signals,
+        )
+        # Blocked across the fork, so a signal in the instant before a worker ignores it waits
+        # there (and is then ignored) and here (and is then handled).
+        sigchld = signal.getsignal(signal.SIGCHLD)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            iterator = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            signal.signal(signal.SIGCHLD, sigchld)  # torch's raises from wherever the trainer is
+        return iterator
+
+    def __iter__(self) -> StepLoader:
+        return self
+
+    def __next__(self) -> StepData:
+        if self._iterator is not None:
+            item = self._from_workers()
+            if item is not None:
+                self.next_step = item.step + 1
+                return item
+        if self.next_step >= self.max_steps:
+            raise StopIteration
+        item = self.items[self.next_step]
+        self.next_step += 1
+        return item
+
+    def _from_workers(self) -> StepData | None:
+        """The next step from the workers; None once one of them has died."""
+        if self._dead_worker() is None:
+            try:
+                return next(self._iterator)
+            except RuntimeError:  # torch's "worker exited unexpectedly", or a worker's own error
+                if self._dead_worker() is None:
+                    raise
+        self.lost = self._dead_worker()
+        self.close()
+        return None
+
+    def _dead_worker(self) -> str | None:
+        for index, worker in enumerate(self._iterator._workers):
+            code = worker.exitcode
+            if code is not None:
+                how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+                hint = " (the kernel's out-of-memory killer?)" if code == -signal.SIGKILL else ""
+                return f"data loader worker {index} (pid {worker.pid}) died: {how}{hint}"
+        return None
+
+    def close(self) -> None:
+        """Shut the workers down; any that does not end (they ignore SIGTERM) is killed."""
+        if self._iterator is None:
+            return
+        iterator, self._iterator = self._iterator, None
+        iterator._shutdown_workers()
+        for worker in iterator._workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)

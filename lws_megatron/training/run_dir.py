@@ -12,9 +12,12 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 from datetime import datetime, timezone
 from pathlib import Path
+
+import yaml
 
 from lws_megatron.errors import UserError
 from lws_megatron.fileio import ensure_dir, os_errors, write_text_atomic
@@ -106,8 +109,28 @@ def _describe(holder: dict | None) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
 
 
-def refuse_foreign_records(run_dir: Path, resume: bool, has_checkpoint: bool) -> None:
-    """A run that starts from step 0 must not mix with records an earlier run left in run.dir."""
+# Keys that say how a run is launched, not what it computes: a run that died before its first
+# checkpoint and is started again with one of them changed is still the same run.
+_LAUNCH_KEYS = {
+    "run.collective_timeout_s",
+    "data.num_workers",
+    "train.max_steps",
+    "train.log_interval",
+    "train.callbacks",
+    "checkpoint.interval",
+    "checkpoint.keep",
+}
+
+
+def refuse_foreign_records(
+    run_dir: Path, resume: bool, has_checkpoint: bool, config: dict | None = None
+) -> bool:
+    """A run that starts from step 0 must not mix with records an earlier run left in run.dir.
+
+    Records without any checkpoint ever saved are this run's own when `config` (the resolved
+    config, as a dict) matches the `config.yaml` beside them: the run died before its first
+    save (a SLURM requeue or a torchrun restart starts it again). Then True: the caller starts
+    from step 0 and replaces them (`clear_records`)."""
     metrics = run_dir / "metrics.jsonl"
     written = metrics.is_file() and metrics.stat().st_size > 0
     if has_checkpoint and not resume:
@@ -116,12 +139,54 @@ def refuse_foreign_records(run_dir: Path, resume: bool, has_checkpoint: bool) ->
             "run there would mix with them; resume it (checkpoint.resume=true) or give this run "
             "a new run.dir"
         )
-    if written and not has_checkpoint:
+    if not written or has_checkpoint:
+        return False
+    saved = run_dir / "checkpoints"
+    if config is None or (saved / "latest").exists() or any(saved.glob("step_*")):
         raise UserError(
-            f"{metrics} holds the metrics of an earlier run, but {run_dir}/checkpoints has no "
-            "complete checkpoint to resume from; give this run a new run.dir (or delete that "
-            "run's records to start it again)"
+            f"{metrics} holds the metrics of an earlier run, but {saved} has no complete "
+            "checkpoint to resume from; give this run a new run.dir (or delete that run's "
+            "records to start it again)"
         )
+    differ = _config_difference(run_dir / "config.yaml", config)
+    if differ:
+        raise UserError(
+            f"{metrics} holds the metrics of another run that saved no checkpoint ({differ}); "
+            "give this run a new run.dir, or run that config to start it again"
+        )
+    return True
+
+
+def _config_difference(path: Path, config: dict) -> str | None:
+    """The first key, outside `_LAUNCH_KEYS`, where the config saved at `path` differs."""
+    try:
+        saved = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        return f"{path} is missing or unreadable"
+    ours, theirs = _flat(config), _flat(saved)
+    for key in sorted(set(ours) | set(theirs)):
+        if key not in _LAUNCH_KEYS and ours.get(key) != theirs.get(key):
+            return f"{key}: {theirs.get(key)!r} there, {ours.get(key)!r} here"
+    return None
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def clear_records(run_dir: Path) -> None:
+    """Rank 0: the records of a run that died before its first checkpoint, which starts again."""
+    with os_errors(run_dir):
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
 
 
 def trim_metrics(run_dir: Path, step: int) -> None:

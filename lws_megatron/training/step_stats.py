@@ -8,9 +8,11 @@ steps where the host needs them anyway (logging, evaluation, checkpoints, the en
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -22,7 +24,6 @@ class StepResult:
     loss: torch.Tensor  # mean loss per token of the global batch (NaN or inf when it was)
     grad_norm: torch.Tensor  # NaN for a skipped step
     skipped: torch.Tensor  # 1.0 when the update was not applied (a non-finite loss or gradient)
-    stop_requested: torch.Tensor  # number of ranks that asked to stop (a pre-emption signal)
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,11 @@ class Interval:
     grad_norm: float  # of the last step; NaN when it was skipped
     skipped: int
     nonfinite_run: int  # the longest run of consecutive non-finite steps that ended in it
-    stop_requested: bool
     slowest_prior_step_s: float = math.inf  # the `slowest` given to the read
+    # By global rank (filled in by the trainer, gathered on the host): seconds in forward
+    # passes over the interval, and peak memory in GB.
+    rank_forward_s: tuple[float, ...] = ()
+    rank_mem_gb: tuple[float, ...] = ()
 
     @property
     def step_seconds(self) -> float:
@@ -55,7 +59,7 @@ class StepStats:
     def _reset(self) -> None:
         zero = torch.zeros((), device=self.device)
         self._loss_sum, self._applied, self._skipped = zero.clone(), zero.clone(), zero.clone()
-        self._longest_run, self._stop = zero.clone(), zero.clone()
+        self._longest_run = zero.clone()
         self._grad_norm = torch.full((), math.nan, device=self.device)
         self.steps = 0
 
@@ -66,7 +70,6 @@ class StepStats:
         self._skipped += result.skipped
         self._bad_run = (self._bad_run + 1) * bad
         self._longest_run = torch.maximum(self._longest_run, self._bad_run)
-        self._stop = torch.maximum(self._stop, result.stop_requested)
         self._grad_norm = result.grad_norm
         self.steps += 1
 
@@ -76,13 +79,12 @@ class StepStats:
         `slowest`: a device number read in the same transfer (the trainer's pacing)."""
         if slowest is None:
             slowest = torch.full((), math.inf, device=self.device)
-        loss_sum, applied, skipped, longest, stop, norm, pace = torch.stack(
+        loss_sum, applied, skipped, longest, norm, pace = torch.stack(
             [
                 self._loss_sum,
                 self._applied,
                 self._skipped,
                 self._longest_run,
-                self._stop,
                 self._grad_norm.float(),
                 slowest.float().reshape(()),
             ]
@@ -95,8 +97,69 @@ class StepStats:
             grad_norm=norm,
             skipped=round(skipped),
             nonfinite_run=round(longest),
-            stop_requested=stop > 0,
             slowest_prior_step_s=pace,
         )
         self._reset()
         return interval
+
+
+class StopRequests:
+    """How many ranks asked to stop (a signal, a dead loader worker) at the step just queued:
+    the count rides in the step's first collective (`forward.step_totals`), is copied to
+    pinned host memory behind it, and is read once that collective is done on the device.
+
+    Every rank reads the same all-reduced count at the same step, so all stop after the step
+    whose collective carried the request: one step after the signal. The read waits for the
+    start of the step just queued (the end of the one before), never for the step itself, so
+    the host stays at most one step ahead and the device is never left idle.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self._count = torch.zeros((), dtype=torch.int32, pin_memory=cuda)
+        self._done = torch.cuda.Event() if cuda else None
+
+    def record(self, count: torch.Tensor) -> None:
+        """Behind the step's all-reduced count, on the device's queue."""
+        self._count.copy_(count.to(torch.int32), non_blocking=True)
+        if self._done is not None:
+            self._done.record()
+
+    def any(self) -> bool:
+        if self._done is not None:
+            self._done.synchronize()
+        return int(self._count) > 0
+
+
+class ForwardClock:
+    """This rank's forward passes, timed and summed until `seconds` is asked: a slow rank stands
+    out by them, where the step time (set by the slowest rank, which the others wait for) is
+    the same on every rank. The forward is the part of a step that waits for no other rank with
+    DP and PP (the gradient reductions run in and after backward, a stage's sends and receives
+    around its forward), as in Megatron-Core's `StragglerDetector`; with TP a slow rank slows
+    its TP group's forward too. On CUDA timed by events on the device, read once the
+    interval's numbers have been."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._seconds = 0.0
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        if not self.cuda:
+            began = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - began
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._events.append((start, end))
+
+    def seconds(self) -> float:
+        """The time since the last call; on CUDA only once the device has done those steps."""
+        total = self._seconds + sum(a.elapsed_time(b) for a, b in self._events) / 1000
+        self._events, self._seconds = [], 0.0
+        return total

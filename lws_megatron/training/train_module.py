@@ -25,7 +25,7 @@ from lws_megatron.training.data import Batch
 from lws_megatron.training.distributed import ParallelPlan
 from lws_megatron.training.optimizer import build_optimizer
 from lws_megatron.training.precision import resolve_precision
-from lws_megatron.training.step_stats import StepResult
+from lws_megatron.training.step_stats import ForwardClock, StepResult, StopRequests
 
 
 def seed_everything(seed: int) -> None:
@@ -63,6 +63,7 @@ class TrainModule:
         optimizer = build_optimizer(config, module, self.args.params_dtype, runs)
         bf16_weights = self.args.params_dtype == torch.bfloat16
         self.engine = zero.initialize_engine(config, module, optimizer, plan.dp, bf16_weights)
+        self.stop_requests, self.clock = StopRequests(device), ForwardClock(device)
         self.adamw = zero.fused_adamw(self.engine)
         self.model = data_parallel.wrap_chunks(
             self.chunks, z, self.args.params_dtype, plan.micro_batches
@@ -98,14 +99,15 @@ class TrainModule:
         (`weight_gather.py`).
 
         `loss_tokens`: this rank's loss tokens, counted where the batches were built (counted
-        here from the host batches when not given). `stop_requested` (this rank's pre-emption
-        flag) rides along with the token count.
+        here from the host batches when not given). `stop_requested` (this rank asks the run to
+        stop) rides along with the token count, into `stop_requests`.
         """
         if loss_tokens is None:
             loss_tokens = forward.loss_tokens(batches)
         if self.config.train.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are free
         tokens, stops = forward.step_totals(loss_tokens, stop_requested, self.device)
+        self.stop_requests.record(stops)
         data_parallel.zero_grad(self.model)
         loss_sum = forward.run_schedule(
             args=self.args,
@@ -115,6 +117,7 @@ class TrainModule:
             tokens=tokens,
             scale=self.plan.dp * len(batches),
             forward_only=False,
+            clock=self.clock,
         )
         (loss,) = forward.world_sums(loss_sum, tokens)
         norm = _counted_norm_sq(self.model, self.device).sqrt()
@@ -126,7 +129,7 @@ class TrainModule:
         )
         zero.hand_over_grads(self.engine, self.params)
         self.engine.step()
-        return StepResult(loss, torch.where(found_inf > 0, math.nan, norm), found_inf, stops)
+        return StepResult(loss, torch.where(found_inf > 0, math.nan, norm), found_inf)
 
     @torch.no_grad()
     def eval_batch(self, batches: list[Batch]) -> float:

@@ -8,6 +8,7 @@ itself only steps; metrics, evaluation, checkpoints and stops are callbacks
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,18 +24,19 @@ from megatron.core import parallel_state as ps
 from lws_megatron.config import Config, block_fingerprint, dump_config
 from lws_megatron.dataset.manifest import split_prefix
 from lws_megatron.device import host_values
-from lws_megatron.errors import UserError
+from lws_megatron.errors import JobFailure, UserError
 from lws_megatron.fileio import ensure_dir, os_errors, write_json_atomic, write_text_atomic
 from lws_megatron.model.compile import compile_stats
-from lws_megatron.training import data, distributed, schedule
+from lws_megatron.training import data, distributed, hangs, provenance, schedule
 from lws_megatron.training.callbacks import build_callbacks
 from lws_megatron.training.checkpoint import Checkpointer
 from lws_megatron.training.data_passes import passes_warning
+from lws_megatron.training.data_verify import verify_sources
 from lws_megatron.training.documents import DocumentBatches
-from lws_megatron.training.loader import step_loader
-from lws_megatron.training.metrics import MetricsWriter
+from lws_megatron.training.loader import StepLoader
+from lws_megatron.training.metrics import MetricsWriter, memory_gb
 from lws_megatron.training.peak_flops import device_peak_flops
-from lws_megatron.training.run_dir import RunLock, refuse_foreign_records
+from lws_megatron.training.run_dir import RunLock, clear_records, refuse_foreign_records
 from lws_megatron.training.step_stats import Interval, StepStats
 from lws_megatron.training.train_module import TrainModule
 
@@ -44,11 +46,21 @@ READ_EVERY_S = 10.0  # the longest the host goes without reading the steps' numb
 def train(config: Config) -> dict[str, Any] | None:
     """Train to `train.max_steps` (or a pre-emption signal). Returns the summary on rank 0."""
     callbacks = build_callbacks(config.train.callbacks)  # signal handlers before the slow setup
-    device = distributed.init_processes()
+    timeout = hangs.setup_timeout(config.run.collective_timeout_s)
+    if torch.cuda.is_available():
+        hangs.flight_recorder(Path(config.run.dir))
+    device = distributed.init_processes(timeout)
     plan = distributed.agreed(lambda: distributed.resolve_plan(config, dist.get_world_size()))
-    distributed.initialize_model_parallel(plan, config.train.seed)
+    distributed.initialize_model_parallel(plan, config.train.seed, timeout)
+    trainer = None
     try:
-        return Trainer(config, plan, device, callbacks).fit()
+        trainer = Trainer(config, plan, device, callbacks)
+        return trainer.fit()
+    except RuntimeError as err:
+        if not hangs.is_peer_lost(err):
+            raise
+        where = f"after step {trainer.step}" if trainer else "setup"
+        raise hangs.peer_failure(err, where, config.run.collective_timeout_s) from None
     finally:
         distributed.destroy_model_parallel()
 
@@ -82,7 +94,9 @@ class Trainer:
     ) -> None:
         self.config, self.plan, self.device, self.callbacks = config, plan, device, callbacks
         self.rank = dist.get_rank()
+        self.host_group = distributed.host_group()
         self.run_dir = Path(config.run.dir)
+        self.data_cache = self.run_dir / "data_cache"
         self.lock = RunLock(self.run_dir)
         note = distributed.agreed(lambda: self.lock.acquire() if self.rank == 0 else None)
         if note:
@@ -98,17 +112,14 @@ class Trainer:
         self.flops_per_token, self.total_params = summary.flops_per_token, summary.total_params
         self.tokens_per_step = plan.global_batch_size * config.model.seq_length
         self.peak_flops, self.peak_source = device_peak_flops(device)
-        self.sources = distributed.agreed(
-            lambda: data.resolve_sources(config, verify=self.rank == 0)
-        )
+        self.sources = distributed.agreed(lambda: data.resolve_sources(config, verify=False))
+        verify_sources(config, self.sources.prefixes, self.sources.tokenizer, self.data_cache)
         warning = passes_warning(config, self.sources.prefixes, self.sources.weights)
         if warning:
             self.say(warning)
         self.module = TrainModule(config, plan, device)
         self.module.compile()
-        self.train_ds, valid_ds = data.build_datasets(
-            config, self.sources, self.run_dir / "data_cache"
-        )
+        self.train_ds, valid_ds = data.build_datasets(config, self.sources, self.data_cache)
         self.valid_batches = self._validation_batches(valid_ds)
         self.checkpointer = Checkpointer(
             self.run_dir, config.checkpoint.keep, fingerprint(config, plan)
@@ -117,9 +128,9 @@ class Trainer:
             self.checkpointer.remove_partial()
         self.step = self.resumed_step = self.skipped_steps = 0
         self.lr = 0.0
-        self.stop_signal = False  # this rank was signalled; rides with the next step's loss
+        self.local_stop: tuple[str, type[Exception] | None] | None = None  # why this rank asks
         self.stop_reason: str | None = None
-        self.stop_is_error = False
+        self.stop_error: type[Exception] | None = None
         self.last_val_loss: float | None = None
         self._resume()
         self._write_records()
@@ -148,12 +159,15 @@ class Trainer:
     def read_due(self) -> bool:
         """Whether the host reads the steps' numbers now: at each log step, wherever it needs
         them anyway (evaluation, checkpoint, the last step), and at least every
-        `READ_EVERY_S` seconds, so that a pre-emption signal or a run of non-finite steps is
-        seen in time whatever `train.log_interval` is; never in between."""
+        `READ_EVERY_S` seconds, so that a run of non-finite steps is seen in time whatever
+        `train.log_interval` is, and at a stop; never in between."""
         step, t = self.step, self.config.train
         every = (t.log_interval, self.config.eval.interval, self.config.checkpoint.interval)
         return (
-            step == t.max_steps or step >= self.next_read or any(n and step % n == 0 for n in every)
+            step == t.max_steps
+            or self.stopping
+            or step >= self.next_read
+            or any(n and step % n == 0 for n in every)
         )
 
     def _read(self, stats: StepStats, began: float) -> Interval:
@@ -162,20 +176,54 @@ class Trainer:
         at the same steps (a read can lead to a collective: a checkpoint, a stop)."""
         slowest = host_values([self.step_seconds], self.device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        interval = stats.read(began, slowest)
+        interval = self._with_ranks(stats.read(began, slowest))
         self.step_seconds = interval.step_seconds
         spacing = int(READ_EVERY_S / max(interval.slowest_prior_step_s, 1e-9))
         self.next_read = self.step + max(1, min(self.config.train.log_interval, spacing))
         return interval
 
+    def _with_ranks(self, interval: Interval) -> Interval:
+        """Every rank's time in forward passes and peak memory over the interval, gathered on
+        the host once the interval's numbers are read (so the device has done its steps)."""
+        numbers: list = [None] * dist.get_world_size()
+        mine = (self.module.clock.seconds(), memory_gb(self.device))
+        dist.all_gather_object(numbers, mine, group=self.host_group)
+        return dataclasses.replace(
+            interval,
+            rank_forward_s=tuple(n[0] for n in numbers),
+            rank_mem_gb=tuple(n[1] for n in numbers),
+        )
+
     @property
     def stopping(self) -> bool:
         return self.stop_reason is not None
 
-    def request_stop(self, reason: str, error: bool = False) -> None:
-        """End the run after this step (a checkpoint is saved first); `error`: exit as failed."""
+    def request_stop(self, reason: str, error: type[Exception] | None = None) -> None:
+        """End the run after this step, every rank alike (a checkpoint is saved first);
+        `error`: raise it with `reason` (UserError: exit 2; JobFailure: exit 1)."""
         self.stop_reason = self.stop_reason or reason
-        self.stop_is_error = self.stop_is_error or error
+        self.stop_error = self.stop_error or error
+
+    def ask_to_stop(self, reason: str, error: type[Exception] | None = None) -> None:
+        """This rank asks the run to stop: the request goes with the next step to every rank,
+        and all stop after it. An error's reason replaces a signal's."""
+        if self.local_stop is None or (error and not self.local_stop[1]):
+            self.local_stop = (reason, error)
+
+    def _agree_on_stop(self) -> None:
+        """Some rank asked at the step just done: every rank learns why (once, on the host)."""
+        asked: list = [None] * dist.get_world_size()
+        dist.all_gather_object(asked, self.local_stop)
+        asked = [a for a in asked if a]
+        reason, error = next((a for a in asked if a[1]), asked[0])
+        if error:
+            self.request_stop(
+                f"{reason}; checkpointed at step {self.step}, exiting: start the run again to "
+                "resume from there",
+                error,
+            )
+        else:
+            self.request_stop(f"{reason}: checkpointed at step {self.step}, exiting")
 
     def say(self, line: str) -> None:
         if self.rank == 0:
@@ -196,7 +244,7 @@ class Trainer:
             callback.on_train_start(self)
         t = self.config.train
         stats = StepStats(self.device)
-        steps = step_loader(
+        steps = StepLoader(
             self.train_ds,
             self.plan,
             ps.get_data_parallel_rank(),
@@ -208,39 +256,64 @@ class Trainer:
         self.next_read = self.step + 1  # then spaced by the step time (`_read`)
         self.step_seconds = math.inf  # of the last interval, on this rank
         interval_began = time.perf_counter()
-        while self.step < t.max_steps and not self.stopping:
-            for callback in self.callbacks:
-                callback.before_step(self)
-            self.lr = schedule.learning_rate(self.step, self.config.optim, t.max_steps)
-            self.module.set_lr(self.lr)
-            step = next(steps)
-            stats.add(self.module.train_batch(step.batches, step.loss_tokens, self.stop_signal))
-            self.step += 1
-            if self.read_due():
-                interval = self._read(stats, interval_began)
-                self.skipped_steps += interval.skipped
-                for callback in self.callbacks:
-                    callback.on_interval_end(self, interval)
-                interval_began = time.perf_counter()
+        try:
+            while self.step < t.max_steps and not self.stopping:
+                self._step(steps, stats)
+                if self.read_due():
+                    interval = self._read(stats, interval_began)
+                    self.skipped_steps += interval.skipped
+                    for callback in self.callbacks:
+                        callback.on_interval_end(self, interval)
+                    interval_began = time.perf_counter()
+        finally:
+            steps.close()
         for callback in self.callbacks:
             callback.on_train_end(self)
         self.writer.close()
-        if self.stop_is_error:
-            raise UserError(self.stop_reason)
+        if self.stop_error:
+            raise self.stop_error(self.stop_reason)
         if self.stopping:
             self.say(self.stop_reason)
             return None
         return self._write_summary(time.time() - started) if self.rank == 0 else None
 
+    def _step(self, steps: StepLoader, stats: StepStats) -> None:
+        """One optimizer step queued; then whether some rank asked to stop at it."""
+        for callback in self.callbacks:
+            callback.before_step(self)
+        t = self.config.train
+        self.lr = schedule.learning_rate(self.step, self.config.optim, t.max_steps)
+        self.module.set_lr(self.lr)
+        step = next(steps)
+        if steps.lost:
+            self.ask_to_stop(f"rank {self.rank}: {steps.lost}", JobFailure)
+        asking = self.local_stop is not None
+        stats.add(self.module.train_batch(step.batches, step.loss_tokens, asking))
+        self.step += 1
+        if self.step == self.resumed_step + 1:  # compiled and warm: the collective timeout holds
+            hangs.set_timeout(self.config.run.collective_timeout_s)
+        if self.module.stop_requests.any():
+            self._agree_on_stop()
+
     def _resume(self) -> None:
         """Continue from the newest intact checkpoint; never start over another run's records."""
-        resume = self.config.checkpoint.resume
+        resume, config = self.config.checkpoint.resume, self.config.to_dict()
         distributed.agreed(
-            lambda: refuse_foreign_records(self.run_dir, resume, bool(self.checkpointer.complete()))
+            lambda: refuse_foreign_records(
+                self.run_dir, resume, bool(self.checkpointer.complete()), config
+            )
         )
         state = self.checkpointer.resume(self.module.engine) if resume else None
         if state is None:
-            distributed.agreed(lambda: refuse_foreign_records(self.run_dir, resume, False))
+            if distributed.agreed(
+                lambda: refuse_foreign_records(self.run_dir, resume, False, config)
+            ):
+                if self.rank == 0:
+                    clear_records(self.run_dir)
+                self.say(
+                    f"note: {self.run_dir} holds the records of this run, which ended before its "
+                    "first checkpoint: it starts again from step 0 and replaces them"
+                )
             return
         self.step = self.resumed_step = state["step"]
         self.skipped_steps = state["skipped_steps"]
@@ -256,6 +329,7 @@ class Trainer:
         )
 
     def _write_records(self) -> None:
+        world = provenance.world(distributed.launcher(), self.host_group)
         if self.rank != 0:
             return
         ensure_dir(self.run_dir)
@@ -285,6 +359,9 @@ class Trainer:
                     "peak_flops_source": self.peak_source,
                     "host_cpus": os.cpu_count(),
                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "git": provenance.git_commit(),
+                    "versions": provenance.versions(),
+                    "launch": world,
                 },
             )
 

@@ -11,6 +11,7 @@ job with the same ranks.
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -273,6 +274,10 @@ REFUSALS = {
         ["--gpus-per-node", "1", "--job-name", "x;reboot"],
         "--job-name 'x;reboot': use letters, digits",
     ),
+    "negative-restarts": (
+        ["--gpus-per-node", "1", "--max-restarts", "-1"],
+        "--max-restarts -1: must be at least 0",
+    ),
     "time-before-warning": (
         ["--gpus-per-node", "1", "--time", "2"],
         "--time 2 (120 s) leaves no room before the pre-emption warning",
@@ -301,19 +306,8 @@ def test_submit_writes_the_resolved_job_and_submits_it(tmp_path, tiny_data, fake
     run_dir = tmp_path / "runs dir" / "$(touch PWNED) it's"
     argv = [
         str(TINY),
-        "--nodes",
-        "2",
-        "--gpus-per-node",
-        "2",
-        "--partition",
-        "gpu,gpu-long",
-        "--time",
-        "1-00:00",
-        "--account",
-        "proj1",
-        "--qos",
-        "high",
-        "--exclusive",
+        *"--nodes 2 --gpus-per-node 2 --partition gpu,gpu-long --time 1-00:00".split(),
+        *"--account proj1 --qos high --exclusive".split(),
         "parallel.pp=2",
         "parallel.pipeline_layout=auto",
         "train.max_steps=7",
@@ -353,6 +347,8 @@ def test_submit_writes_the_resolved_job_and_submits_it(tmp_path, tiny_data, fake
         f"#SBATCH --chdir={submit_py.sbatch_value('--chdir', os.getcwd())}",
         f"#SBATCH --output={logs}",
         f"set -- {shlex.quote(str(job / 'config.yaml'))}",
+        "export LWS_MAX_RESTARTS=3",
+        "export LWS_MAX_REQUEUES=3",
     ):
         assert line in script.splitlines(), line
     assert "train.max_steps" not in script and planned not in script  # no hyper-parameters
@@ -382,7 +378,8 @@ def test_submit_dry_run_prints_the_script_and_launch_line_and_writes_nothing(
     argv = shlex.split(launch)
     assert argv[argv.index("--config") :] == ["--config", str(run_dir / "job" / "config.yaml")]
     assert {"--nodes=2", "--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d"} <= set(argv)
-    assert argv[argv.index("-m") + 1] == "torch.distributed.run"
+    assert argv[argv.index("--nnodes=2") - 1] == str(ROOT / "launch" / "torchrun.py")
+    assert "--max_restarts=3" in argv
     assert f"sbatch {run_dir / 'job' / 'submit.sbatch'}" in out
     assert not fake_sbatch.exists() and not run_dir.exists()
 
@@ -503,7 +500,12 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_pa
     )
     text = log.read_text()
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", text
-    stopped = int(text.split("pre-emption signal: checkpointed at step ")[1].split(",")[0])
+    stopped = int(
+        re.search(
+            r"pre-emption signal \(SIGUSR1 to rank \d by step \d+\): checkpointed at step (\d+)",
+            text,
+        )[1]
+    )
     assert 3 <= stopped < steps
     assert f"requeueing job {job_id} to resume from the latest checkpoint" in text
     assert f"lws: job {job_id} (restart 1)" in text

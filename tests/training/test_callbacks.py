@@ -44,7 +44,7 @@ def test_an_unknown_callback_is_refused_naming_the_available_ones():
         build_callbacks(["watchdgo"])
 
 
-def _interval(step_seconds: float, steps: int = 1) -> Interval:
+def _interval(step_seconds: float, steps: int = 1, forward=()) -> Interval:
     return Interval(
         steps=steps,
         seconds=step_seconds * steps,
@@ -53,7 +53,7 @@ def _interval(step_seconds: float, steps: int = 1) -> Interval:
         grad_norm=1.0,
         skipped=0,
         nonfinite_run=0,
-        stop_requested=False,
+        rank_forward_s=tuple(f * steps for f in forward),
     )
 
 
@@ -80,3 +80,16 @@ def test_watchdog_judges_nothing_during_warm_up():
     for seconds in (0.1, 5.0, 0.1, 9.0):  # compiles and caches in the first steps
         watchdog.on_interval_end(trainer, _interval(seconds))
     assert trainer.lines == [] and watchdog.slow_intervals == 0
+
+
+def test_watchdog_names_the_slowest_rank_and_by_how_much():
+    watchdog, trainer = StepTimeWatchdog(), FakeTrainer()
+    for trainer.step in range(1, 8):
+        ranks = (0.1, 0.1, 0.1, 0.1) if trainer.step < 7 else (0.1, 0.1, 0.2, 0.1)
+        watchdog.on_interval_end(trainer, _interval(0.2, steps=2, forward=ranks))
+    (line,) = trainer.lines
+    assert line == (
+        "warning: steps 6-7: rank 2 is the slowest, forward 0.200 s per step, 2.00x the "
+        "median rank's 0.100 s"
+    )
+    assert watchdog.stragglers == 1 and watchdog.slow_intervals == 0

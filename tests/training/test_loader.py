@@ -1,4 +1,9 @@
-"""Batches built ahead in workers are exactly the step's batches, from any step on."""
+"""Batches built ahead in workers are exactly the step's batches, from any step on; the workers
+ignore the signals that stop a run, and a worker's death does not stop the steps."""
+
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -7,7 +12,7 @@ from test_data import TINY
 from lws_megatron.config import load_config
 from lws_megatron.training.data import build_datasets, resolve_sources, step_batches
 from lws_megatron.training.distributed import resolve_plan
-from lws_megatron.training.loader import step_loader
+from lws_megatron.training.loader import StepLoader
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +30,7 @@ def train_ds(tmp_path_factory, tiny_data):
 def test_the_loader_gives_each_steps_batches_from_a_resumed_step(train_ds, workers):
     config, dataset = train_ds
     plan = resolve_plan(config, 2)  # this is DP rank 1 of 2
-    loaded = list(step_loader(dataset, plan, 1, 7, 12, workers, torch.device("cpu")))
+    loaded = list(StepLoader(dataset, plan, 1, 7, 12, workers, torch.device("cpu")))
     assert [s.step for s in loaded] == [7, 8, 9, 10, 11]
     for got in loaded:
         expected = step_batches(dataset, got.step, plan, 1)
@@ -44,4 +49,47 @@ def test_a_failing_worker_raises_its_error_in_the_training_process(train_ds):
     config, _ = train_ds
     plan = resolve_plan(config, 1)
     with pytest.raises(ValueError, match="sample 0 is unreadable"):
-        next(step_loader(Broken(), plan, 0, 0, 3, 1, torch.device("cpu")))
+        next(StepLoader(Broken(), plan, 0, 0, 3, 1, torch.device("cpu")))
+
+
+def _same(got, expected) -> bool:
+    return all(
+        torch.equal(a[key], b[key])
+        for a, b in zip(got.batches, expected)
+        for key in ("tokens", "labels", "loss_mask")
+    )
+
+
+def test_workers_ignore_the_stop_signals_sent_to_the_whole_group(train_ds):
+    config, dataset = train_ds
+    plan = resolve_plan(config, 1)
+    loader = StepLoader(dataset, plan, 0, 0, 6, 2, torch.device("cpu"))
+    try:
+        assert next(loader).step == 0
+        for worker in loader._iterator._workers:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                os.kill(worker.pid, sig)
+        time.sleep(0.5)
+        assert [s.step for s in loader] == [1, 2, 3, 4, 5] and loader.lost is None
+    finally:
+        loader.close()
+
+
+def test_a_killed_worker_leaves_the_steps_to_the_training_process_and_says_so(train_ds):
+    config, dataset = train_ds
+    plan = resolve_plan(config, 1)
+    loader = StepLoader(dataset, plan, 0, 0, 8, 2, torch.device("cpu"))
+    try:
+        assert next(loader).step == 0
+        victim = loader._iterator._workers[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(timeout=10)
+        rest = list(loader)
+    finally:
+        loader.close()
+    assert [s.step for s in rest] == list(range(1, 8))  # none lost, none repeated
+    assert all(_same(s, step_batches(dataset, s.step, plan, 0)) for s in rest)
+    assert loader.lost == (
+        f"data loader worker 1 (pid {victim.pid}) died: killed by SIGKILL (the kernel's "
+        "out-of-memory killer?)"
+    )

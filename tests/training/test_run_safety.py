@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_training import ROOT, command, records, train
+import yaml
+from test_training import ROOT, TINY, command, records, train
 
+from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
-from lws_megatron.training.run_dir import RunLock
+from lws_megatron.training.run_dir import RunLock, clear_records, refuse_foreign_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -94,7 +96,8 @@ def test_a_refused_resume_leaves_the_run_records_alone(tmp_path, tiny_data, chan
     config, info = (run_dir / "config.yaml").read_text(), (run_dir / "run_info.json").read_text()
     _, proc = train(tmp_path, "z", 1, tiny_data, "train.max_steps=4", change, check=False)
     assert proc.returncode == 2 and message in proc.stderr
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if "] [DeepSpeed] " not in line]
+    assert len(ours) == 1 and "Traceback" not in proc.stderr  # DeepSpeed's CPU warning aside
     assert (run_dir / "config.yaml").read_text() == config
     assert (run_dir / "run_info.json").read_text() == info
 
@@ -221,3 +224,39 @@ def test_a_forked_child_does_not_keep_a_dead_runs_lock(tmp_path):
         lock.release()
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+# ---- records of a run that died before its first checkpoint (no training needed) ----
+
+
+def _died_early(run_dir: Path, config: dict) -> None:
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 6.2}\n')
+    (run_dir / "tensorboard").mkdir()
+
+
+def test_records_of_the_same_run_without_a_checkpoint_are_replaced(tmp_path):
+    config = load_config(TINY, []).to_dict()
+    _died_early(tmp_path / "r", config)
+    relaunched = {**config, "train": {**config["train"], "max_steps": 50}}  # how, not what
+    assert refuse_foreign_records(tmp_path / "r", True, False, relaunched)
+    clear_records(tmp_path / "r")
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["config.yaml"]
+
+
+def test_records_of_another_run_without_a_checkpoint_are_refused_naming_the_key(tmp_path):
+    config = load_config(TINY, []).to_dict()
+    _died_early(tmp_path / "r", config)
+    other = {**config, "optim": {**config["optim"], "lr": 0.01}}
+    with pytest.raises(UserError, match=r"another run that saved no checkpoint \(optim.lr: 0.001"):
+        refuse_foreign_records(tmp_path / "r", True, False, other)
+
+
+def test_records_of_a_run_whose_checkpoints_were_deleted_are_refused(tmp_path):
+    config = load_config(TINY, []).to_dict()
+    _died_early(tmp_path / "r", config)
+    (tmp_path / "r" / "checkpoints").mkdir()
+    (tmp_path / "r" / "checkpoints" / "latest").write_text("step_00000004\n")
+    with pytest.raises(UserError, match="holds the metrics of an earlier run"):
+        refuse_foreign_records(tmp_path / "r", True, False, config)

@@ -6,17 +6,16 @@ import time
 import torch
 
 from lws_megatron.device import count_syncs
-from lws_megatron.training.step_stats import StepResult, StepStats
+from lws_megatron.training.step_stats import ForwardClock, StepResult, StepStats, StopRequests
 
 CPU = torch.device("cpu")
 
 
-def _result(loss: float, norm: float = 1.0, skipped: bool = False, stop: float = 0.0):
+def _result(loss: float, norm: float = 1.0, skipped: bool = False):
     return StepResult(
         torch.tensor(loss),
         torch.tensor(math.nan if skipped else norm),
         torch.tensor(float(skipped)),
-        torch.tensor(stop),
     )
 
 
@@ -30,7 +29,7 @@ def test_an_interval_averages_the_applied_steps_and_reads_the_device_once():
     assert counter.count == 1
     assert (interval.steps, interval.applied, interval.skipped) == (3, 2, 1)
     assert interval.loss == 3.0 and interval.grad_norm == 0.5
-    assert interval.nonfinite_run == 1 and not interval.stop_requested
+    assert interval.nonfinite_run == 1
 
 
 def test_a_run_of_non_finite_steps_is_counted_across_reads():
@@ -54,13 +53,26 @@ def test_a_finite_loss_with_a_skipped_update_is_not_averaged():
     assert interval.loss == 1.0 and interval.skipped == 1 and interval.nonfinite_run == 1
 
 
-def test_a_stop_request_of_any_step_of_the_interval_is_kept():
-    stats = StepStats(CPU)
-    stats.add(_result(1.0, stop=1.0))
-    stats.add(_result(1.0))
-    assert stats.read(time.perf_counter()).stop_requested
-    stats.add(_result(1.0))
-    assert not stats.read(time.perf_counter()).stop_requested
+def test_a_stop_request_is_known_at_the_step_that_carried_it_without_a_device_read():
+    requests = StopRequests(CPU)
+    with count_syncs(CPU) as counter:
+        requests.record(torch.tensor(0.0))
+        assert not requests.any()
+        requests.record(torch.tensor(2.0))  # two ranks asked
+        assert requests.any()
+        requests.record(torch.tensor(0.0))
+        assert not requests.any()
+    assert counter.count == 0
+
+
+def test_the_forward_clock_sums_the_timed_work_until_asked():
+    clock = ForwardClock(CPU)
+    for _ in range(2):
+        with clock.timed():
+            time.sleep(0.05)
+    time.sleep(0.1)  # not timed
+    assert 0.1 <= clock.seconds() < 0.15
+    assert clock.seconds() == 0.0
 
 
 def test_count_syncs_counts_each_kind_of_read():

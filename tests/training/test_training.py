@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,23 +196,40 @@ def test_killed_run_resumes_to_the_same_losses(
     assert losses(run_dir).tolist() == losses(reference).tolist()  # exact, bit for bit
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_data):
+def test_sigterm_checkpoints_at_the_next_step_not_the_next_read_and_exits_cleanly(
+    tmp_path, tiny_data
+):
+    """Steps are read every 20 (a checkpoint) or 1000 (a log line); the stop comes anyway one
+    step after the signal."""
     run_dir = tmp_path / "term"
     proc = subprocess.Popen(
-        command(1, run_dir, tiny_data, "train.max_steps=100000"),
+        command(
+            1,
+            run_dir,
+            tiny_data,
+            "train.max_steps=100000",
+            "train.log_interval=1000",
+            "checkpoint.interval=20",
+            "eval.interval=0",
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=ROOT,
     )
     for line in proc.stdout:
-        if line.startswith("step      2/"):
+        if line.startswith("saved checkpoint") and "step_00000020" in line:
             proc.send_signal(signal.SIGTERM)
             break
     out = proc.stdout.read()
     assert proc.wait(timeout=120) == 0, out
-    assert "pre-emption signal: checkpointed" in out
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    stopped = int(latest.split("_")[1])
+    by = int(
+        re.search(r"pre-emption signal \(SIGTERM to rank 0 by step (\d+)\): checkpointed", out)[1]
+    )
+    assert 20 <= by and stopped == by + 1, out  # the next read would have been step 40
+    assert f"by step {by}): checkpointed at step {stopped}, exiting" in out
     assert (run_dir / "checkpoints" / latest / "meta.json").is_file()
     assert not (run_dir / "summary.json").exists()
 

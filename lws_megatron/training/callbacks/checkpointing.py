@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lws_megatron.training import hangs
 from lws_megatron.training.callbacks.base import Callback, registered
 
 
@@ -18,8 +19,9 @@ class Checkpointing(Callback):
         final = trainer.step == trainer.config.train.max_steps
         if not (due or final or trainer.stopping) or self.last_saved == trainer.step:
             return
-        path = trainer.checkpointer.save(
-            trainer.module.engine, trainer.step, {"skipped_steps": trainer.skipped_steps}
-        )
+        with hangs.patient(trainer.config.run.collective_timeout_s):
+            path = trainer.checkpointer.save(
+                trainer.module.engine, trainer.step, {"skipped_steps": trainer.skipped_steps}
+            )
         self.last_saved = trainer.step
         trainer.say(f"saved checkpoint {path}")

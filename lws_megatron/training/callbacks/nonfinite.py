@@ -5,6 +5,7 @@ Such steps are skipped on the device; the run is counted there too and seen at t
 
 from __future__ import annotations
 
+from lws_megatron.errors import UserError
 from lws_megatron.training.callbacks.base import Callback, registered
 
 
@@ -19,5 +20,5 @@ class NonFiniteStop(Callback):
                 f"{run} steps in a row had a non-finite loss or gradient (by step "
                 f"{trainer.step}); a checkpoint was saved. Lower optim.lr, raise "
                 "optim.warmup_steps or check the data, then resume",
-                error=True,
+                error=UserError,
             )

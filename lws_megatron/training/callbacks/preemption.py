@@ -1,8 +1,11 @@
-"""SIGTERM or SIGUSR1 (SLURM's warning before pre-emption) asks for a checkpoint and exit.
+"""SIGTERM, SIGUSR1 (SLURM's warning before pre-emption) or SIGINT asks for a checkpoint and
+exit, whichever process got it: one rank, or every process of the job at once (`kill -- -PGID`,
+`timeout`, SLURM's step kill; the loader workers ignore it).
 
-The signal only sets a flag; it travels with the next step's token count (one all-reduce on
-the device) and is seen at the next read of the step numbers (`Trainer.read_due`: at most one
-log interval later), so every rank stops after the same step, whichever rank got the signal.
+The signal only sets a flag; the trainer sends it with the next step's token count (one
+all-reduce on the device) and every rank reads the count at the end of that step
+(`step_stats.StopRequests`), so all of them stop after the same step: a signal that came by
+step N (during it, or before) ends the run with the checkpoint of step N + 1.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import signal
 
 from lws_megatron.training.callbacks.base import Callback, registered
+from lws_megatron.training.loader import STOP_SIGNALS
 
 
 @registered("preemption", default=True)
@@ -17,18 +21,14 @@ class Preemption(Callback):
     priority = 30
 
     def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.received: str | None = None
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.received = self.received or signal.Signals(signum).name
 
     def before_step(self, trainer) -> None:
-        trainer.stop_signal = trainer.stop_signal or self.requested
-
-    def on_interval_end(self, trainer, interval) -> None:
-        if interval.stop_requested:
-            trainer.request_stop(
-                f"pre-emption signal: checkpointed at step {trainer.step}, exiting"
-            )
+        if self.received:
+            to = f"{self.received} to rank {trainer.rank} by step {trainer.step}"
+            trainer.ask_to_stop(f"pre-emption signal ({to})")

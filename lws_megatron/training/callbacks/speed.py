@@ -1,12 +1,15 @@
-"""Loss, learning rate, gradient norm, tokens/s and MFU, over each log interval; the host's load
-average beside them, so that a report can tell a shared machine's figures."""
+"""Loss, learning rate, gradient norm, tokens/s and MFU, over each log interval; the peak
+memory of the rank that used the most (under PP not rank 0's), and the slowest rank's time in
+forward passes against the median rank's (the step time is the slowest rank's on every rank,
+so it names none; `step_stats.ForwardClock` says why the forward); the host's load average
+beside them, so that a report can tell a shared machine's figures."""
 
 from __future__ import annotations
 
 import os
+import statistics
 
 from lws_megatron.training.callbacks.base import Callback, registered
-from lws_megatron.training.metrics import memory_gb
 
 
 @registered("speed_monitor", default=True)
@@ -18,6 +21,7 @@ class SpeedMonitor(Callback):
 
     def _reset(self) -> None:
         self.loss_sum, self.applied, self.steps, self.seconds = 0.0, 0, 0, 0.0
+        self.rank_forward: list[float] = []
 
     def on_interval_end(self, trainer, interval) -> None:
         """Reads between log steps (evaluation, checkpoints) add up to one logged record."""
@@ -26,6 +30,10 @@ class SpeedMonitor(Callback):
             self.applied += interval.applied
         self.steps += interval.steps
         self.seconds += interval.seconds
+        forward = interval.rank_forward_s
+        self.rank_forward = [
+            a + b for a, b in zip(self.rank_forward or [0.0] * len(forward), forward)
+        ]
         t = trainer.config.train
         if trainer.step % t.log_interval and trainer.step != t.max_steps:
             return
@@ -42,9 +50,23 @@ class SpeedMonitor(Callback):
                 "tokens_per_s_per_device": tokens_per_s / trainer.plan.world,
                 "mfu": tokens_per_s * trainer.flops_per_token / peak if peak else 0.0,
                 "step_time_s": self.seconds / self.steps,
-                "mem_gb": memory_gb(trainer.device),
+                **_ranks(interval.rank_mem_gb, [s / self.steps for s in self.rank_forward]),
                 "skipped_steps": trainer.skipped_steps,
                 "load_avg": os.getloadavg()[0],
             }
         )
         self._reset()
+
+
+def _ranks(mem_gb, forward_s) -> dict:
+    """The rank with the most memory, and the slowest rank's forward time per step against
+    the median rank's."""
+    mem_rank = max(range(len(mem_gb)), key=mem_gb.__getitem__)
+    slowest = max(range(len(forward_s)), key=forward_s.__getitem__)
+    return {
+        "mem_gb": mem_gb[mem_rank],
+        "mem_rank": mem_rank,
+        "slowest_rank": slowest,
+        "slowest_rank_forward_s": forward_s[slowest],
+        "median_rank_forward_s": statistics.median(forward_s),
+    }
