@@ -143,6 +143,7 @@ class ForwardClock:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._excluded: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._seconds = 0.0
 
     @contextlib.contextmanager
@@ -158,8 +159,24 @@ class ForwardClock:
         end.record()
         self._events.append((start, end))
 
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """A wait inside the forward for the other ranks (ZeRO's weight gather), left out."""
+        if not self.cuda:
+            began = time.perf_counter()
+            yield
+            self._seconds -= time.perf_counter() - began
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._excluded.append((start, end))
+
     def seconds(self) -> float:
         """The time since the last call; on CUDA only once the device has done those steps."""
-        total = self._seconds + sum(a.elapsed_time(b) for a, b in self._events) / 1000
-        self._events, self._seconds = [], 0.0
+        timed = sum(a.elapsed_time(b) for a, b in self._events)
+        left_out = sum(a.elapsed_time(b) for a, b in self._excluded)
+        total = self._seconds + (timed - left_out) / 1000
+        self._events, self._excluded, self._seconds = [], [], 0.0
         return total

@@ -71,7 +71,9 @@ class TrainModule:
         self.weight_gather = None
         if runs:
             compiled = config.train.compile != "none"
-            self.weight_gather = weight_gather.install(self.engine, self.model, runs, compiled)
+            self.weight_gather = weight_gather.install(
+                self.engine, self.model, runs, compiled, self.clock
+            )
         self.params = [p for c in self.chunks for p in c.parameters() if p.requires_grad]
 
     def compile(self) -> None:

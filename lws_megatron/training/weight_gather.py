@@ -13,6 +13,7 @@ for every gather.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from typing import Any
@@ -62,12 +63,12 @@ def split_groups(groups: list[dict], runs: list[list[torch.Tensor]]) -> list[dic
 class WeightGather:
     """The gathers a ZeRO step started, and the waits that end them in forward order."""
 
-    def __init__(self, optimizer: Any, runs: list[list[torch.Tensor]]) -> None:
+    def __init__(self, optimizer: Any, runs: list[list[torch.Tensor]], clock=None) -> None:
         run_of = {id(p): index for index, run in enumerate(runs) for p in run}
         self.optimizer = optimizer
         # DeepSpeed keeps our groups' order: group i is the i-th of `split_groups`.
         self.segment = [run_of[id(group[0])] for group in optimizer.bit16_groups]
-        self.run_of = run_of
+        self.run_of, self.clock = run_of, clock
         self.pending: list[tuple[int, Any]] = []
         _GATHERS.add(self)
 
@@ -82,9 +83,13 @@ class WeightGather:
             self.pending.append((self.segment[index], work))
 
     def wait(self, upto: float = math.inf) -> None:
-        """End the gathers of every segment up to `upto` (all by default)."""
-        while self.pending and self.pending[0][0] <= upto:
-            self.pending.pop(0)[1].wait()
+        """End the gathers of every segment up to `upto` (all by default); the `clock` that
+        times this rank's forward (`step_stats.ForwardClock`) leaves the wait out."""
+        if not self.pending or self.pending[0][0] > upto:
+            return
+        with self.clock.excluded() if self.clock else contextlib.nullcontext():
+            while self.pending and self.pending[0][0] <= upto:
+                self.pending.pop(0)[1].wait()
 
     def hook(self, modules: list[torch.nn.Module], per_module: bool) -> None:
         """Waits before each module's forward (`per_module`), or before each of `modules`'
@@ -103,12 +108,12 @@ class WeightGather:
                 top.register_forward_pre_hook(lambda *_: self.wait())
 
 
-def install(engine, chunks: list[torch.nn.Module], runs, compiled: bool) -> WeightGather:
+def install(engine, chunks: list[torch.nn.Module], runs, compiled: bool, clock=None):
     """Gather `engine`'s ZeRO step's weights behind the forward of `chunks` (the DDP-wrapped
     ones; with `compiled`, the wait is at each chunk's start: hooks inside a compiled graph
     would break it)."""
     stage_1_and_2.all_gather_dp_groups = _all_gather_dp_groups
-    gather = WeightGather(engine.optimizer, runs)
+    gather = WeightGather(engine.optimizer, runs, clock)
     gather.hook(chunks, per_module=not compiled)
     return gather
 
