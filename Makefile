@@ -1,6 +1,8 @@
 # `make demo` and `make test` work on a fresh machine with Python 3.10-3.13: they build $(VENV)
-# from pyproject.toml first, at the exact versions CI tested ($(CONSTRAINTS)). The second CI
-# suite: make test PYTHON=python3.12 VENV=.venv312 CONSTRAINTS=.ci/constraints-py312.txt
+# from pyproject.toml first, at the exact versions CI tested ($(CONSTRAINTS)). `make test-quick`
+# is the quick loop (`-m "not slow"`); `make test-megatron` runs only what can differ between
+# Megatron-Core versions, CI's second suite: make test-megatron PYTHON=python3.12 VENV=.venv312
+# CONSTRAINTS=.ci/constraints-py312.txt
 # PYTHON is a command, a path, or a version pyenv has installed but not activated (python3.12
 # under a pyenv whose global is 3.11). CONSTRAINTS= (empty) installs from pyproject's ranges
 # alone; PIP_ARGS adds pip options (CI: --no-index --find-links WHEELHOUSE, so nothing is
@@ -16,7 +18,7 @@ STAMP := $(VENV)/.installed
 # builds none on the training path, and whatever builds goes to a directory of this venv.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install test demo demo-quick
+.PHONY: install test test-quick test-megatron demo demo-quick
 install: $(STAMP)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -36,7 +38,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -q --durations=25 -m "not slow"
+
+test-megatron: $(STAMP)
+	$(PY) -m pytest -q --durations=25 -m megatron_versions
 
 demo: $(STAMP)
 	$(PY) launch/demo.py

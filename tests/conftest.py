@@ -3,7 +3,9 @@ the markers that fixtures imply.
 
 Markers (registered in pyproject.toml): `slow` (a training run, a compile, a cluster: `pytest -m
 "not slow"` is the quick loop), `distributed` (several real processes), `slurm` (a private
-one-node SLURM cluster), `gpu` (needs CUDA). `.ci/run` runs everything.
+one-node SLURM cluster), `gpu` (needs CUDA), `megatron_versions` (what can differ between
+the Megatron-Core versions CI tests: `make test-megatron`). `.ci/run` runs everything on the
+first interpreter and the `megatron_versions` tests on the second.
 """
 
 import os
@@ -24,11 +26,37 @@ _IMPLIED = {
 }
 
 
+# The model, the step's data parallelism, checkpoints and exports: their quick tests, and
+# these slow ones (a DDP step at ZeRO 1 with and without a pipeline, a compile, a resume).
+_MEGATRON_FILES = (
+    "tests/model/",
+    "tests/planner/test_activations.py",
+    "tests/training/test_zero.py",
+    "tests/training/test_checkpoint.py",
+    "tests/test_export.py",
+    "tests/test_export_layout.py",
+    "tests/test_native_export.py",
+)
+_MEGATRON_SLOW = (
+    "tests/training/test_overlap.py::test_overlapped_reduction_changes_no_loss[zero1]",
+    "tests/training/test_overlap.py::test_overlapped_reduction_changes_no_loss[zero1-pp2-vpp2]",
+    "tests/training/test_overlap.py::test_the_weight_gather_runs_behind_the_next_forward[1]",
+    "tests/training/test_sync_free.py::test_a_step_reads_nothing_and_an_interval_reads_once[dp2-zero1]",
+    "tests/model/test_compile.py",
+    "tests/training/test_recompute_sp.py::test_sequence_parallel_and_selective_recompute_at_tp2",
+)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         for fixture in item.fixturenames:
             for marker in _IMPLIED.get(fixture, ()):
                 item.add_marker(marker)
+        quick = item.get_closest_marker("slow") is None
+        if (quick and item.nodeid.startswith(_MEGATRON_FILES)) or item.nodeid.startswith(
+            _MEGATRON_SLOW
+        ):
+            item.add_marker("megatron_versions")
 
 
 @pytest.fixture(scope="session")
