@@ -144,15 +144,13 @@ def test_export_refuses_what_it_cannot_export(exports, tmp_path):
     shutil.copy(run_dir / "config.yaml", empty)
     with pytest.raises(UserError, match="no complete checkpoint"):
         export(empty, tmp_path / "b")
-    zero3 = tmp_path / "zero3"
-    shutil.copytree(run_dir / "checkpoints", zero3 / "checkpoints")
-    shutil.copy(run_dir / "config.yaml", zero3)
-    meta_path = zero3 / "checkpoints" / "step_00000003" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["fingerprint"]["zero_stage"] = 3
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(UserError, match="ZeRO-3"):
-        export(zero3, tmp_path / "c")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir / "checkpoints", damaged / "checkpoints")
+    shutil.copy(run_dir / "config.yaml", damaged)
+    shard = damaged / "checkpoints" / "step_00000003" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")
+    with pytest.raises(UserError, match="__1_0.distcp does not match its recorded sha256"):
+        export(damaged, tmp_path / "c")
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
 
 
