@@ -11,6 +11,10 @@ CONSTRAINTS ?= .ci/constraints-py311.txt
 PIP_ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# DeepSpeed JIT-builds its ops under a file lock in $TORCH_EXTENSIONS_DIR, by default the
+# machine-wide ~/.cache/torch_extensions, where a killed build's lock stalls every venv: ours
+# builds none on the training path, and whatever builds goes to a directory of this venv.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install test demo demo-quick
 install: $(STAMP)

@@ -83,6 +83,13 @@ def read_token_file(path: str, dtype: str) -> np.ndarray:
                 f"{path} has a NumPy header but cannot be read ({err}); "
                 "re-export it with numpy.save"
             ) from None
+        if array.dtype.byteorder == ">":
+            little = array.dtype.newbyteorder("<")
+            raise UserError(
+                f"{path} holds big-endian {array.dtype.name} ids (its .npy header says "
+                f"{array.dtype.str!r}); token files are little-endian: re-save it with "
+                f"numpy.save(path, array.astype({little.str!r}))"
+            )
         if array.dtype != stated:
             raise UserError(
                 f"{path} holds {array.dtype.name} ids (its .npy header says so) but --dtype is "

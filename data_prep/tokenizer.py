@@ -31,7 +31,9 @@ import argparse
 import contextlib
 import hashlib
 import io
+import itertools
 import os
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,6 +64,27 @@ SENTENCEPIECE, HUGGING_FACE = "sentencepiece", "tokenizer.json"
 TRAINING_SEED = 1234
 DEFAULT_MAX_SENTENCES = 5_000_000
 _MAX_SENTENCE_BYTES = 1 << 14
+_MIN_SENTENCEPIECE_VOCAB = 256 + 4 + 1  # byte fallback's pieces, the specials, one character
+# Fixed for every sentencepiece model: ids of the specials, the text kept exactly as written.
+_SENTENCEPIECE_OPTIONS = dict(
+    byte_fallback=True,
+    pad_id=PAD_ID,
+    eos_id=EOD_ID,
+    bos_id=BOS_ID,
+    unk_id=UNK_ID,
+    pad_piece="<pad>",
+    eos_piece="<eod>",
+    bos_piece="<bos>",
+    unk_piece="<unk>",
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    max_sentence_length=_MAX_SENTENCE_BYTES,
+    shuffle_input_sentence=True,
+    num_threads=1,
+    minloglevel=2,
+)
 _HF_TASK_DOCS = 256
 
 
@@ -235,11 +258,17 @@ def train_tokenizer(
     paths = expand_inputs(inputs)
     if fmt == "hf":
         return _train_hf(paths, vocab_size, output_prefix, options, overwrite)
+    if vocab_size < _MIN_SENTENCEPIECE_VOCAB:  # refused before reading a corpus
+        raise UserError(
+            f"--vocab-size {vocab_size} is too small for sentencepiece with byte fallback: it "
+            "needs 256 byte pieces, 4 special tokens and one piece per character of the input "
+            f"(at least {_MIN_SENTENCEPIECE_VOCAB}); use e.g. --vocab-size 4096"
+        )
     model_path, vocab_path = output_prefix + ".model", output_prefix + ".vocab"
     refuse_existing([model_path, vocab_path], overwrite, "tokenizer output")
     ensure_parent(model_path)  # before training: an unwritable output fails in seconds
     model = io.BytesIO()
-    lines = _KeepError(_training_lines(paths, options))
+    lines = _KeepError(_nonempty(_training_lines(paths, options), paths))
     spm.set_random_generator_seed(TRAINING_SEED)
     try:
         spm.SentencePieceTrainer.train(
@@ -247,31 +276,13 @@ def train_tokenizer(
             model_writer=model,
             model_type=model_type,
             vocab_size=vocab_size,
-            byte_fallback=True,
-            pad_id=PAD_ID,
-            eos_id=EOD_ID,
-            bos_id=BOS_ID,
-            unk_id=UNK_ID,
-            pad_piece="<pad>",
-            eos_piece="<eod>",
-            bos_piece="<bos>",
-            unk_piece="<unk>",
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            max_sentence_length=_MAX_SENTENCE_BYTES,
             input_sentence_size=max_sentences,
-            shuffle_input_sentence=True,
-            num_threads=1,
-            minloglevel=2,
+            **_SENTENCEPIECE_OPTIONS,
         )
     except RuntimeError as err:
         if lines.error is not None:
             raise lines.error from None
-        raise UserError(
-            f"sentencepiece cannot train on {', '.join(paths)}: {_sentencepiece_reason(err)}"
-        ) from None
+        raise _training_error(err, vocab_size, paths) from None
     write_bytes_atomic(model_path, model.getvalue())
     tokenizer = load_tokenizer(model_path)
     write_bytes_atomic(vocab_path, _vocab_listing(tokenizer.processor).encode("utf-8"))
@@ -288,10 +299,13 @@ def _train_hf(
     path = output_prefix + ".json"
     refuse_existing([path], overwrite, "tokenizer output")
     ensure_parent(path)
-    documents = (
-        doc.decode("utf-8")
-        for source in paths
-        for doc in read_documents(source, options, InputStats(source))
+    documents = _nonempty(
+        (
+            doc.decode("utf-8")
+            for source in paths
+            for doc in read_documents(source, options, InputStats(source))
+        ),
+        paths,
     )
     write_bytes_atomic(path, hf_tokenizer.train(documents, vocab_size).encode("utf-8"))
     return load_tokenizer(path)
@@ -304,6 +318,17 @@ def _training_lines(paths: Sequence[str], options: ReaderOptions) -> Iterator[st
             for line in doc.decode("utf-8").split("\n"):
                 if line and not line.isspace():
                     yield line
+
+
+def _nonempty(items: Iterator[str], paths: Sequence[str]) -> Iterator[str]:
+    """`items`, refused before training when there is none: a tokenizer of no text."""
+    first = next(items, None)
+    if first is None:
+        raise UserError(
+            f"no text to train the tokenizer on in {', '.join(paths)} (every document is "
+            "empty, or no line holds text); check --input and --json-key"
+        )
+    return itertools.chain([first], items)
 
 
 class _KeepError:
@@ -330,6 +355,19 @@ def _vocab_listing(processor: spm.SentencePieceProcessor) -> str:
     return "".join(
         f"{processor.id_to_piece(i)}\t{processor.get_score(i)}\n"
         for i in range(processor.get_piece_size())
+    )
+
+
+def _training_error(err: Exception, vocab_size: int, paths: Sequence[str]) -> UserError:
+    needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(err))
+    if needed:  # its advice names a --character_coverage option that we do not have
+        return UserError(
+            f"--vocab-size {vocab_size} is below the {needed.group(1)} pieces that "
+            f"{', '.join(paths)} needs (256 bytes, 4 special tokens and one per character "
+            f"it holds); use --vocab-size {needed.group(1)} or more"
+        )
+    return UserError(
+        f"sentencepiece cannot train on {', '.join(paths)}: {_sentencepiece_reason(err)}"
     )
 
 

@@ -34,10 +34,16 @@ class Match:
 
 def parse_amount(text: str) -> int:
     """'180M' -> 180_000_000; also '1.1B', '9e8', '900000000'."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:[eE][+-]?\d+)?)\s*([KMGBT]?)\s*", text.upper())
+    number = r"(?:\d+(?:\.\d*)?|\.\d+)(?:E[+-]?\d+)?"
+    m = re.fullmatch(rf"\s*({number})\s*([KMGBT]?)\s*", text.upper())
     if not m:
         raise UserError(f"amount {text!r}: write a number with an optional K/M/B suffix, e.g. 180M")
-    return int(float(m.group(1)) * _SUFFIXES[m.group(2)])
+    amount = float(m.group(1)) * _SUFFIXES[m.group(2)]
+    if not 1 <= amount < 1e30:
+        raise UserError(
+            f"amount {text!r} must lie between 1 and 1e30; give the budget to match, e.g. 180M"
+        )
+    return int(amount)
 
 
 def measure(profile: shapes.Profile, dims: shapes.Dims, metric: str, tp: int = 1) -> int:

@@ -26,6 +26,7 @@ from lws_megatron.model import build_model
 from lws_megatron.planner.costs import Timings
 from lws_megatron.shapes import LayerShape, padded_vocab_size
 from lws_megatron.training import distributed
+from lws_megatron.training.precision import resolve_precision
 from lws_megatron.training.train_module import model_args
 
 CACHE_FILE = (
@@ -38,9 +39,11 @@ CACHE_FILE = (
 @contextlib.contextmanager
 def block_timer(config: Config) -> Iterator[BlockTimer]:
     """The whole model built on this device, alone, and a timer over its blocks."""
-    single = dataclasses.replace(
-        config, parallel=dataclasses.replace(config.parallel, tp=1, pp=1, pipeline_layout="")
+    # Plain layers: the cost model adds recomputation's forward to the times itself.
+    parallel = dataclasses.replace(
+        config.parallel, tp=1, pp=1, pipeline_layout="", recompute="none"
     )
+    single = dataclasses.replace(config, parallel=parallel)
     if not dist.is_initialized():
         distributed.init_processes()
     device = default_device()
@@ -57,7 +60,7 @@ def device_label() -> str:
 def cache_key(config: Config) -> str:
     """What a timing depends on: device, precision, widths, sequence, micro batch, kernels."""
     dims, train = config.dims, config.train
-    precision = "autocast-bf16" if default_device().type == "cuda" else "fp32"
+    precision = resolve_precision(train.precision, default_device()).name
     return (
         f"{device_label()}|{precision}|d_model={dims.d_model}|"
         f"d_head={dims.d_head}|seq={dims.seq_length}|micro_batch={train.micro_batch_size}|"

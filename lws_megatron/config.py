@@ -170,6 +170,28 @@ class ParallelConfig:
     # A Megatron pipeline_model_parallel_layout ("Et*3|t*5|t*6|t*4L"), "auto" for the planner,
     # or empty for Megatron's even split.
     pipeline_layout: str = ""
+    # Activation recomputation, Megatron-Core's: selective recomputes each chosen layer's MLP
+    # in backward; full keeps only the layer's input and runs the whole layer again.
+    recompute: Literal["none", "selective", "full"] = "none"
+    # The layers recomputed: all; widest:N, the N layers that keep the most activations for
+    # backward (ties: the lower number); or a list of layer numbers, 0-based as describe prints.
+    recompute_layers: Union[str, list[int]] = "all"
+    # Megatron's sequence parallelism at TP > 1: norms and residual adds, and the activations
+    # they keep, split over the TP ranks along the sequence. auto: on at TP > 1 except with
+    # zero.stage 2/3; off (and true) at TP = 1, where there is nothing to split.
+    sequence_parallel: Union[bool, Literal["auto"]] = "auto"
+
+    def recompute_layer_choice(self) -> tuple[str, int | list[int] | None]:
+        """("all", None), ("widest", N) or ("list", [numbers]), as recompute_layers reads."""
+        layers = self.recompute_layers
+        if isinstance(layers, list):
+            return "list", layers
+        if layers.strip() == "all":
+            return "all", None
+        kind, _, count = layers.strip().partition(":")
+        if kind != "widest" or not count.strip().isdigit():
+            raise ValueError(layers)
+        return "widest", int(count)
 
 
 @dataclass
@@ -287,7 +309,9 @@ def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         raise UserError(f"{path}: `base:` links form a cycle")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (not UTF-8); name a YAML config") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(tree, dict):
@@ -295,6 +319,11 @@ def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     base = tree.pop("base", None)
     if base is None:
         return tree
+    if not isinstance(base, str) or not base.strip():
+        raise UserError(
+            f"{path}: base={base!r} should name the YAML file this one extends, "
+            "e.g. base: _reference.yaml"
+        )
     parent = _read_tree(path.parent / base, seen + (path.resolve(),))
     return _merge(parent, tree)
 
@@ -370,7 +399,13 @@ def _coerce(value: Any, kind: Any, source: str, key: str) -> Any:
         options = typing.get_args(kind)
         if value is None and type(None) in options:
             return None
-        return _coerce(value, next(o for o in options if o is not type(None)), source, key)
+        *others, last = [o for o in options if o is not type(None)]
+        for option in others:  # the first that takes the value; the last one's error
+            try:
+                return _coerce(value, option, source, key)
+            except UserError:
+                pass
+        return _coerce(value, last, source, key)
     if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             number = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -391,6 +426,11 @@ def _coerce(value: Any, kind: Any, source: str, key: str) -> Any:
 
 def _validate(config: Config, source: str) -> None:
     _check_ranges(config, source)
+    if not config.run.dir.strip():
+        raise UserError(
+            f"{source}: run.dir is empty, which would put the run's lock, checkpoints and "
+            "metrics in the current directory; name a directory, e.g. run.dir=runs/crown"
+        )
     m, t, o = config.model, config.train, config.optim
     if o.min_lr > o.lr:
         raise UserError(f"{source}: optim.min_lr={o.min_lr} must not exceed optim.lr={o.lr}")
@@ -408,10 +448,40 @@ def _validate(config: Config, source: str) -> None:
         )
     if len(o.betas) != 2:
         raise UserError(f"{source}: optim.betas needs two values, got {o.betas}")
+    _check_parallel(config, source)
     try:
         config.summary()
     except UserError as err:
         raise UserError(f"{source}: {err}") from None
+
+
+def _check_parallel(config: Config, source: str) -> None:
+    p, n = config.parallel, config.model.num_layers
+    try:
+        kind, chosen = p.recompute_layer_choice()
+    except ValueError:
+        raise UserError(
+            f"{source}: parallel.recompute_layers={p.recompute_layers!r}: write all, widest:N "
+            "or a list of layer numbers, e.g. [0, 9]"
+        ) from None
+    if kind == "widest" and not 1 <= chosen <= n:
+        raise UserError(
+            f"{source}: parallel.recompute_layers=widest:{chosen} must name 1 to {n} layers "
+            f"(model.num_layers={n})"
+        )
+    if kind == "list" and (
+        not chosen or len(set(chosen)) != len(chosen) or not all(0 <= i < n for i in chosen)
+    ):
+        raise UserError(
+            f"{source}: parallel.recompute_layers={chosen} must list distinct layer numbers "
+            f"from 0 to {n - 1}"
+        )
+    if p.recompute != "none" and config.train.cuda_graphs:
+        raise UserError(
+            f"{source}: parallel.recompute={p.recompute} with train.cuda_graphs=true: replaying "
+            "a recomputing backward as CUDA graphs is not supported; set "
+            "parallel.recompute=none or train.cuda_graphs=false"
+        )
 
 
 def _check_ranges(config: Config, source: str) -> None:

@@ -111,6 +111,9 @@ def plot_profiles(
     import matplotlib.pyplot as plt
     from matplotlib.backend_bases import FigureCanvasBase
 
+    if str(path).endswith("/") or Path(path).name in ("", ".", ".."):
+        example = Path(path) / "crown.png"
+        raise UserError(f"{path}: names a directory; name an image file, e.g. {example}")
     image_format = Path(path).suffix.lstrip(".").lower() or matplotlib.rcParams["savefig.format"]
     if image_format not in FigureCanvasBase.get_supported_filetypes():
         raise UserError(
@@ -138,6 +141,10 @@ def plot_profiles(
     try:
         with atomic_output(path) as tmp:
             fig.savefig(tmp, dpi=150, format=image_format)
+    except OSError as err:  # what atomic_output does not name (a filesystem without files)
+        raise UserError(
+            f"{path}: cannot write the image there ({err.strerror}); choose another path"
+        ) from None
     finally:
         plt.close(fig)
 
@@ -201,14 +208,17 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.tp is not None and args.tp < 1:
         raise UserError(f"--tp {args.tp}: the tensor-parallel size must be at least 1")
+    if args.plot is not None and not args.plot.strip():
+        raise UserError("--plot '' names no file; name an image file, e.g. --plot crown.png")
+    target = _budget_target(args)
     reports = []
     for path in paths:
         try:
-            reports.append(_describe_one(path, overrides, args))
+            reports.append(_describe_one(path, overrides, args, target))
         except UserError as err:
             message = str(err)
             raise UserError(message if message.startswith(path) else f"{path}: {message}") from None
-    if args.plot:
+    if args.plot is not None:
         plot_profiles(reports, args.plot)
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=1))
@@ -217,12 +227,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe_one(path: str, overrides: list[str], args: argparse.Namespace) -> dict:
+def _budget_target(args: argparse.Namespace) -> tuple[str, int] | None:
+    for metric, amount in (("params", args.match_params), ("flops", args.match_flops)):
+        if amount is not None:
+            try:
+                return metric, budget.parse_amount(amount)
+            except UserError as err:
+                raise UserError(f"--match-{metric}: {err}") from None
+    return None
+
+
+def _describe_one(
+    path: str, overrides: list[str], args: argparse.Namespace, budget_target: tuple[str, int] | None
+) -> dict:
     config = load_config(path, overrides)
     tp = config.parallel.tp if args.tp is None else args.tp
-    if args.match_params or args.match_flops:
-        metric = "params" if args.match_params else "flops"
-        target = budget.parse_amount(args.match_params or args.match_flops)
+    if budget_target is not None:
+        metric, target = budget_target
         match = budget.match_budget(config.profile, config.dims, target, metric, tp)
         config.lws = replace(
             config.lws,

@@ -23,6 +23,10 @@ def cli_entry(main: Callable[..., int | None]) -> Callable[..., int]:
     def wrapper(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs) or 0
+        except KeyboardInterrupt:  # Ctrl-C: one line, and the shell's status for SIGINT
+            if os.environ.get("RANK", "0") == "0":
+                print("interrupted (Ctrl-C)", file=sys.stderr)
+            return 130
         except UserError as err:
             if os.environ.get("RANK", "0") == "0":  # one line per job, not one per process
                 print(f"error: {err}", file=sys.stderr)

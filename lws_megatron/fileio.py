@@ -82,6 +82,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 _FIXES = {
     errno.ENOSPC: "free space there or write elsewhere",
     errno.EDQUOT: "free space in your quota or write elsewhere",
+    errno.EFBIG: "the file outgrew a file-size limit (ulimit -f, or the filesystem's); "
+    "raise it or write elsewhere",
     errno.EROFS: "the filesystem is read-only; write elsewhere",
     errno.EACCES: "you may not write there; fix its permissions or write elsewhere",
     errno.EPERM: "you may not write there; fix its permissions or write elsewhere",

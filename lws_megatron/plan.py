@@ -2,7 +2,9 @@
 
 Prints, per pipeline stage, the layers, the share of compute and the memory of the optimal
 split beside Megatron's even split, their imbalance (slowest stage over the mean), and the
-`parallel.pipeline_layout` to train with.
+`parallel.pipeline_layout` to train with. The config's recomputation and sequence parallelism
+are priced as training runs them; `--recompute auto --device-memory SIZE` picks, per stage,
+the fewest layers to recompute (widest first) that fit, and prints the config lines to use.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import sys
 from lws_megatron.cli import add_configs, configs_and_overrides
 from lws_megatron.cli import parser as make_parser
 from lws_megatron.config import config_name, load_config
-from lws_megatron.errors import cli_entry
+from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.planner import PRECISIONS, Plan, Stage, parse_bytes, plan
 from lws_megatron.planner.costs import RECOMPUTE
-from lws_megatron.planner.stages import format_bytes, imbalance
+from lws_megatron.planner.stages import format_bytes, imbalance, plan_recompute
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,15 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vpp", type=int, default=1, help="virtual stages per rank (interleaved)")
     parser.add_argument("--tp", type=int, help="tensor-parallel size (default parallel.tp)")
     parser.add_argument("--dp", type=int, default=1, help="data-parallel size (ZeRO sharding)")
-    parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="default zero.stage")
+    parser.add_argument("--zero", type=int, choices=(0, 1, 2), help="default zero.stage")
     parser.add_argument("--device-memory", metavar="SIZE", help="per-device limit, e.g. 80GB")
     parser.add_argument(
         "--precision",
-        choices=sorted(PRECISIONS),
+        choices=["auto", *sorted(PRECISIONS)],
         help="byte accounting (default train.precision; auto counts as bf16)",
     )
     parser.add_argument(
-        "--recompute", choices=RECOMPUTE, default="none", help="activation recomputation"
+        "--recompute",
+        choices=[*RECOMPUTE, "auto"],
+        help="activation recomputation (default parallel.recompute; auto: the fewest layers "
+        "per stage that fit --device-memory)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="whose kernels' saved activations to count (default cuda)",
     )
     parser.add_argument(
         "--profile",
@@ -54,27 +65,36 @@ def run(args: argparse.Namespace) -> int:
     paths, overrides = configs_and_overrides(
         args, "python -m lws_megatron.plan configs/paper/crown-18l.yaml --pp 2", exactly_one=True
     )
+    auto = args.recompute == "auto"
     for key, value in (
         ("parallel.pp", args.pp),
         ("parallel.tp", args.tp),
         ("zero.stage", args.zero),
+        ("parallel.recompute", None if auto else args.recompute),
     ):
         if value is not None:
             overrides.append(f"{key}={value}")
     config = load_config(paths[0], overrides)
+    if auto and not args.device_memory:
+        raise UserError("--recompute auto fits the stages to a memory limit; give --device-memory")
     options = {
-        "vpp": args.vpp,
         "dp": args.dp,
         "precision": args.precision,
-        "recompute": args.recompute,
+        "device": args.device,
         "device_memory": parse_bytes(args.device_memory) if args.device_memory else None,
     }
-    result = plan(config, **options)  # refuses bad sizes before any timing
+    if auto:
+        if args.vpp != 1:
+            raise UserError("--recompute auto plans one chunk per pipeline rank; give --vpp 1")
+        planner = plan_recompute
+    else:
+        planner, options["vpp"] = plan, args.vpp
+    result = planner(config, **options)  # refuses bad sizes before any timing
     if args.profile or args.measure:
         from lws_megatron import calibration  # torch and Megatron: only when measuring
 
     if args.profile:
-        result = plan(config, **options, timings=calibration.layer_timings(config))
+        result = planner(config, **options, timings=calibration.layer_timings(config))
     measured = None
     if args.measure:
         planned, even = calibration.time_splits(
@@ -132,6 +152,12 @@ def render_text(name: str, p: Plan, measured: dict | None = None) -> str:
             f"{'imbalance':<36}{imbalance(measured['planned_seconds']):>7.3f}"
             f"{'':<{width - 7}}{imbalance(measured['even_seconds']):>7.3f}"
         )
+    return "\n".join(lines + _footer(p))
+
+
+def _footer(p: Plan) -> list[str]:
+    """The notes under the table, then the config lines to train with."""
+    lines = []
     if p.device_memory and any(s.memory_bytes > p.device_memory for s in p.even.stages):
         lines.append("! over the memory limit")
     if not p.even_is_megatron_default:
@@ -139,8 +165,22 @@ def render_text(name: str, p: Plan, measured: dict | None = None) -> str:
             f"* {p.planned.bounds[-1]} layers do not divide into {p.pp * p.vpp} equal stages, "
             "which Megatron refuses without a layout; shown: counts as equal as possible"
         )
-    lines += ["", f'parallel.pipeline_layout: "{p.planned.layout}"']
-    return "\n".join(lines)
+    lines.append("")
+    if p.auto_recompute:
+        lines.append(
+            "recomputed (full, widest first): "
+            + "; ".join(
+                f"stage {s.rank}: {', '.join(map(str, s.recomputed)) or 'none'}"
+                for s in p.planned.stages
+            )
+        )
+        if p.recomputed:
+            lines.append("parallel.recompute: full")
+            lines.append(f"parallel.recompute_layers: {list(p.recomputed)}")
+        else:
+            lines.append("parallel.recompute: none")
+    lines.append(f'parallel.pipeline_layout: "{p.planned.layout}"')
+    return lines
 
 
 def _layers(stage: Stage) -> str:

@@ -6,11 +6,16 @@ Markers (registered in pyproject.toml): `slow` (a training run, a compile, a clu
 one-node SLURM cluster), `gpu` (needs CUDA). `.ci/run` runs everything.
 """
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# DeepSpeed JIT-builds ops under a file lock in $TORCH_EXTENSIONS_DIR (by default machine-wide,
+# where another job's killed build stalls every process): the tests use one of this venv.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 _IMPLIED = {
     "slurm_cluster": ("slurm", "slow", "distributed"),
     "two_proc": ("distributed", "slow"),

@@ -12,7 +12,7 @@ from training.test_training import train
 from lws_megatron.config import load_config
 from lws_megatron.export import export, find_checkpoint
 from lws_megatron.model import build_model_chunks
-from lws_megatron.training.checkpoint import safe_load
+from lws_megatron.training import model_state, shards
 from lws_megatron.training.distributed import model_parallel
 from lws_megatron.training.train_module import model_args
 
@@ -29,17 +29,18 @@ def trained_export(
 
 def megatron_logits(run_dir: str, batches: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """Our Megatron model at the run's own TP/PP split, loaded from the run's newest checkpoint
-    by each rank's DeepSpeed file: the full logits of each [b, s] token batch, on the last
-    stage's TP rank 0 (None on the other ranks)."""
+    (each rank reading its own boxes of the global weights): the full logits of each [b, s]
+    token batch, on the last stage's TP rank 0 (None on the other ranks)."""
     config = load_config(Path(run_dir) / "config.yaml")
     checkpoint = find_checkpoint(Path(run_dir), None)
     with model_parallel(config) as plan, torch.no_grad():
         [model] = build_model_chunks(
             model_args(config, plan, torch.device("cpu")), seed=0, device="cpu"
         )
-        stage, rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
-        files = checkpoint / f"pp{stage}" / "state" / f"mp_rank_{rank:02d}_model_states.pt"
-        model.load_state_dict(safe_load(files)["module"])
+        # each weight's box at this rank's TP/PP split, read from the layout-free files
+        wanted = [shards.Slice.of(piece.sharded) for piece in model_state.pieces(model)]
+        metadata = shards.read_metadata(checkpoint / shards.METADATA)
+        shards.read_planned(checkpoint, metadata, shards.plan_reads(metadata, wanted, checkpoint))
         model.eval()
         return [_forward(model, tokens, config.model.d_model) for tokens in batches]
 

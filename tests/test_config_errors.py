@@ -59,6 +59,8 @@ CROWN = Path(__file__).resolve().parents[1] / "configs" / "demo" / "crown.yaml"
         (["data.num_workers=-1"], r"data.num_workers=-1 is out of range: must be >= 0"),
         (["train.log_interval=0"], r"train.log_interval=0 is out of range: must be >= 1"),
         (["parallel.tp=0"], r"parallel.tp=0 is out of range: must be >= 1"),
+        (["run.dir=''"], r"run.dir is empty, .* in the current directory; name a directory"),
+        (["run.dir='  '"], r"run.dir is empty"),
     ],
 )
 def test_out_of_range_values_are_refused_naming_file_and_key(overrides, message):
@@ -97,3 +99,23 @@ def test_shape_engine_refuses_non_finite_knots_by_layer(knot):
     dims = shapes.Dims(num_layers=2, d_model=192, d_head=64, vocab_size=512, seq_length=64)
     with pytest.raises(UserError, match=r"layer 0: .*non-finite size; all knots .* finite"):
         shapes.layer_shapes(profile, dims)
+
+
+@pytest.mark.parametrize("base", ["5", "[x]", "{a: 1}", "''", "true"])
+def test_a_base_that_is_not_a_file_name_is_refused_in_one_line(tmp_path, base):
+    config = tmp_path / "variant.yaml"
+    config.write_text(f"base: {base}\nmodel: {{num_layers: 4}}\n")
+    with pytest.raises(UserError, match=r"base=.* should name the YAML file this one extends"):
+        load_config(config)
+
+
+@pytest.mark.parametrize("linked", [False, True])
+def test_a_binary_file_as_config_or_base_is_refused_in_one_line(tmp_path, linked):
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(bytes(range(128, 256)) * 4)
+    config = binary
+    if linked:
+        config = tmp_path / "variant.yaml"
+        config.write_text("base: weights.yaml\n")
+    with pytest.raises(UserError, match=rf"{binary}: not a text file \(not UTF-8\)"):
+        load_config(config)

@@ -78,3 +78,42 @@ def test_plot_into_a_read_only_directory_is_a_one_line_error(tmp_path):
         f"{locked / 'out.png'}: Permission denied",
     )
     assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "option, amount, message",
+    [
+        ("--match-params", "0", "amount '0' must lie between 1 and 1e30"),
+        ("--match-flops", "0", "amount '0' must lie between 1 and 1e30"),
+        ("--match-params", "0.4", "amount '0.4' must lie between 1 and 1e30"),
+        ("--match-flops", "1e400", "amount '1e400' must lie between 1 and 1e30"),
+        ("--match-params", "1..2", "amount '1..2': write a number with an optional K/M/B suffix"),
+    ],
+)
+def test_a_budget_that_is_no_amount_is_refused(option, amount, message):
+    assert_one_line_error(describe(CROWN, option, amount), f"{option}: {message}")
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        (
+            "{tmp}/new/",
+            "{tmp}/new/: names a directory; name an image file, e.g. {tmp}/new/crown.png",
+        ),
+        (".", ".: names a directory"),
+        ("", "--plot '' names no file"),
+    ],
+)
+def test_plot_onto_a_directory_or_nothing_is_a_one_line_error(tmp_path, target, message):
+    target, message = target.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    assert_one_line_error(describe(CROWN, "--plot", target), message)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_plot_onto_a_filesystem_without_files_is_a_one_line_error():
+    assert_one_line_error(
+        describe(CROWN, "--plot", "/proc/profiles.png"),
+        "/proc/profiles.png: cannot write the image there (No such file or directory)",
+    )

@@ -14,6 +14,7 @@ import torch
 from lws_megatron import shapes
 from lws_megatron.config import Config, ModelConfig
 from lws_megatron.model.parallel import check_layout
+from lws_megatron.planner.memory import recomputed_layers, sequence_parallel
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class ModelArgs:
     dtype: torch.dtype = torch.float32  # compute dtype of the matrix multiplies
     params_dtype: torch.dtype = torch.float32  # of the weights; below `dtype`: autocast
     fused_kernels: bool = False  # Megatron's jit-fused SwiGLU and cross-entropy
+    sequence_parallel: bool = False
+    recompute: str = "none"  # parallel.recompute
+    recomputed_layers: tuple[int, ...] = ()  # 0-based global layer numbers it applies to
 
     @classmethod
     def from_config(
@@ -52,6 +56,9 @@ class ModelArgs:
             dtype=dtype,
             params_dtype=params_dtype,
             fused_kernels=fused_kernels,
+            sequence_parallel=sequence_parallel(config, tp),
+            recompute=config.parallel.recompute,
+            recomputed_layers=recomputed_layers(config),
         )
 
     @property

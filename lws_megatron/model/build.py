@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
 from lws_megatron.device import default_device
 from lws_megatron.errors import UserError
@@ -25,7 +26,7 @@ from lws_megatron.model import cuda_bridge
 from lws_megatron.model.args import ModelArgs
 from lws_megatron.model.attention import check_kernel
 from lws_megatron.model.fused_loss import FusedLossGPTModel
-from lws_megatron.model.spec import LWSTransformerConfig, layer_spec, resolve_backend
+from lws_megatron.model.spec import LWSTransformerConfig, block_spec, resolve_backend
 
 
 def _drawn_later(tensor: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,9 @@ def transformer_config(
         tensor_model_parallel_size=args.tp,
         pipeline_model_parallel_size=args.pp,
         pipeline_model_parallel_layout=args.layout,
+        sequence_parallel=args.sequence_parallel,
+        recompute=args.recompute,
+        recomputed_layers=args.recomputed_layers,
         # Batched p2p posts both directions' sends to one peer together; with PP=2 and a
         # virtual pipeline gloo then pairs an activation with a gradient. Megatron's unbatched
         # path orders sends and receives by rank parity and keeps the directions apart.
@@ -84,15 +88,21 @@ def transformer_config(
         params_dtype=args.params_dtype,
         pipeline_dtype=args.params_dtype,
         use_cpu_initialization=device.type != "cuda",
-        # Megatron's fused SwiGLU and vocab-parallel cross-entropy (compiled by its jit_fuser)
-        # pay off on an eager GPU model; on CPU they would only add compile time to every
-        # process start, and under train.compile Inductor fuses the plain ops itself, in the
-        # very graphs that the compile tests check for breaks on CPU.
-        bias_activation_fusion=args.fused_kernels and device.type == "cuda",
-        cross_entropy_loss_fusion=args.fused_kernels and device.type == "cuda",
-        cross_entropy_fusion_impl="native",
         transformer_impl="transformer_engine" if backend == "te" else "local",
+        **_fusions(args.fused_kernels and device.type == "cuda"),
     )
+
+
+def _fusions(fused: bool) -> dict:
+    """Megatron's fused SwiGLU and vocab-parallel cross-entropy (compiled by its jit_fuser)
+    pay off on an eager GPU model; on CPU they would only add compile time to every process
+    start, and under train.compile Inductor fuses the plain ops itself, in the very graphs
+    that the compile tests check for breaks on CPU."""
+    return {
+        "bias_activation_fusion": fused,
+        "cross_entropy_loss_fusion": fused,
+        "cross_entropy_fusion_impl": "native",
+    }
 
 
 def build_model(
@@ -131,12 +141,11 @@ def build_model(
             args.dtype,
         )
     fused = {"loss_chunk_rows": args.model.loss_chunk_rows} if args.model.fused_loss else {}
+    num_layers = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = (FusedLossGPTModel if fused else GPTModel)(
             config=tconfig,
-            transformer_layer_spec=layer_spec(
-                backend, qk_norm=args.model.qk_norm, norm_placement=args.model.norm_placement
-            ),
+            transformer_layer_spec=block_spec(backend, args.model, num_layers),
             vocab_size=args.padded_vocab_size,
             max_sequence_length=args.model.seq_length,
             pre_process=pre_process,

@@ -4,7 +4,7 @@
 output head, loss, pipeline hand-off) stays eager. `model` compiles the chunk's GPTModel
 forward, loss included, as one graph, so Inductor also fuses the final norm, the output head's
 cast and the vocabulary cross-entropy, and the step launches far fewer kernels. Both are free of
-graph breaks on our spec (tests/test_compile.py holds them to that).
+graph breaks on our spec (tests/model/test_compile.py holds them to that).
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from typing import Literal
 
 import torch
 import torch._dynamo
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from torch._dynamo.utils import counters
 
 from lws_megatron.errors import UserError
+from lws_megatron.model.recompute import trace_checkpoints
 
 CompileMode = Literal["none", "layers", "model"]
 
@@ -65,10 +67,29 @@ def prepare_for_compile(chunk) -> None:
     """With TP > 1 a column-parallel linear all-reduces its input gradient asynchronously,
     overlapped with the weight-gradient matmul; Dynamo cannot trace an async collective and
     splits every such linear out of the graph. Switched off, Megatron reduces the same gradient
-    through `copy_to_tensor_model_parallel_region`, synchronously and inside the graph."""
+    through `copy_to_tensor_model_parallel_region`, synchronously and inside the graph.
+
+    Under sequence parallelism the same linear all-gathers its sequence-split input, again
+    asynchronously (and once more in backward). Here Megatron's
+    `gather_from_sequence_parallel_region` gathers it before the linear instead, in the graph,
+    and its backward reduce-scatters the gradient; the matmul then keeps the gathered input
+    for backward, not this rank's slice of it. Recomputation, too, is made traceable
+    (`recompute.trace_checkpoints`)."""
+    trace_checkpoints()
     for module in chunk.modules():
         if isinstance(module, ColumnParallelLinear):
             module.allreduce_dgrad = False
+            if module.sequence_parallel:
+                module.sequence_parallel = False
+                module.disable_grad_reduce = True  # the gather's backward reduces instead
+                module.register_forward_pre_hook(_gather_sequence)
+
+
+def _gather_sequence(module: ColumnParallelLinear, args: tuple) -> tuple:
+    gathered = gather_from_sequence_parallel_region(
+        args[0], tensor_parallel_output_grad=True, group=module.tp_group
+    )
+    return (gathered, *args[1:])
 
 
 def compile_stats() -> dict[str, int]:

@@ -6,7 +6,9 @@ written once and read twice. Here the logits of `model.loss_chunk_rows` tokens a
 reduced to a logsumexp and the target's logit, and dropped; backward makes them again, chunk by
 chunk, for the gradients. An fp32 logsumexp per token is all that is kept. The numbers are
 Megatron's: matmuls in the compute dtype, softmax in fp32, the vocabulary split over TP as
-ColumnParallelLinear splits it (padded rows included), the input gradient summed over TP.
+ColumnParallelLinear splits it (padded rows included), the input gradient summed over TP. Under
+sequence parallelism the hidden states arrive split along the sequence and are gathered first,
+as ColumnParallelLinear gathers them; the gather's backward then sums the input gradient.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 
 class FusedLossGPTModel(GPTModel):
@@ -35,13 +38,20 @@ class FusedLossGPTModel(GPTModel):
         return self.head_loss(hidden_states, labels)
 
     def head_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token loss [b, s] of the final hidden states [s, b, d] (after the final norm)."""
+        """Per-token loss [b, s] of the final hidden states [s, b, d] (after the final norm;
+        [s / tp, b, d] under sequence parallelism)."""
         if self.share_embeddings_and_output_weights:
             weight = self.shared_embedding_or_output_weight()
         else:
             weight = self.output_layer.weight
+        group = self.pg_collection.tp
+        split = self.config.sequence_parallel
+        if split:
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=True, group=group
+            )
         loss = linear_cross_entropy(
-            hidden_states, weight, labels.t(), self.loss_chunk_rows, self.pg_collection.tp
+            hidden_states, weight, labels.t(), self.loss_chunk_rows, group, not split
         )
         return loss.t().contiguous()
 
@@ -52,12 +62,15 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     chunk_rows: int,
     group: dist.ProcessGroup | None = None,
+    sum_input_grad: bool = True,
 ) -> torch.Tensor:
     """Per-token fp32 cross-entropy of the logits `hidden @ weight.T` against `labels`.
 
     `hidden` is [..., d] and `labels` its leading shape; `weight` is this rank's rows of the
     vocabulary, [V / tp, d], rank r holding rows r * V / tp onwards of `group` (None: all of it).
-    The matmuls run in the autocast dtype when autocast is on, like a linear layer's.
+    `sum_input_grad`: all-reduce `hidden`'s gradient over `group` (False: whoever gathered
+    `hidden` sums it). The matmuls run in the autocast dtype when autocast is on, like a linear
+    layer's.
     """
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
@@ -73,6 +86,7 @@ def linear_cross_entropy(
         chunk_rows,
         vocab_start,
         group if tp > 1 else None,
+        sum_input_grad,
     )
     return loss.view(labels.shape)
 
@@ -82,7 +96,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     `chunk_rows` rows of logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, chunk_rows, vocab_start, group):
+    def forward(ctx, hidden, weight, target, chunk_rows, vocab_start, group, sum_input_grad):
         owned = (target >= vocab_start) & (target < vocab_start + weight.shape[0])
         local_target = torch.where(owned, target - vocab_start, 0)
         lse, target_logit = [], []
@@ -96,7 +110,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if group is not None:
             lse, target_logit = _over_shards(lse, target_logit, group)
         ctx.save_for_backward(hidden, weight, local_target, owned, lse)
-        ctx.chunk_rows, ctx.group = chunk_rows, group
+        ctx.chunk_rows, ctx.group = chunk_rows, group if sum_input_grad else None
         return lse - target_logit
 
     @staticmethod
@@ -117,7 +131,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.group is not None:
             # What ColumnParallelLinear's input copy does: each shard's part of the sum.
             dist.all_reduce(grad_hidden, group=ctx.group)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
 def _over_shards(

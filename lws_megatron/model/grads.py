@@ -1,15 +1,17 @@
 """Gradient reductions that model parallelism needs beyond autograd, for chunks without DDP.
 
-Two parameters' gradients come out partial on each rank:
+Some parameters' gradients come out partial on each rank:
 - Shared QK-norm gains under TP (`model.qk_norm=head`): each TP rank normalises only its own
   heads with the shared gain, so its gradient is a partial sum over heads. The full-width gain
   (`full`) is split with the heads, so each rank's gradient is whole and is not summed.
+- Norm gains under sequence parallelism (marked `sequence_parallel`, norm.py and TE's TENorm):
+  each TP rank normalises its own slice of the sequence.
 - A tied embedding under PP: the first stage holds the embedding and the last a copy as the
   output head (`build_model` starts them equal); each gets only its own use's gradient.
 
-`sync_model_parallel_grads` sums both. Megatron's `finalize_model_grads` does the same (and the
-data-parallel reduction) for chunks wrapped in Megatron's DDP: call one or the other, once per
-backward of the global batch, before clipping and the optimizer step.
+`sync_model_parallel_grads` sums them, each once. Megatron's `finalize_model_grads` does the
+same (and the data-parallel reduction) for chunks wrapped in Megatron's DDP: call one or the
+other, once per backward of the global batch, before clipping and the optimizer step.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 def sync_model_parallel_grads(chunks: list[torch.nn.Module]) -> None:
-    """Sum QK-norm gradients over TP ranks and tied-embedding gradients over first/last stage."""
-    _sum_qk_norm_grads(chunks)
+    """Sum shared QK-norm and sequence-parallel norm gradients over TP ranks, and
+    tied-embedding gradients over the first and last stage."""
+    _sum_partial_norm_grads(chunks)
     _sum_tied_embedding_grads(chunks)
 
 
@@ -33,7 +36,14 @@ def _grad(param: torch.nn.Parameter) -> torch.Tensor | None:
     return param.grad if grad is None else grad
 
 
-def _sum_qk_norm_grads(chunks: list[torch.nn.Module]) -> None:
+def _partial_over_tp(name: str, param: torch.nn.Parameter) -> bool:
+    if getattr(param, "sequence_parallel", False):
+        return True
+    shared_qk = "q_layernorm" in name or "k_layernorm" in name
+    return shared_qk and not getattr(param, "tensor_model_parallel", False)
+
+
+def _sum_partial_norm_grads(chunks: list[torch.nn.Module]) -> None:
     group = parallel_state.get_tensor_model_parallel_group()
     if dist.get_world_size(group) == 1:
         return
@@ -41,9 +51,7 @@ def _sum_qk_norm_grads(chunks: list[torch.nn.Module]) -> None:
         grad
         for chunk in chunks
         for name, param in chunk.named_parameters()
-        if ("q_layernorm" in name or "k_layernorm" in name)
-        and not getattr(param, "tensor_model_parallel", False)
-        and (grad := _grad(param)) is not None
+        if _partial_over_tp(name, param) and (grad := _grad(param)) is not None
     ]
     if not grads:
         return

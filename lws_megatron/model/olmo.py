@@ -24,13 +24,11 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import (
-    TransformerLayer,
-    TransformerLayerSubmodules,
-)
+from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from lws_megatron.model.compat import with_submodules
+from lws_megatron.model.recompute import RecomputableLayer
 
 
 class FullQKNorm(torch.nn.Module):
@@ -108,7 +106,7 @@ class PostNormLayerSubmodules(TransformerLayerSubmodules):
     post_mlp_layernorm: Union[ModuleSpec, type] = IdentityOp
 
 
-class PostNormTransformerLayer(TransformerLayer):
+class PostNormTransformerLayer(RecomputableLayer):
     """Megatron's layer with OLMo-2's reordered norm; `input_layernorm` and
     `pre_mlp_layernorm` should be identities in its spec (see `post_norm_spec`)."""
 

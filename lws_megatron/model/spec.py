@@ -4,6 +4,7 @@ Megatron's `TransformerBlock` builds layer `n` (global, 1-based, pipeline offset
 `config.get_config_for_layer(n)` when `heterogeneous_block_specs` is set. `LWSTransformerConfig`
 answers with that layer's FFN width, query heads and KV heads, so every pipeline stage builds its
 own layers at their own sizes, and Megatron's tensor and pipeline parallelism apply unchanged.
+The same per-layer config carries each layer's recomputation (`recompute.py`).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lws_megatron.errors import UserError
 from lws_megatron.model.attention import SDPAttention
 from lws_megatron.model.compat import with_submodules
+from lws_megatron.model.norm import RMSNorm
 from lws_megatron.model.olmo import full_qk_norm_specs, post_norm_spec
+from lws_megatron.model.recompute import RecomputableLayer, layer_recompute
 from lws_megatron.shapes import LayerShape
 
 Backend = Literal["sdpa", "te"]
@@ -38,6 +42,8 @@ class LWSTransformerConfig(TransformerConfig):
     layer_shapes: tuple[LayerShape, ...] = ()
     sdpa_kernel: str = "auto"  # model.sdpa_kernel, read by SDPAttention
     init: str = "megatron"  # model.init, read by build.init_weights
+    recompute: str = "none"  # parallel.recompute: none | selective | full (recompute.py)
+    recomputed_layers: tuple[int, ...] = ()  # the layers it applies to, 0-based global numbers
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,6 +61,7 @@ class LWSTransformerConfig(TransformerConfig):
             ffn_hidden_size=shape.ffn_hidden_size,
             num_attention_heads=shape.num_query_heads,
             num_query_groups=shape.num_kv_heads,
+            **layer_recompute(self, layer_number),
         )
 
 
@@ -103,17 +110,24 @@ def layer_spec(
     `model.qk_norm` (none | head | full) and `model.norm_placement` (pre | post, olmo.py).
 
     SwiGLU without biases and RoPE are settings of the TransformerConfig and GPTModel
-    (build.py); the spec only chooses the modules.
+    (build.py); the spec only chooses the modules. The norms of the SDPA spec are ours
+    (norm.py), so that sequence parallelism can split them.
     """
     if backend == "te":
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm == "head")
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm == "head", normalization="RMSNorm")
         layer = spec.submodules
+        layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+        head_norms = {"q_layernorm": RMSNorm, "k_layernorm": RMSNorm} if qk_norm == "head" else {}
         layer.self_attention = with_submodules(
-            layer.self_attention, core_attention=SDPAttention, linear_proj=GroupedRowParallelLinear
+            layer.self_attention,
+            core_attention=SDPAttention,
+            linear_proj=GroupedRowParallelLinear,
+            **head_norms,
         )
         layer.mlp = with_submodules(layer.mlp, linear_fc2=GroupedRowParallelLinear)
+    spec = dataclasses.replace(spec, module=RecomputableLayer)
     if qk_norm == "full":
         q_norm, k_norm = full_qk_norm_specs()
         spec.submodules.self_attention = with_submodules(
@@ -125,4 +139,17 @@ def layer_spec(
         from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm
 
         return post_norm_spec(spec, TENorm, unfused_linear=TEColumnParallelLinear)
-    return post_norm_spec(spec, spec.submodules.input_layernorm)
+    return post_norm_spec(spec, RMSNorm)
+
+
+def block_spec(backend: Backend, model, num_layers: int) -> TransformerBlockSubmodules:
+    """A chunk of `num_layers` layers of `model`'s (its ModelConfig) block, and its final norm.
+
+    Given a layer spec alone, Megatron picks the final norm by what is importable (TE's, Apex's,
+    else torch's, which refuses sequence parallelism); here it follows the backend.
+    """
+    layer = layer_spec(backend, qk_norm=model.qk_norm, norm_placement=model.norm_placement)
+    norm = RMSNorm
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm as norm
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)

@@ -49,19 +49,33 @@ class Tables:
 
 
 def tables(model: CostModel, pp: int, in_flight: tuple[int, ...]) -> Tables:
-    """Chunk tables from prefix sums: O(C N^2) numbers, each a difference of two sums."""
+    """Chunk tables from prefix sums: O(C N^2) numbers, each a difference of two sums.
+
+    A chunk's memory: its weights' state; what its blocks keep, for each micro batch in flight
+    but the one in backward; and that one's peak in backward: all it keeps while the head's
+    backward runs (and makes its transient), or, lower down, the layers still below a
+    recomputed layer plus that layer's activations made again.
+    """
     chunks = len(in_flight)
     n = len(model.layers)
     cost = _spans([b.cost for b in model.layers])
     params = _spans([b.params for b in model.layers])
-    acts = _spans([b.activation_bytes for b in model.layers])
+    kept = [b.activation_bytes for b in model.layers]
+    acts = _spans(kept)
+    prefix = np.concatenate([[0.0], np.cumsum(kept)])
+    rebuilt = np.array([b.transient_bytes for b in model.layers])
+    recomputing = _span_max(prefix[1:] + rebuilt) - prefix[:-1, None]
+    recomputing = np.vstack([recomputing, np.zeros(n + 1)])
     load = np.empty((chunks, n + 1, n + 1))
     memory = np.empty_like(load)
     for c in range(chunks):
         extra = [b for b, at in ((model.embedding, c == 0), (model.output, c == chunks - 1)) if at]
         load[c] = cost + sum(b.cost for b in extra)
         memory[c] = model.bytes_per_param * (params + sum(b.params for b in extra))
-        memory[c] += in_flight[c] * (acts + sum(b.activation_bytes for b in extra))
+        held = acts + sum(b.activation_bytes for b in extra)
+        memory[c] += (in_flight[c] - 1) * held
+        head = held + sum(b.transient_bytes for b in extra)
+        memory[c] += np.maximum(head, recomputing + model.embedding.activation_bytes * (c == 0))
     lower = np.tril(np.ones((n + 1, n + 1), dtype=bool), k=-1)
     load[:, lower] = INF
     empty = np.eye(n + 1, dtype=bool)
@@ -72,6 +86,15 @@ def tables(model: CostModel, pp: int, in_flight: tuple[int, ...]) -> Tables:
 def _spans(values: list[float]) -> np.ndarray:
     prefix = np.concatenate([[0.0], np.cumsum(values)])
     return prefix[None, :] - prefix[:, None]
+
+
+def _span_max(values: np.ndarray) -> np.ndarray:
+    """[i, j] for i < n: the largest of values[i:j]; 0 for an empty span."""
+    n = len(values)
+    table = np.zeros((n, n + 1))
+    for i in range(n):
+        table[i, i + 1 :] = np.maximum.accumulate(values[i:])
+    return table
 
 
 def rank_totals(table: np.ndarray, bounds: tuple[int, ...], pp: int) -> list[float]:

@@ -16,13 +16,10 @@ import numpy as np
 
 from lws_megatron.config import Config
 from lws_megatron.errors import UserError
-from lws_megatron.planner.costs import (
-    PRECISIONS,
-    Timings,
-    cost_model,
-    micro_batches_in_flight,
-)
+from lws_megatron.planner.costs import Timings, cost_model, micro_batches_in_flight
+from lws_megatron.planner.memory import precision_named
 from lws_megatron.planner.partition import INF, Tables, even_bounds, rank_totals, solve, tables
+from lws_megatron.planner.recompute import auto_tables, with_recompute
 
 _UNITS = {
     "": 1,
@@ -47,6 +44,7 @@ class Stage:
     output: bool
     cost: float
     memory_bytes: int
+    recomputed: tuple[int, ...] = ()  # the layers `--recompute auto` recomputes here
 
     @property
     def layers(self) -> list[int]:
@@ -79,6 +77,7 @@ class Split:
                     "cost": s.cost,
                     "share": s.cost / total,
                     "memory_bytes": s.memory_bytes,
+                    "recomputed": list(s.recomputed),
                 }
                 for s in self.stages
             ],
@@ -104,6 +103,12 @@ class Plan:
     recompute: str
     device_memory: int | None
     unit: str
+    auto_recompute: bool = False  # `recompute` was chosen per stage (Stage.recomputed)
+
+    @property
+    def recomputed(self) -> tuple[int, ...]:
+        """Every layer the planned split recomputes under `--recompute auto`."""
+        return tuple(sorted(i for s in self.planned.stages for i in s.recomputed))
 
     def to_json(self) -> dict:
         return {
@@ -115,6 +120,7 @@ class Plan:
             "micro_batches": self.micro_batches,
             "precision": self.precision,
             "recompute": self.recompute,
+            **({"recompute_layers": list(self.recomputed)} if self.auto_recompute else {}),
             "device_memory": self.device_memory,
             "cost_unit": self.unit,
             "proven_optimal": self.proven,
@@ -154,49 +160,104 @@ def plan(
     dp: int = 1,
     device_memory: int | None = None,
     precision: str | None = None,
-    recompute: str = "none",
     timings: Timings | None = None,
+    device: str = "cuda",
 ) -> Plan:
-    """Plan `config`'s pipeline at PP ranks (default parallel.pp), VPP virtual stages each.
+    """Plan `config`'s pipeline at PP ranks (default parallel.pp), VPP virtual stages each,
+    with its recomputation (parallel.recompute, parallel.recompute_layers).
 
-    Precision defaults to train.precision, with "auto" accounted as bf16 (the GPU case).
+    Precision defaults to train.precision, with "auto" accounted as bf16 (the GPU case); the
+    activations counted are those `device`'s kernels keep (cuda | cpu).
     Raises UserError for sizes that cannot be split and for a memory limit no split meets.
     """
     pp = config.parallel.pp if pp is None else pp
-    n = config.model.num_layers
     micro_batches = _check(config, pp, vpp, dp)
-    name = precision or ("bf16" if config.train.precision == "auto" else config.train.precision)
-    if name not in PRECISIONS:
-        raise UserError(f"precision {name!r}: choose one of {', '.join(PRECISIONS)}")
-    model = cost_model(
-        config,
-        pp=pp,
-        dp=dp,
-        precision=PRECISIONS[name],
-        recompute=recompute,
-        timings=timings,
-    )
+    accounting = precision_named(precision or config.train.precision)
+    model = cost_model(config, pp=pp, dp=dp, precision=accounting, timings=timings, device=device)
     t = tables(model, pp, micro_batches_in_flight(pp, vpp, micro_batches))
     solution = solve(t, device_memory)
     if solution is None:
         raise _memory_error(t, device_memory, vpp)
-    even, exact = even_bounds(n, pp * vpp)
+    return _plan(
+        config, t, solution, vpp, dp, micro_batches, accounting.name, device_memory, model.unit
+    )
+
+
+def plan_recompute(
+    config: Config,
+    *,
+    device_memory: int,
+    pp: int | None = None,
+    dp: int = 1,
+    precision: str | None = None,
+    timings: Timings | None = None,
+    device: str = "cuda",
+) -> Plan:
+    """`plan --recompute auto`: the fastest split within `device_memory` whose stages each
+    recompute (fully) the fewest of their layers that make them fit, widest first."""
+    pp = config.parallel.pp if pp is None else pp
+    micro_batches = _check(config, pp, 1, dp)
+    accounting = precision_named(precision or config.train.precision)
+    models = [
+        cost_model(
+            with_recompute(config, kind),
+            pp=pp,
+            dp=dp,
+            precision=accounting,
+            timings=timings,
+            device=device,
+        )
+        for kind in ("none", "full")
+    ]
+    in_flight = micro_batches_in_flight(pp, 1, micro_batches)
+    t, chosen = auto_tables(config, *models, pp, in_flight, device_memory)
+    solution = solve(t, device_memory)
+    if solution is None:
+        leanest = tables(models[1], pp, in_flight)
+        raise _memory_error(leanest, device_memory, 1, recomputing=True)
+    return _plan(
+        config,
+        t,
+        solution,
+        1,
+        dp,
+        micro_batches,
+        accounting.name,
+        device_memory,
+        models[0].unit,
+        chosen=chosen,
+    )
+
+
+def _plan(
+    config, t, solution, vpp, dp, micro_batches, precision, device_memory, unit, chosen=None
+) -> Plan:
+    even, exact = even_bounds(config.model.num_layers, t.pp * vpp)
     return Plan(
-        planned=_split(t, solution.bounds),
-        even=_split(t, even),
+        planned=_split(t, solution.bounds, chosen),
+        even=_split(t, even, chosen),
         even_is_megatron_default=exact,
         proven=solution.proven,
-        pp=pp,
+        pp=t.pp,
         vpp=vpp,
         tp=config.parallel.tp,
         dp=dp,
         zero=config.zero.stage,
         micro_batches=micro_batches,
-        precision=name,
-        recompute=recompute,
+        precision=precision,
+        recompute="full, per stage" if chosen else recompute_label(config),
         device_memory=device_memory,
-        unit=model.unit,
+        unit=unit,
+        auto_recompute=chosen is not None,
     )
+
+
+def recompute_label(config: Config) -> str:
+    """'none', 'full', 'selective on widest:3', 'full on [0, 9]'."""
+    p = config.parallel
+    if p.recompute == "none" or p.recompute_layer_choice()[0] == "all":
+        return p.recompute
+    return f"{p.recompute} on {p.recompute_layers}"
 
 
 def plan_layout(
@@ -214,6 +275,21 @@ def plan_layout(
     return plan(config, pp=pp, vpp=vpp, dp=dp, device_memory=device_memory).planned.layout
 
 
+def stage_memory(config: Config, parallel, device: str = "cuda") -> list[int]:
+    """The memory estimate of each pipeline rank of a resolved `training.distributed`
+    ParallelPlan (its layout, or the even split; its DP size), in bytes."""
+    vpp = parallel.vpp or 1
+    model = cost_model(config, pp=parallel.pp, dp=parallel.dp, device=device)
+    t = tables(
+        model, parallel.pp, micro_batches_in_flight(parallel.pp, vpp, parallel.micro_batches)
+    )
+    if parallel.layout is None:
+        bounds, _ = even_bounds(config.model.num_layers, parallel.pp * vpp)
+    else:
+        bounds = layout_bounds(parallel.layout, parallel.pp)
+    return [round(m) for m in rank_totals(t.memory, bounds, parallel.pp)]
+
+
 def _check(config: Config, pp: int, vpp: int, dp: int) -> int:
     """Refuse sizes Megatron cannot run; return the number of micro batches per step."""
     n = config.model.num_layers
@@ -222,11 +298,6 @@ def _check(config: Config, pp: int, vpp: int, dp: int) -> int:
             raise UserError(f"{key}={value}: must be at least 1")
     if pp > n:
         raise UserError(f"PP={pp} is more than the model's {n} layers; choose PP <= {n}")
-    if config.zero.stage >= 2 and pp > 1:
-        raise UserError(
-            f"zero.stage={config.zero.stage} with PP={pp}: ZeRO-2/3 break pipeline schedules; "
-            "use zero.stage=1 (or 0) with pipeline parallelism"
-        )
     train = config.train
     if train.global_batch_size % (train.micro_batch_size * dp):
         raise UserError(
@@ -251,7 +322,7 @@ def _check(config: Config, pp: int, vpp: int, dp: int) -> int:
     return micro_batches
 
 
-def _memory_error(t: Tables, limit: float, vpp: int) -> UserError:
+def _memory_error(t: Tables, limit: float, vpp: int, recomputing: bool = False) -> UserError:
     """Name the stage that overflows in the split that needs the least memory, and by how much."""
     leanest = solve(Tables(np.where(np.isfinite(t.load), t.memory, INF), t.memory, t.pp))
     need = rank_totals(t.memory, leanest.bounds, t.pp)
@@ -261,12 +332,13 @@ def _memory_error(t: Tables, limit: float, vpp: int) -> UserError:
         f"device memory {format_bytes(limit)}: no split of {t.num_layers} layers over {sizes} "
         f"fits; the leanest split still needs {format_bytes(need[rank])} on stage {rank} "
         f"({format_bytes(need[rank] - limit)} over); raise the limit to at least "
-        f"{math.ceil(need[rank] / 2**30)}GiB, or save memory with full recomputation, a higher "
-        "ZeRO stage or DP, or a larger PP"
+        f"{math.ceil(need[rank] / 2**30)}GiB, or save memory with "
+        + ("" if recomputing else "full recomputation, ")
+        + "a higher ZeRO stage or DP, or a larger PP"
     )
 
 
-def _split(t: Tables, bounds: tuple[int, ...]) -> Split:
+def _split(t: Tables, bounds: tuple[int, ...], chosen: dict | None = None) -> Split:
     loads = rank_totals(t.load, bounds, t.pp)
     memory = rank_totals(t.memory, bounds, t.pp)
     stages = tuple(
@@ -279,6 +351,7 @@ def _split(t: Tables, bounds: tuple[int, ...]) -> Split:
             output=r == t.pp - 1,
             cost=loads[r],
             memory_bytes=round(memory[r]),
+            recomputed=() if chosen is None else chosen[r, bounds[r], bounds[r + 1]],
         )
         for r in range(t.pp)
     )
@@ -298,18 +371,33 @@ def layout_string(bounds: tuple[int, ...]) -> str:
     return "|".join(entries)
 
 
-def check_layout(layout: str, bounds: tuple[int, ...], pp: int) -> None:
-    """Parse `layout` with Megatron-Core and check it places every layer where `bounds` says."""
+def layout_bounds(layout: str, pp: int) -> tuple[int, ...]:
+    """The chunk boundaries of a Megatron layout (chunk c: virtual stage c // pp of rank c % pp)."""
+    parsed = _parse_layout(layout, pp)
+    counts = _decoder_counts(parsed, pp)
+    return tuple(int(b) for b in np.concatenate([[0], np.cumsum(counts)]))
+
+
+def _parse_layout(layout: str, pp: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from megatron.core.transformer.enums import LayerType
         from megatron.core.transformer.pipeline_parallel_layer_layout import (
             PipelineParallelLayerLayout,
         )
-    parsed = PipelineParallelLayerLayout(layout, pp)
+    return PipelineParallelLayerLayout(layout, pp)
+
+
+def _decoder_counts(parsed, pp: int) -> list[int]:
+    from megatron.core.transformer.enums import LayerType
+
+    chunks = sum(len(stages) for stages in parsed.layout)
+    return [parsed.layout[c % pp][c // pp].count(LayerType.decoder) for c in range(chunks)]
+
+
+def check_layout(layout: str, bounds: tuple[int, ...], pp: int) -> None:
+    """Parse `layout` with Megatron-Core and check it places every layer where `bounds` says."""
+    parsed = _parse_layout(layout, pp)
     parsed.validate_layer_layout(num_layers=bounds[-1], mtp_num_layers=None)
-    counts = [
-        parsed.layout[c % pp][c // pp].count(LayerType.decoder) for c in range(len(bounds) - 1)
-    ]
+    counts = _decoder_counts(parsed, pp)
     if counts != [b - a for a, b in zip(bounds, bounds[1:])]:
         raise RuntimeError(f"layout {layout!r} parses to {counts} layers per chunk, not {bounds}")

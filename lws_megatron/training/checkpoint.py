@@ -29,6 +29,7 @@ Tensors and numbers are all a file may hold: anything else is refused (`shards.s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -50,7 +51,6 @@ from lws_megatron.training.distributed import agreed
 from lws_megatron.training.shards import Slice, safe_load
 
 _NAME = re.compile(r"^step_(\d{8})$")
-_LEFTOVER = re.compile(r"^step_\d{8}(\.tmp|\.pruning)?$")
 FORMAT = 3  # torch_dist files, layout-free; 2: DeepSpeed engine files per layout
 
 
@@ -103,11 +103,15 @@ class Checkpointer:
         return sorted(found, key=checkpoint_step, reverse=True)
 
     def remove_partial(self) -> None:
-        """Rank 0, before a run: what a crashed save or prune left is never a checkpoint."""
-        if not self.root.is_dir():
-            return
-        for path in self.root.iterdir():
-            if _LEFTOVER.match(path.name) and checkpoint_step(path) is None and path.is_dir():
+        """Rank 0, before a run: what a crashed or disk-full save left is never a checkpoint,
+        nor what a prune cut short left (`step_N.pruned`, or from earlier versions a step
+        directory without its meta.json, older than a complete checkpoint)."""
+        complete = self.complete()
+        newest = checkpoint_step(complete[0]) if complete else -1
+        for path in self.root.glob("step_*"):
+            step = _NAME.match(path.name)
+            unrecorded = step and int(step.group(1)) < newest and path not in complete
+            if path.suffix in (".tmp", ".pruned") or (unrecorded and path.is_dir()):
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- saving ---------------------------------------------------------------------------
@@ -172,15 +176,8 @@ class Checkpointer:
             save.written = written
         except OSError as err:
             save.error = ("user", _disk_error(save.tmp, err))
-        except RuntimeError as err:
-            text = str(err)
-            if "write failed" in text or "No space left" in text:
-                save.error = (
-                    "user",
-                    f"{save.tmp}: {text.splitlines()[-1]}; free space there or write elsewhere",
-                )
-            else:
-                save.error = ("bug", traceback.format_exc())
+        except Exception:
+            save.error = ("bug", traceback.format_exc())
 
     def poll(self) -> list[Path]:
         """Collective (where every rank reads the step numbers): complete the save in flight
@@ -203,17 +200,24 @@ class Checkpointer:
         errors: list = [None] * dist.get_world_size()
         dist.all_gather_object(errors, save.error, group=self.group)
         failed = [(rank, e) for rank, e in enumerate(errors) if e]
-        if failed:
-            if self.rank == 0:
-                shutil.rmtree(save.tmp, ignore_errors=True)
-            rank, (kind, text) = failed[0]
-            if kind == "user":
+        name = f"step_{save.step:08d}"
+        try:
+            if failed:
+                rank, (kind, text) = failed[0]
+                if kind != "user":
+                    raise RuntimeError(f"rank {rank} failed to write checkpoint {name}:\n{text}")
                 raise UserError(text)
-            raise RuntimeError(f"rank {rank} failed to write checkpoint step {save.step}:\n{text}")
-        written = [None] * dist.get_world_size() if self.rank == 0 else None
-        dist.gather_object(save.written, written, dst=0, group=self.group)
-        agreed(lambda: self._complete(save, written) if self.rank == 0 else None)
-        return [self.root / f"step_{save.step:08d}"]
+            written = [None] * dist.get_world_size() if self.rank == 0 else None
+            dist.gather_object(save.written, written, dst=0, group=self.group)
+            agreed(lambda: self._complete(save, written) if self.rank == 0 else None)
+        except UserError as err:
+            raise UserError(
+                f"checkpoint {name} was not saved: {err}; the checkpoints before it are kept"
+            ) from None
+        finally:
+            if self.rank == 0:
+                shutil.rmtree(save.tmp, ignore_errors=True)  # gone once renamed into place
+        return [self.root / name]
 
     def _complete(self, save: _Save, written: list[shards.Written]) -> None:
         """Rank 0, every rank's files written: metadata, meta.json, rename, `latest`, prune."""
@@ -221,31 +225,24 @@ class Checkpointer:
         try:
             metadata = shards.build_metadata(written)
         except RuntimeError as err:
-            shutil.rmtree(save.tmp, ignore_errors=True)
-            raise UserError(
-                f"checkpoint {name} was not saved: {err} (a bug; please report it)"
-            ) from None
-        try:
-            with os_errors(save.tmp):
-                files = {rel: info for part in written for rel, info in part.files.items()}
-                files.update(shards.write_metadata(save.tmp, metadata))
-                meta = {
-                    "format": FORMAT,
-                    "step": save.step,
-                    "state": save.state,
-                    "fingerprint": self.fingerprint,
-                    "layout": self.layout,
-                    "files": dict(sorted(files.items())),
-                }
-                write_text_atomic(save.tmp / "meta.json", json.dumps(meta, indent=1))
-                final = self.root / name
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(save.tmp, final)
-                write_text_atomic(self.root / "latest", name + "\n")
-                _fsync_dir(self.root)
-        except BaseException:
-            shutil.rmtree(save.tmp, ignore_errors=True)
-            raise
+            raise UserError(f"{err} (a bug; please report it)") from None
+        with os_errors(save.tmp):
+            files = {rel: info for part in written for rel, info in part.files.items()}
+            files.update(shards.write_metadata(save.tmp, metadata))
+            meta = {
+                "format": FORMAT,
+                "step": save.step,
+                "state": save.state,
+                "fingerprint": self.fingerprint,
+                "layout": self.layout,
+                "files": dict(sorted(files.items())),
+            }
+            write_text_atomic(save.tmp / "meta.json", json.dumps(meta, indent=1))
+            final = self.root / name
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(save.tmp, final)
+            write_text_atomic(self.root / "latest", name + "\n")
+            _fsync_dir(self.root)
         self._prune(save.step)
 
     def _prune(self, saved: int) -> None:
@@ -254,9 +251,10 @@ class Checkpointer:
         half-deleted one behind that looks complete."""
         older = [p for p in self.complete() if checkpoint_step(p) < saved]
         for old in older[self.keep - 1 :]:
-            doomed = old.with_name(old.name + ".pruning")
-            os.replace(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            doomed = old.with_name(old.name + ".pruned")
+            with contextlib.suppress(OSError):  # one that cannot be moved is kept
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
     # -- resuming -------------------------------------------------------------------------
 
@@ -292,7 +290,7 @@ class Checkpointer:
         it needs, every file among them verified."""
         meta = _read_meta(path)
         if meta is None:
-            return {"problem": "meta.json is not a checkpoint's record"}
+            return {"problem": "its meta.json is not a checkpoint record"}
         self._check_fingerprint(path, meta["fingerprint"])
         files = meta["files"]
         head = [shards.METADATA, shards.COMMON, self._rng_source(meta)]
@@ -325,6 +323,14 @@ class Checkpointer:
         different = [k for k in keys if saved.get(k) != self.fingerprint.get(k)]
         if not different:
             return
+        seed = saved.get("train.seed")
+        if "train.seed" in different:
+            raise UserError(
+                f"{path} was trained with train.seed={seed} and this run sets "
+                f"train.seed={self.fingerprint.get('train.seed')}, which would change the data "
+                f"order from here on; resume with train.seed={seed}, or start a new run.dir "
+                "for the new seed"
+            )
         batch = "train.global_batch_size"
         if different == [batch]:
             raise UserError(
@@ -344,22 +350,34 @@ class Checkpointer:
 
 
 def _read_meta(path: Path) -> dict[str, Any] | None:
-    """meta.json, or None when it is not a record of ours; refuses other formats."""
+    """A checkpoint's meta.json when it is a record of this format; None when it is none
+    (unreadable, or not what a save writes: damaged). Another format is refused."""
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (ValueError, OSError):
         return None
-    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
+    if not isinstance(meta, dict):
         return None
-    if meta["format"] != FORMAT:
-        which = "an earlier" if meta["format"] < FORMAT else "a newer"
+    if "format" not in meta and {"step", "fingerprint"} <= meta.keys():
         raise UserError(
-            f"{path} was written by {which} lws-megatron (checkpoint format {meta['format']}, "
-            f"this one reads {FORMAT}); resume it with the version that wrote it, or start a "
-            "new run.dir"
+            f"{path} was written by an earlier lws-megatron, whose checkpoints load "
+            "by unpickling; it is not loaded: start a new run.dir"
         )
-    needed = ("step", "state", "fingerprint", "layout", "files")
-    return meta if all(k in meta for k in needed) and isinstance(meta["files"], dict) else None
+    found = meta.get("format")
+    if type(found) is int and found != FORMAT and {"step", "fingerprint"} <= meta.keys():
+        raise UserError(
+            f"{path} is in checkpoint format {found}, this lws-megatron reads format {FORMAT} "
+            "(layout-free); resume it with the version that wrote it, or start a new run.dir"
+        )
+    kinds = {"format": int, "step": int, "state": dict, "fingerprint": dict, "layout": dict}
+    if found != FORMAT or not all(isinstance(meta.get(k), t) for k, t in kinds.items()):
+        return None
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(f, dict) and {"bytes", "sha256"} <= f.keys() for f in files.values()
+    ):
+        return None
+    return meta
 
 
 def _verify(path: Path, files: dict[str, Any], rels: list[str]) -> str | None:
@@ -409,7 +427,7 @@ def read_full(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tens
     group; every file read is verified first."""
     meta = _read_meta(path)
     if meta is None:
-        raise UserError(f"{path}/meta.json is not a checkpoint's record; it is damaged")
+        raise UserError(f"{path}/meta.json is not a checkpoint record; it is damaged")
     problem = _verify(path, meta["files"], [shards.METADATA])
     metadata = None if problem else shards.read_metadata(path / shards.METADATA)
     if problem:

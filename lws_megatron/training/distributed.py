@@ -16,6 +16,7 @@ from typing import Callable, Iterator, TypeVar
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -87,10 +88,23 @@ def export(env: LaunchEnv) -> None:
     )
 
 
+def skip_cpu_comm_op() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce (`deepspeed_shm_comm`)
+    when its communication backend starts. The build runs under a file lock in
+    $TORCH_EXTENSIONS_DIR, by default shared by every environment on the machine, which a
+    process killed mid-build leaves behind: every later start then waits on it without a word.
+    Only `deepspeed.comm.inference_all_reduce` (DeepSpeed inference, AutoTP) uses the op, and
+    falls back to the process group without it; training never calls it."""
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def init_processes() -> torch.device:
     """Join the job's default process group (nccl on CUDA, gloo on CPU); this rank's device."""
     env = discover()
     export(env)
+    skip_cpu_comm_op()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
         device = torch.device("cuda", env.local_rank)

@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,28 +91,45 @@ class Written:
 
 
 class _HashingWriter:
-    """A write-only stream that hashes what passes through it to the file."""
+    """A write-only stream onto a file descriptor that hashes what passes through it, keeping
+    the first OSError of its writes (torch.save reports one as a RuntimeError that has lost
+    the cause)."""
 
-    def __init__(self, file) -> None:
-        self.file, self.digest, self.written = file, hashlib.sha256(), 0
+    def __init__(self, fd: int) -> None:
+        self.fd, self.digest, self.written = fd, hashlib.sha256(), 0
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
-        self.digest.update(data)
-        self.written += len(memoryview(data).cast("B"))
-        return self.file.write(data)
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        self.written += len(view)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as err:
+            self.error = self.error or err
+            raise
+        return len(data)
 
     def flush(self) -> None:
-        self.file.flush()
+        pass
 
 
 def write_file(path: Path, write) -> dict[str, Any]:
     """Call `write(stream)` on a new file at `path`, fsync it; its size and sha256, hashed from
-    the bytes as they were written."""
-    with open(path, "wb") as file:
-        stream = _HashingWriter(file)
+    the bytes as they were written. A failed write (a full disk, a quota, a file-size limit)
+    is raised as the OSError it is, naming the file."""
+    stream = _HashingWriter(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+    try:
         write(stream)
-        file.flush()
-        os.fsync(file.fileno())
+        os.fsync(stream.fd)
+    except (RuntimeError, OSError) as err:
+        cause = stream.error or (err if isinstance(err, OSError) else None)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, os.fspath(path)) from None
+    finally:
+        os.close(stream.fd)
     return {"bytes": stream.written, "sha256": stream.digest.hexdigest()}
 
 
@@ -202,7 +220,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_CONSTANTS):
             return getattr(torch, name)
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, no checkpoint metadata")
 
 
 def read_metadata(path: Path) -> Metadata:
@@ -221,17 +239,18 @@ def read_metadata(path: Path) -> Metadata:
 
 def refused(path: Path | str, reason: str) -> UserError:
     return UserError(
-        f"{path}: refused to load: it holds objects that could run code ({reason}); load "
-        "checkpoints only from sources you trust, or resume from another checkpoint"
+        f"{path}: refused to load: it holds objects that could run code ({reason}); move its "
+        "checkpoint aside to resume from an earlier one, or start a new run.dir"
     )
 
 
 def _unpickling_reason(err: Exception) -> str:
-    """PyTorch's reason for a refusal, without its advice to load the file unsafely."""
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    """What the file asked for, without PyTorch's advice (to load it unsafely, or to allow
+    the object), which a user of a crafted file must not follow."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
     if found:
-        return f"it refers to {found.group(1)}"
-    return "an object that only unrestricted unpickling would rebuild"
+        return f"it asks for {found.group(1)}, which is neither a tensor nor a number"
+    return "not only tensors and numbers"
 
 
 def safe_load(source: Path | bytes, name: Path | str | None = None) -> Any:
@@ -239,7 +258,10 @@ def safe_load(source: Path | bytes, name: Path | str | None = None) -> Any:
     name = name if name is not None else source
     try:
         data = io.BytesIO(source) if isinstance(source, bytes) else source
-        return torch.load(data, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # PyTorch's warning on a crafted file's pickle protocol asks to file an issue
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            return torch.load(data, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise refused(name, _unpickling_reason(err)) from None
     except (RuntimeError, EOFError, ValueError) as err:

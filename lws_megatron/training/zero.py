@@ -12,6 +12,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from lws_megatron.config import Config
+from lws_megatron.training.distributed import skip_cpu_comm_op
 
 
 class MegatronMPU:
@@ -80,6 +81,7 @@ def initialize_engine(
     bf16_weights: bool = False,
 ):
     """`bf16_weights`: the model holds bf16 weights (`train.precision`, as resolved)."""
+    skip_cpu_comm_op()  # a process group set up without init_processes (tests, notebooks)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -109,6 +109,20 @@ def test_the_stated_dtype_is_checked_never_guessed(tmp_path, tok_path, documents
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_a_big_endian_npy_is_named_as_such_with_the_fix(tmp_path, tok_path, dtype):
+    np.save(tmp_path / "be.npy", np.array([5, 6, 1], dtype=np.dtype(dtype).newbyteorder(">")))
+    swapped = np.dtype(dtype).newbyteorder("<").str
+    with pytest.raises(
+        UserError,
+        match=rf"be.npy holds big-endian {dtype} ids \(its .npy header says '>u\d'\); token "
+        rf"files are little-endian: re-save it with "
+        rf"numpy.save\(path, array.astype\('{swapped}'\)\)",
+    ):
+        import_tokens([str(tmp_path / "be.npy")], dtype, tok_path, str(tmp_path / "out"))
+    assert not list(tmp_path.glob("out*"))
+
+
 def test_int32_ids_viewed_as_uint16_are_caught_by_the_integrity_check(
     tmp_path, tok_path, documents
 ):

@@ -3,6 +3,10 @@
 import gzip
 import hashlib
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +145,33 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, [source], tok_path, valid_fraction=0.5)
     assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
+def test_ctrl_c_on_the_command_line_is_one_line_and_leaves_nothing(
+    tmp_path, tok_path, write_jsonl, training_text
+):
+    lines = [line for line in training_text.splitlines() if line.strip()]
+    source = write_jsonl(tmp_path / "in.jsonl", lines * 40)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep.preprocess", "--input", str(source), "--tokenizer"]
+        + [tok_path, "--output-prefix", str(out / "data"), "--workers", "1", "--quiet"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*.partial")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "preprocess wrote no .partial file in 120 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "interrupted (Ctrl-C)\n"
+    assert list(out.iterdir()) == []
 
 
 def test_bad_inputs_and_options_are_refused(tmp_path, tok_path, run, write_jsonl, sample_docs):

@@ -43,3 +43,32 @@ def test_unigram_tokenizer_and_training_errors(tmp_path, tok_path, sample_docs):
         load_tokenizer(corpus)
     with pytest.raises(UserError, match="cannot read tokenizer"):
         load_tokenizer(tmp_path / "missing.model")
+
+
+@pytest.mark.parametrize("fmt", ["sentencepiece", "hf"])
+@pytest.mark.parametrize("vocab_size", [0, -5, 100])
+def test_a_vocabulary_too_small_is_refused_naming_the_minimum(tmp_path, fmt, vocab_size):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n")
+    with pytest.raises(UserError, match=rf"--vocab-size {vocab_size} is too small .*at least \d+"):
+        train_tokenizer([str(corpus)], vocab_size, str(tmp_path / "tok"), fmt=fmt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]
+
+
+@pytest.mark.parametrize("fmt", ["sentencepiece", "hf"])
+@pytest.mark.parametrize("content", ["", "\n\n  \n", '{"text": ""}\n{"text": ""}\n'])
+def test_training_on_no_text_is_refused_in_one_line(tmp_path, fmt, content):
+    corpus = tmp_path / ("corpus.jsonl" if "text" in content else "corpus.txt")
+    corpus.write_text(content)
+    with pytest.raises(UserError, match=rf"no text to train the tokenizer on in {corpus}"):
+        train_tokenizer([str(corpus)], 4096, str(tmp_path / "tok"), fmt=fmt)
+    assert [p.name for p in tmp_path.iterdir()] == [corpus.name]
+
+
+def test_a_vocabulary_below_the_texts_characters_names_the_size_needed(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(chr(0x4E00 + i) for i in range(100)) + "\n")  # and U+2581
+    with pytest.raises(
+        UserError, match=r"--vocab-size 300 is below the 361 pieces that .* use --vocab-size 361"
+    ):
+        train_tokenizer([str(corpus)], 300, str(tmp_path / "tok"))

@@ -2,6 +2,7 @@
 
 import functools
 
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -34,8 +35,9 @@ def test_with_submodules_replaces_in_a_partial_and_keeps_its_other_arguments():
 
 
 def test_sdpa_layer_spec_uses_the_projects_attention_and_row_parallel_linears():
-    layer = layer_spec("sdpa", qk_norm=True).submodules
+    layer = layer_spec("sdpa", qk_norm="head").submodules
     attention = _submodules(layer.self_attention)
+    assert attention.q_layernorm is not IdentityOp and attention.k_layernorm is not IdentityOp
     assert attention.core_attention is SDPAttention
     assert attention.linear_proj is GroupedRowParallelLinear
     assert _submodules(layer.mlp).linear_fc2 is GroupedRowParallelLinear

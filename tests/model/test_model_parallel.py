@@ -1,4 +1,5 @@
-"""TP and PP on gloo against TP=1, PP=1: same weights, loss and gradients (fp32, 1e-5).
+"""TP and PP on gloo against TP=1, PP=1: same weights, loss and gradients (fp32, 1e-5), with
+sequence parallelism (on at TP > 1 by default) and without, and with recomputation.
 
 One launch of 4 processes runs every layout in turn (process start-up and the Megatron import
 dominate the cost); the tests then compare what the layouts report.
@@ -53,6 +54,18 @@ LAYOUTS = {
     "tp2pp2": (2, 2, "Et*3|tL"),
     "pp2_vpp2": (1, 2, "Et|t|t|tL"),
     "pp2_loss_stage": (1, 2, "Et*4|L"),  # a stage without layers, as the planner may plan
+}
+
+# name -> (tp, pp, pipeline_layout, overrides): the same model, kept and recomputed otherwise
+VARIANTS = {
+    "tp2_no_sp": (2, 1, "", ["parallel.sequence_parallel=false"]),
+    "tp2_selective": (2, 1, "", ["parallel.recompute=selective"]),
+    "tp2pp2_vpp2_full": (
+        2,
+        2,
+        "Et|t|t|tL",
+        ["parallel.recompute=full", "parallel.recompute_layers=widest:2"],
+    ),
 }
 
 
@@ -165,6 +178,8 @@ def results(tmp_path_factory) -> dict[str, dict]:
         base = load_config(path, [f"model.tie_embeddings={str(tied).lower()}"])
         for name, (tp, pp, layout) in LAYOUTS.items():
             configs[f"{name}{'_tied' if tied else ''}"] = _with_parallel(base, tp, pp, layout)
+    for name, (tp, pp, layout, overrides) in VARIANTS.items():
+        configs[name] = _with_parallel(load_config(path, overrides), tp, pp, layout)
     # The CPU path (gloo, SDPA, the CUDA bridges) also on a machine with a GPU.
     per_rank = run_distributed(_run_layouts, 4, configs, env={"CUDA_VISIBLE_DEVICES": ""})
     return {name: _merge([rank[name] for rank in per_rank]) for name in configs}
@@ -198,3 +213,8 @@ def test_reference_model_has_lws_layers(results):
 def test_layout_matches_tp1_pp1(results, layout, tied):
     suffix = "_tied" if tied else ""
     _assert_same(results, layout + suffix, "tp1pp1" + suffix)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sequence_parallel_and_recompute_variants_match_tp1_pp1(results, variant):
+    _assert_same(results, variant, "tp1pp1")

@@ -16,14 +16,10 @@ from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
 from lws_megatron.plan import main
 from lws_megatron.planner import PRECISIONS, cost_model, parse_bytes, plan, plan_layout
-from lws_megatron.planner.costs import (
-    Block,
-    CostModel,
-    layer_activation_bytes,
-    micro_batches_in_flight,
-    state_bytes_per_param,
-)
+from lws_megatron.planner.costs import Block, CostModel, micro_batches_in_flight
+from lws_megatron.planner.memory import Saving, layer_activations, state_bytes_per_param
 from lws_megatron.planner.partition import solve, tables
+from lws_megatron.planner.recompute import chunk_memory
 from lws_megatron.planner.stages import layout_string
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,12 +47,10 @@ def score_split(model, pp, in_flight, bounds, limit):
         return None
     loads, memory = [0] * pp, [0] * pp
     for c in range(chunks):
-        blocks = list(model.layers[bounds[c] : bounds[c + 1]])
-        blocks += [model.embedding] * (c == 0) + [model.output] * (c == chunks - 1)
+        layers = list(model.layers[bounds[c] : bounds[c + 1]])
+        blocks = layers + [model.embedding] * (c == 0) + [model.output] * (c == chunks - 1)
         loads[c % pp] += sum(b.cost for b in blocks)
-        memory[c % pp] += sum(
-            model.bytes_per_param * b.params + in_flight[c] * b.activation_bytes for b in blocks
-        )
+        memory[c % pp] += chunk_memory(model, layers, c == 0, c == chunks - 1, in_flight[c])
     if limit is not None and max(memory) > limit:
         return None
     return max(loads), sum(x * x for x in loads)
@@ -70,7 +64,8 @@ def random_case(rng: random.Random):
     vpp = min(vpp, n // pp)
 
     def block():
-        return Block(rng.randint(0, 20), rng.randint(0, 10), rng.randint(0, 10))
+        transient = rng.choice([0, 0, rng.randint(0, 12)])
+        return Block(rng.randint(0, 20), rng.randint(0, 10), rng.randint(0, 10), transient)
 
     model = CostModel(
         layers=tuple(block() for _ in range(n)),
@@ -129,7 +124,7 @@ def test_memory_limit_respected_and_binding():
 
 
 def test_infeasible_memory_names_stage_and_overage():
-    message = r"needs 5\.88 GiB on stage 2 \(0\.88 GiB over\).*at least 6GiB"
+    message = r"needs 6\.75 GiB on stage 0 \(1\.75 GiB over\).*at least 7GiB"
     with pytest.raises(UserError, match=message):
         plan(load_config(VANILLA), pp=4, device_memory=5 * GIB)
 
@@ -150,9 +145,13 @@ def test_bad_sizes_refused(kwargs, message):
         plan(load_config(VANILLA), **kwargs)
 
 
-def test_zero_2_refused_with_pipeline():
-    with pytest.raises(UserError, match=r"zero.stage=2 with PP=2"):
-        plan(load_config(VANILLA, ["zero.stage=2"]), pp=2)
+def test_zero_2_plans_with_a_pipeline_like_zero_1():
+    """ZeRO 2 keeps gradients whole in DDP's buckets, so its stages and bytes are ZeRO 1's."""
+    one, two = (plan(load_config(VANILLA, [f"zero.stage={z}"]), pp=2) for z in (1, 2))
+    assert two.planned.layout == one.planned.layout
+    assert [s.memory_bytes for s in two.planned.stages] == [
+        s.memory_bytes for s in one.planned.stages
+    ]
 
 
 # Whole layers set a floor: e.g. baseline-12l at PP=3 puts 232 MFLOP/token of head on one
@@ -205,22 +204,34 @@ def test_micro_batches_in_flight():
 
 
 def test_memory_accounting():
-    bf16 = PRECISIONS["bf16"]
+    autocast, bf16, fp32 = (PRECISIONS[k] for k in ("bf16-autocast", "bf16", "fp32"))
     # fp32 weights, gradients, Adam moments; ZeRO's own fp32 weight copy; autocast's bf16 copy
-    assert state_bytes_per_param(bf16, zero=0, dp=4) == 4 + 4 + 8 + 2
-    assert state_bytes_per_param(bf16, zero=1, dp=4) == 4 + 4 + 12 / 4 + 2
-    assert state_bytes_per_param(bf16, zero=3, dp=4) == (4 + 4 + 12) / 4 + 2
-    assert state_bytes_per_param(PRECISIONS["fp32"], zero=0, dp=1) == 16
-    config = load_config(VANILLA)
+    assert state_bytes_per_param(autocast, zero=0, dp=4) == 4 + 4 + 8 + 2
+    assert state_bytes_per_param(autocast, zero=1, dp=4) == 4 + 4 + 12 / 4 + 2
+    assert state_bytes_per_param(autocast, zero=2, dp=4) == 4 + 4 + 12 / 4 + 2  # whole grads
+    assert state_bytes_per_param(fp32, zero=0, dp=1) == 16
+    # bf16 weights and gradients, fp32 masters and moments: ours without ZeRO, DeepSpeed's with
+    assert state_bytes_per_param(bf16, zero=0, dp=4) == 2 + 2 + 4 + 8
+    assert state_bytes_per_param(bf16, zero=1, dp=4) == 2 + 2 + 12 / 4
+    config = load_config(VANILLA)  # the paper's block: QK-norm over the whole projection
     shape, dims = config.summary().layers[-1], config.dims  # 3072 FFN, 12 q / 4 kv heads
-    full = layer_activation_bytes(
-        shape, dims, tp=1, micro_batch=1, precision=bf16, recompute="none"
-    )
-    assert full == 1024 * (4 * 2 * 768 + 2 * (2 * 768 + 3 * 768 + 3 * 256 + 3 * 3072) + 4 * 12)
-    kept = layer_activation_bytes(
-        shape, dims, tp=1, micro_batch=1, precision=bf16, recompute="full"
-    )
-    assert kept == 1024 * 4 * 768
+    d, q, k, f = 768, 12 * 64, 4 * 64, 3072
+    rope = 4 * 1024 * 64 * 2  # cos and sin for the query and the key
+    whole = layer_activations(shape, dims, Saving(bf16))
+    # norm inputs, QKV/FC1 inputs; QKV output, RoPE'd q and k, attention output, the QK-norm's
+    # query copy and normalised q and k; log-sum-exp; SwiGLU's input and output (fused)
+    per_token = 2 * 2 * d + 2 * 2 * d + 2 * (5 * q + 4 * k) + 4 * 12 + 2 * 3 * f
+    assert whole.kept == 1024 * per_token + rope
+    assert whole.rebuilt == 1024 * 2 * (2 * f + 2 * d)  # backward's working gradients
+    full = layer_activations(shape, dims, Saving(bf16), "full")
+    assert full.kept == 1024 * 2 * d and full.rebuilt == whole.kept - full.kept + whole.rebuilt
+    selective = layer_activations(shape, dims, Saving(bf16), "selective")
+    assert selective.kept == whole.kept - 1024 * 2 * 3 * f
+    split = layer_activations(shape, dims, Saving(bf16, tp=2, sequence_parallel=True))
+    assert split.kept == (whole.kept - rope) / 2 + rope  # all but RoPE's tables split over TP
+    composite = layer_activations(shape, dims, Saving(fp32, fused_kernels=False))
+    per_token = 2 * 8 * d + 2 * 4 * d + 4 * (5 * q + 4 * k) + 4 * 12 + 4 * 5 * f
+    assert composite.kept == 1024 * per_token + 2 * rope
     tied = cost_model(load_config(DEMO, ["model.tie_embeddings=true"]), pp=2)
     assert tied.output.params == tied.embedding.params + 192  # the head's copy and final norm
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_training import records, train
+from test_training import ROOT, command, records, train
 
 from lws_megatron.errors import UserError
 from lws_megatron.training.run_dir import RunLock
@@ -46,9 +46,7 @@ def test_a_damaged_latest_checkpoint_falls_back_and_metrics_continue(tmp_path, t
         "checkpoint.interval=2",
         "checkpoint.keep=3",
     )
-    model = (
-        run_dir / "checkpoints" / "step_00000004" / "pp0" / "state" / "mp_rank_00_model_states.pt"
-    )
+    model = run_dir / "checkpoints" / "step_00000004" / "__0_0.distcp"
     model.write_bytes(model.read_bytes()[:1000])
     _, proc = train(
         tmp_path,
@@ -59,10 +57,7 @@ def test_a_damaged_latest_checkpoint_falls_back_and_metrics_continue(tmp_path, t
         "checkpoint.interval=2",
         "checkpoint.keep=3",
     )
-    assert (
-        "step_00000004 is damaged (pp0/state/mp_rank_00_model_states.pt has 1000 bytes"
-        in proc.stdout
-    )
+    assert "step_00000004 is damaged (__0_0.distcp has 1000 bytes" in proc.stdout
     assert "at step 2" in proc.stdout
     assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 logged once, by the resume
     assert (run_dir / "checkpoints" / "step_00000004.damaged").is_dir()
@@ -77,11 +72,28 @@ def test_deleting_every_checkpoint_does_not_restart_the_run_silently(tmp_path, t
     assert _steps(run_dir) == [1, 2]
 
 
-def test_a_refused_resume_leaves_the_run_records_alone(tmp_path, tiny_data):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            "train.global_batch_size=16",
+            "was saved with train.global_batch_size=8 and this run has 16: the data position "
+            "is counted in global batches; resume with train.global_batch_size=8",
+        ),
+        # another seed would change the data order from the resumed step on
+        (
+            "train.seed=7",
+            "was trained with train.seed=1234 and this run sets train.seed=7, which would change "
+            "the data order from here on; resume with train.seed=1234, or start a new run.dir",
+        ),
+    ],
+)
+def test_a_refused_resume_leaves_the_run_records_alone(tmp_path, tiny_data, change, message):
     run_dir, _ = train(tmp_path, "z", 1, tiny_data, "train.max_steps=2")
     config, info = (run_dir / "config.yaml").read_text(), (run_dir / "run_info.json").read_text()
-    _, proc = train(tmp_path, "z", 1, tiny_data, "train.max_steps=4", "zero.stage=1", check=False)
-    assert proc.returncode == 2 and "zero_stage: checkpoint 0, this run 1" in proc.stderr
+    _, proc = train(tmp_path, "z", 1, tiny_data, "train.max_steps=4", change, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert (run_dir / "config.yaml").read_text() == config
     assert (run_dir / "run_info.json").read_text() == info
 
@@ -94,6 +106,38 @@ def test_resuming_past_max_steps_says_so(tmp_path, tiny_data):
     _, proc = train(tmp_path, "m", 1, tiny_data, "train.max_steps=4")
     assert "the run is already complete" in proc.stdout
     assert records(run_dir) and _steps(run_dir) == [1, 2, 3, 4]
+
+
+def test_a_run_killed_during_start_up_does_not_hold_up_the_next(tmp_path, tiny_data):
+    """Each start used to JIT-build a DeepSpeed CPU op under a file lock in
+    $TORCH_EXTENSIONS_DIR (machine-wide by default): a start killed while building left the
+    lock, and every later start on the machine waited on it, printing nothing."""
+    extensions = tmp_path / "torch_extensions"  # empty: nothing built yet
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions)}
+    run_dir = tmp_path / "k"
+    launch = command(1, run_dir, tiny_data, "train.max_steps=2")
+    first = subprocess.Popen(
+        launch,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:  # killed at the first trace of its start-up: a build's lock, or the run's own
+        deadline = time.monotonic() + 300
+        while not (list(extensions.glob("*/lock")) or (run_dir / ".lock").exists()):
+            assert first.poll() is None and time.monotonic() < deadline, "no start-up seen"
+            time.sleep(0.01)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the run and whatever it started
+        first.wait()
+    second = subprocess.run(
+        launch, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )  # on a fresh lock-free start it trains in ~10 s
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "this run takes it over" in second.stdout and _steps(run_dir) == [1, 2]
+    assert not extensions.exists() or list(extensions.iterdir()) == []  # nothing was built
 
 
 # ---- the lock (no training needed) ----
