@@ -58,3 +58,17 @@ def _forward(model, tokens: torch.Tensor, width: int) -> torch.Tensor | None:
     parts = [torch.empty_like(out) for _ in range(ps.get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
     return torch.cat(parts, dim=-1) if ps.get_tensor_model_parallel_rank() == 0 else None
+
+
+def megatron_reads(checkpoint: str) -> bool:
+    """Megatron-Core's own `dist_checkpointing.load` of a checkpoint's weights (no lws-megatron
+    reader) gives what ours reads."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from lws_megatron.training.checkpoint import read_full
+
+    ours = read_full(Path(checkpoint))
+    wanted = {k: ShardedTensor.from_rank_offsets(k, torch.empty_like(v)) for k, v in ours.items()}
+    theirs = dist_checkpointing.load(wanted, checkpoint)
+    return sorted(theirs) == sorted(ours) and all(torch.equal(theirs[k], ours[k]) for k in ours)

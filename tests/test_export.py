@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_utils import run_distributed
-from export_utils import megatron_logits, trained_export
+from export_utils import megatron_logits, megatron_reads, trained_export
 
 from data_prep.tokenizer import load_tokenizer
 from lws_megatron.config import load_config
@@ -108,6 +108,12 @@ def test_exported_logits_equal_megatron(exports, name):
         logits = model(tokens).logits
     assert logits.shape == (2, 32, 512)
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_megatron_core_reads_our_checkpoints_as_torch_dist(exports, name):
+    run_dir, _ = exports[name]
+    assert run_distributed(megatron_reads, 1, str(run_dir / "checkpoints" / "step_00000003"))[0]
 
 
 def test_lws_export_returns_hidden_states_and_attentions(exports):
