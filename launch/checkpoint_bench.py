@@ -122,4 +122,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asks for it; one process here
     raise SystemExit(main())
