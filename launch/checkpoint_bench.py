@@ -103,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     crown = _crown_module()
     states = {"crown demo": crown, f"synthetic {args.gib:g} GiB": SyntheticState(args.gib)}
-    print("| state | bytes | sync save (s) | async: step blocked (s) | blocked / sync | "
-          "async complete (s) | first async blocked (s) |")
+    print(
+        "| state | bytes | sync save (s) | async: step blocked (s) | blocked / sync | "
+        "async complete (s) | first async blocked (s) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, module in states.items():
         size = sum(t.data.numel() * t.data.element_size() for t in module.state_dict()["sharded"])

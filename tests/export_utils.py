@@ -71,4 +71,6 @@ def megatron_reads(checkpoint: str) -> bool:
     ours = read_full(Path(checkpoint))
     wanted = {k: ShardedTensor.from_rank_offsets(k, torch.empty_like(v)) for k, v in ours.items()}
     theirs = dist_checkpointing.load(wanted, checkpoint)
-    return sorted(theirs) == sorted(ours) and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    # Megatron adds what common.pt holds (the optimizer's step count) beside the tensors
+    extra = {k: v for k, v in theirs.items() if k not in ours}
+    return extra == {"optimizer_step": 3} and all(torch.equal(theirs[k], ours[k]) for k in ours)
