@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian packages the launcher tests run for real (tests/test_launch.py):
+# Debian packages the launcher tests run for real (tests/launch/test_launch.py):
 #   openmpi-bin, libopenmpi-dev  mpirun and the libmpi that mpi4py loads (and builds against)
 #   slurm-wlm                    slurmctld, slurmd and the client commands (sbatch, srun, ...);
 #                                its basic plugins include mpi/pmix for `srun --mpi=pmix`

@@ -10,5 +10,7 @@
 A tokenizer is a sentencepiece .model or a Hugging Face tokenizer.json.
 
 A dataset DATA is DATA_train.{bin,idx}, DATA_valid.{bin,idx} (when a validation fraction is
-asked for) and DATA.manifest.json. Readers call data_prep.integrity.verify_dataset first.
+asked for) and DATA.manifest.json. Readers call lws_megatron.dataset.integrity.verify_dataset
+first (lws_megatron.dataset holds the format, the manifest, the checks and the tokenizer loader;
+data_prep imports it, never the reverse).
 """

@@ -36,8 +36,9 @@ from typing import Callable, Sequence
 from data_prep.demo_corpus import build_demo_corpus
 from data_prep.preprocess import default_workers, preprocess
 from data_prep.readers import InputStats, ReaderOptions, expand_inputs, read_documents
-from data_prep.tokenizer import FORMATS, HUGGING_FACE, Tokenizer, load_tokenizer, train_tokenizer
+from data_prep.tokenizer import FORMATS, train_tokenizer
 from lws_megatron.cli import HelpFormatter
+from lws_megatron.dataset.tokenizer import HUGGING_FACE, Tokenizer, load_tokenizer
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import write_json_atomic
 
@@ -103,7 +104,6 @@ def run_bench(
         tokenizer = load_tokenizer(tokenizer_path)
         if megatron_lm is not None:
             _check_megatron_run(megatron_lm, tokenizer, paths)
-        hf = tokenizer.kind == HUGGING_FACE
         docs = [
             doc.decode("utf-8")
             for path in paths
@@ -112,32 +112,8 @@ def run_bench(
         text_bytes = sum(len(d.encode("utf-8")) for d in docs)
         tokens = sum(map(len, tokenizer.encode(docs, num_threads=workers)))
         out = os.path.join(workdir, "out", "bench")
-
-        def end_to_end() -> None:
-            preprocess(
-                paths,
-                tokenizer_path,
-                out,
-                workers=workers,
-                valid_fraction=0.01,
-                overwrite=True,
-                progress=False,
-            )
-
-        runs: dict[str, Callable[[], object]] = {
-            "raw": lambda: tokenizer.encode(docs, num_threads=workers),
-            "raw_numpy": lambda: tokenizer.processor.encode(
-                docs, num_threads=workers, out_type="numpy"
-            ),
-            "end_to_end": end_to_end,
-        }
-        if hf:
-            del runs["raw_numpy"]
-        timings: dict[str, list[Timing]] = {name: [] for name in runs}
-        for _ in range(repeat):
-            for name, run in runs.items():
-                timings[name].append(_timed(run))
-        best = {name: min(values, key=lambda t: t.wall) for name, values in timings.items()}
+        runs = _runs(tokenizer, docs, paths, out, workers)
+        best = _best_of(runs, repeat)
         input_bytes = sum(os.path.getsize(p) for p in paths)
         print(
             f"input: {len(paths)} file(s), {input_bytes / 1e6:.1f} MB on disk, "
@@ -148,28 +124,10 @@ def run_bench(
             f"tokenizer: {tokenizer.path} (vocabulary {tokenizer.vocab_size}); workers: {workers}; "
             f"best of {repeat}"
         )
-        labels = {
-            "raw": (
-                "raw encode_batch_fast(docs)" if hf else f"raw encode(docs, num_threads={workers})"
-            ),
-            "raw_numpy": "raw encode(..., out_type='numpy')",
-            "end_to_end": "preprocess end to end",
-        }
+        labels = _labels(tokenizer, workers)
         for name in runs:
             print(_line(labels[name], best[name], text_bytes, len(docs), tokens))
-        ratio = best["raw"].wall / best["end_to_end"].wall
-        cpu_ratio = best["raw"].cpu / best["end_to_end"].cpu
-        verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
-        figures = {"ratio": ratio, "cpu_ratio": cpu_ratio}
-        numpy_note = ""
-        if "raw_numpy" in best:
-            figures["ratio_numpy"] = best["raw_numpy"].wall / best["end_to_end"].wall
-            numpy_note = f"against the numpy output: {figures['ratio_numpy']:.2f}; "
-        print(
-            f"ratio end-to-end / raw: {ratio:.2f} ({verdict} the {TARGET_RATIO} target); "
-            f"{numpy_note}in CPU time: {cpu_ratio:.2f}"
-        )
-        figures.update({f"{name}_s": t.wall for name, t in best.items()})
+        figures = _ratios(best)
         if megatron_lm is not None:
             figures.update(
                 _against_megatron(
@@ -184,6 +142,73 @@ def run_bench(
                 )
             )
         return figures
+
+
+def _runs(
+    tokenizer: Tokenizer, docs: list[str], paths: Sequence[str], out: str, workers: int
+) -> dict[str, Callable[[], object]]:
+    """What is timed: the tokenizer alone (lists, and numpy arrays where it has them) and
+    preprocess end to end on the same inputs."""
+
+    def end_to_end() -> None:
+        preprocess(
+            paths,
+            tokenizer.path,
+            out,
+            workers=workers,
+            valid_fraction=0.01,
+            overwrite=True,
+            progress=False,
+        )
+
+    runs: dict[str, Callable[[], object]] = {
+        "raw": lambda: tokenizer.encode(docs, num_threads=workers),
+        "raw_numpy": lambda: tokenizer.processor.encode(
+            docs, num_threads=workers, out_type="numpy"
+        ),
+        "end_to_end": end_to_end,
+    }
+    if tokenizer.kind == HUGGING_FACE:
+        del runs["raw_numpy"]
+    return runs
+
+
+def _best_of(runs: dict[str, Callable[[], object]], repeat: int) -> dict[str, Timing]:
+    """Each run `repeat` times, interleaved so that a noisy moment hits all alike; the fastest."""
+    timings: dict[str, list[Timing]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            timings[name].append(_timed(run))
+    return {name: min(values, key=lambda t: t.wall) for name, values in timings.items()}
+
+
+def _labels(tokenizer: Tokenizer, workers: int) -> dict[str, str]:
+    hf = tokenizer.kind == HUGGING_FACE
+    return {
+        "raw": (
+            "raw encode_batch_fast(docs)" if hf else f"raw encode(docs, num_threads={workers})"
+        ),
+        "raw_numpy": "raw encode(..., out_type='numpy')",
+        "end_to_end": "preprocess end to end",
+    }
+
+
+def _ratios(best: dict[str, Timing]) -> dict[str, float]:
+    """End to end against the raw tokenizer (the target), printed and returned with the times."""
+    ratio = best["raw"].wall / best["end_to_end"].wall
+    cpu_ratio = best["raw"].cpu / best["end_to_end"].cpu
+    verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
+    figures = {"ratio": ratio, "cpu_ratio": cpu_ratio}
+    numpy_note = ""
+    if "raw_numpy" in best:
+        figures["ratio_numpy"] = best["raw_numpy"].wall / best["end_to_end"].wall
+        numpy_note = f"against the numpy output: {figures['ratio_numpy']:.2f}; "
+    print(
+        f"ratio end-to-end / raw: {ratio:.2f} ({verdict} the {TARGET_RATIO} target); "
+        f"{numpy_note}in CPU time: {cpu_ratio:.2f}"
+    )
+    figures.update({f"{name}_s": t.wall for name, t in best.items()})
+    return figures
 
 
 def _check_megatron_run(megatron_lm: str, tokenizer: Tokenizer, paths: Sequence[str]) -> None:
@@ -215,68 +240,17 @@ def _against_megatron(
     text_bytes: int,
 ) -> dict[str, float]:
     """Both tools as the commands a user runs, interleaved; best wall time of each."""
-    model_dir = os.path.join(workdir, "hf_tokenizer")
-    os.makedirs(model_dir)
-    shutil.copyfile(tokenizer.path, os.path.join(model_dir, "tokenizer.json"))
-    eod_token = tokenizer.processor.id_to_token(tokenizer.eod)
-    write_json_atomic(
-        os.path.join(model_dir, "tokenizer_config.json"),
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod_token},
-    )
     ours_prefix, theirs_prefix = os.path.join(workdir, "ours"), os.path.join(workdir, "megatron")
     commands = {
-        "ours": [
-            python,
-            "-m",
-            "data_prep.preprocess",
-            "--input",
-            path,
-            "--tokenizer",
-            tokenizer.path,
-            "--output-prefix",
-            ours_prefix,
-            "--workers",
-            str(workers),
-            "--append-eod",
-            "--overwrite",
-            "--quiet",
-        ],
-        "megatron": [
-            python,
-            os.path.join(megatron_lm, MEGATRON_SCRIPT),
-            "--input",
-            path,
-            "--output-prefix",
-            theirs_prefix,
-            "--tokenizer-type",
-            "HuggingFaceTokenizer",
-            "--tokenizer-model",
-            model_dir,
-            "--workers",
-            str(workers),
-            "--append-eod",
-            "--log-interval",
-            str(10**9),
-        ],
+        "ours": [python, "-m", "data_prep.preprocess", "--input", path]
+        + ["--tokenizer", tokenizer.path, "--output-prefix", ours_prefix]
+        + ["--workers", str(workers), "--append-eod", "--overwrite", "--quiet"],
+        "megatron": [python, os.path.join(megatron_lm, MEGATRON_SCRIPT), "--input", path]
+        + ["--output-prefix", theirs_prefix, "--tokenizer-type", "HuggingFaceTokenizer"]
+        + ["--tokenizer-model", _megatron_tokenizer(tokenizer, workdir)]
+        + ["--workers", str(workers), "--append-eod", "--log-interval", str(10**9)],
     }
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            p for p in (os.path.abspath(megatron_lm), os.environ.get("PYTHONPATH")) if p
-        ),
-    }
-    walls: dict[str, list[float]] = {name: [] for name in commands}
-    for _ in range(repeat):
-        for name, command in commands.items():
-            start = time.perf_counter()
-            done = subprocess.run(command, env=env, capture_output=True, text=True)
-            walls[name].append(time.perf_counter() - start)
-            if done.returncode:
-                raise UserError(
-                    f"{' '.join(command)} failed (exit {done.returncode}): "
-                    f"{done.stderr.strip().splitlines()[-1:] or ''}"
-                )
-    best = {name: min(values) for name, values in walls.items()}
+    best = _best_command_walls(commands, megatron_lm, repeat)
     same = filecmp.cmp(
         ours_prefix + "_train.bin", theirs_prefix + "_text_document.bin", shallow=False
     )
@@ -299,6 +273,42 @@ def _against_megatron(
         "megatron_ratio": ratio,
         "megatron_identical": float(same),
     }
+
+
+def _megatron_tokenizer(tokenizer: Tokenizer, workdir: str) -> str:
+    """The tokenizer.json as the folder Megatron's HuggingFaceTokenizer loads, its eos named."""
+    model_dir = os.path.join(workdir, "hf_tokenizer")
+    os.makedirs(model_dir)
+    shutil.copyfile(tokenizer.path, os.path.join(model_dir, "tokenizer.json"))
+    eod_token = tokenizer.processor.id_to_token(tokenizer.eod)
+    write_json_atomic(
+        os.path.join(model_dir, "tokenizer_config.json"),
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod_token},
+    )
+    return model_dir
+
+
+def _best_command_walls(
+    commands: dict[str, list[str]], megatron_lm: str, repeat: int
+) -> dict[str, float]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (os.path.abspath(megatron_lm), os.environ.get("PYTHONPATH")) if p
+        ),
+    }
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeat):
+        for name, command in commands.items():
+            start = time.perf_counter()
+            done = subprocess.run(command, env=env, capture_output=True, text=True)
+            walls[name].append(time.perf_counter() - start)
+            if done.returncode:
+                raise UserError(
+                    f"{' '.join(command)} failed (exit {done.returncode}): "
+                    f"{done.stderr.strip().splitlines()[-1:] or ''}"
+                )
+    return {name: min(values) for name, values in walls.items()}
 
 
 def _parser() -> argparse.ArgumentParser:

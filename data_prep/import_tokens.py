@@ -13,8 +13,8 @@ document. --eod-id defaults to the tokenizer's end-of-document id and may not co
 The outputs are those of data_prep.preprocess (PREFIX_train, PREFIX_valid, the manifest, the
 dtype the vocabulary calls for); a document goes to the validation split when blake2b of its ids
 as little-endian uint32 falls below F * 2**64. Ids outside the vocabulary are refused while
-reading. The integrity checks of data_prep.integrity then run on the result, among them the
-detector of 32-bit ids read as 16-bit ones; if they fail, the outputs are removed.
+reading. The integrity checks of lws_megatron.dataset.integrity then run on the result, among
+them the detector of 32-bit ids read as 16-bit ones; if they fail, the outputs are removed.
 """
 
 from __future__ import annotations
@@ -23,39 +23,36 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.files import ensure_parent, refuse_existing
-from data_prep.indexed import IndexedWriter, token_dtype
-from data_prep.integrity import check_flat_tokens, verify_dataset
-from data_prep.manifest import (
-    SPLITS,
-    InputRecord,
-    Manifest,
-    TokenizerRecord,
-    manifest_path,
-    split_prefix,
-)
-from data_prep.preprocess import (
-    BATCH_DOCS,
+from data_prep.dataset_writer import (
     commit,
+    created_now,
+    drop_empty_valid,
     output_paths,
-    split_record,
+    refuse_no_documents,
+    split_records,
+    split_writers,
+    tokenizer_record,
     valid_mask,
 )
+from data_prep.files import ensure_parent, refuse_existing
 from data_prep.readers import expand_inputs
-from data_prep.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron import __version__
 from lws_megatron.cli import HelpFormatter
+from lws_megatron.dataset.indexed import IndexedWriter, token_dtype
+from lws_megatron.dataset.integrity import check_flat_tokens, verify_dataset
+from lws_megatron.dataset.manifest import InputRecord, Manifest, manifest_path, split_prefix
+from lws_megatron.dataset.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron.errors import UserError, cli_entry
 from lws_megatron.fileio import remove_quietly, sha256_file
 
 DTYPES = ("uint16", "uint32", "int32")
 NPY_MAGIC = b"\x93NUMPY"
+BATCH_DOCS = 16384
 SPLIT_HASH = "blake2b(document ids as little-endian uint32, digest_size=8) < valid_fraction * 2**64"
 _SCAN_CHUNK = 1 << 24
 
@@ -152,46 +149,29 @@ def import_tokens(
     refuse_existing(output_paths(output_prefix), overwrite, "output")
     ensure_parent(output_prefix)
     out_dtype = token_dtype(tokenizer.vocab_size)
-    splits = SPLITS if valid_fraction > 0 else SPLITS[:1]
-    writers: dict[str, IndexedWriter] = {}
-    try:
-        for split in splits:
-            writers[split] = IndexedWriter(split_prefix(output_prefix, split), out_dtype)
+    with split_writers(output_prefix, out_dtype, valid_fraction) as writers:
         counts = [
             _import_file(path, tokens, eod, tokenizer.vocab_size, valid_fraction, writers)
             for path, tokens in zip(paths, arrays)
         ]
         written = {split: writer.finish() for split, writer in writers.items()}
-    except BaseException:
-        for writer in writers.values():
-            writer.discard()
-        raise
-    if written["train"].documents == 0:
-        for writer in writers.values():
-            writer.discard()
-        raise UserError(
-            f"no documents to write from {', '.join(paths)}: the files are empty or "
-            f"hold only end-of-document ids ({eod}); check --input and --eod-id"
-        )
-    if "valid" in written and written["valid"].documents == 0:
-        writers.pop("valid").discard()
-        del written["valid"]
+    refuse_no_documents(
+        writers,
+        written,
+        f"no documents to write from {', '.join(paths)}: the files are empty or "
+        f"hold only end-of-document ids ({eod}); check --input and --eod-id",
+    )
+    drop_empty_valid(writers, written)
     manifest = Manifest(
         tool="data_prep.import_tokens",
         tool_version=__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        tokenizer=TokenizerRecord(
-            path=os.path.abspath(tokenizer.path),
-            sha256=tokenizer.fingerprint,
-            vocab_size=tokenizer.vocab_size,
-            eod_id=eod,
-            pad_id=tokenizer.pad,
-        ),
+        created=created_now(),
+        tokenizer=tokenizer_record(tokenizer, eod),
         dtype=out_dtype.name,
         append_eod=all(c.ends_with_eod for c in counts),
         valid_fraction=valid_fraction,
         split_hash=SPLIT_HASH,
-        splits={split: split_record(output_prefix, split, f) for split, f in written.items()},
+        splits=split_records(output_prefix, written),
         inputs=[
             InputRecord(path, os.path.getsize(path), sha256_file(path), c.documents)
             for path, c in zip(paths, counts)
@@ -199,6 +179,12 @@ def import_tokens(
         skipped={"empty_documents": sum(c.empty for c in counts), "missing_key": 0},
     )
     commit(output_prefix, writers, manifest)
+    _verify_or_remove(output_prefix, tokenizer, dtype)
+    return manifest
+
+
+def _verify_or_remove(output_prefix: str, tokenizer: Tokenizer, dtype: str) -> None:
+    """The full checks on what was written; a failure removes it and names the stated dtype."""
     try:
         verify_dataset(output_prefix, tokenizer_fingerprint=tokenizer.fingerprint)
     except UserError as err:
@@ -209,7 +195,6 @@ def import_tokens(
             "files were written with, import them again with the right one; "
             "the outputs were removed]"
         ) from None
-    return manifest
 
 
 def _eod_id(tokenizer: Tokenizer, stated: int | None) -> int:

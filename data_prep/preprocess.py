@@ -5,7 +5,8 @@
         [--append-eod] [--eod-token T] [--pad-token T] [--valid-fraction F] [--overwrite] [--quiet]
 
 MODEL is a sentencepiece .model or a Hugging Face tokenizer.json; --eod-token / --pad-token name
-the special tokens of a tokenizer.json that does not make them clear (data_prep.hf_tokenizer).
+the special tokens of a tokenizer.json that does not make them clear
+(lws_megatron.dataset.hf_tokenizer).
 
 Outputs, all next to PREFIX:
 
@@ -28,31 +29,29 @@ interrupted run leaves nothing that looks complete.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import queue
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.files import ensure_parent, refuse_existing
-from data_prep.indexed import IndexedWriter, WrittenFiles, get_bin_path, get_idx_path, token_dtype
-from data_prep.manifest import (
-    SPLITS,
-    InputRecord,
-    Manifest,
-    SplitRecord,
-    TokenizerRecord,
-    manifest_path,
-    split_prefix,
-    write_manifest,
+from data_prep.dataset_writer import (
+    commit,
+    created_now,
+    drop_empty_valid,
+    output_paths,
+    refuse_no_documents,
+    split_records,
+    split_writers,
+    tokenizer_record,
+    valid_mask,
 )
+from data_prep.files import ensure_parent, refuse_existing
 from data_prep.readers import (
     InputStats,
     ReaderOptions,
@@ -61,11 +60,12 @@ from data_prep.readers import (
     read_documents,
     reader_options,
 )
-from data_prep.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron import __version__
 from lws_megatron.cli import HelpFormatter
+from lws_megatron.dataset.indexed import IndexedWriter, WrittenFiles, token_dtype
+from lws_megatron.dataset.manifest import InputRecord, Manifest, manifest_path, split_prefix
+from lws_megatron.dataset.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron.errors import UserError, cli_entry
-from lws_megatron.fileio import remove_quietly
 
 BATCH_BYTES = 1 << 22
 BATCH_DOCS = 16384
@@ -77,15 +77,6 @@ T = TypeVar("T")
 
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def valid_mask(docs: Sequence[bytes], fraction: float) -> np.ndarray:
-    """Which documents belong to the validation split; a pure function of each text."""
-    if fraction <= 0:
-        return np.zeros(len(docs), dtype=bool)
-    digests = b"".join(hashlib.blake2b(doc, digest_size=8).digest() for doc in docs)
-    threshold = min(int(fraction * 2**64), 2**64 - 1)
-    return np.frombuffer(digests, dtype="<u8") < np.uint64(threshold)
 
 
 @dataclass(frozen=True)
@@ -197,12 +188,8 @@ def preprocess(
     refuse_existing(output_paths(output_prefix), overwrite, "output")
     ensure_parent(output_prefix)
 
-    splits = SPLITS if valid_fraction > 0 else SPLITS[:1]
     stats = [InputStats(path) for path in paths]
-    writers: dict[str, IndexedWriter] = {}
-    try:
-        for split in splits:
-            writers[split] = IndexedWriter(split_prefix(output_prefix, split), dtype)
+    with split_writers(output_prefix, dtype, valid_fraction) as writers:
         zero_token = _tokenize(
             _batches(paths, stats, options, valid_fraction),
             tokenizer,
@@ -212,28 +199,20 @@ def preprocess(
             bar=_progress(sum(os.path.getsize(p) for p in paths), progress),
         )
         written = {split: writer.finish() for split, writer in writers.items()}
-    except BaseException:
-        for writer in writers.values():
-            writer.discard()
-        raise
     _warn_about_inputs(stats, warn)
-    if written["train"].documents == 0:
-        for writer in writers.values():
-            writer.discard()
-        raise UserError(
-            f"no documents to write from {', '.join(paths)} "
-            f"({sum(s.empty for s in stats) + zero_token} empty, "
-            f"{sum(s.missing_key for s in stats)} without the key {options.json_key!r}); "
-            "check the inputs, --json-key and --valid-fraction"
-        )
-    if "valid" in written and written["valid"].documents == 0:
+    refuse_no_documents(
+        writers,
+        written,
+        f"no documents to write from {', '.join(paths)} "
+        f"({sum(s.empty for s in stats) + zero_token} empty, "
+        f"{sum(s.missing_key for s in stats)} without the key {options.json_key!r}); "
+        "check the inputs, --json-key and --valid-fraction",
+    )
+    if drop_empty_valid(writers, written):
         warn(
             f"no document fell into the validation split at --valid-fraction {valid_fraction}; "
             "only the train split is written: raise the fraction to get one"
         )
-        writers.pop("valid").discard()
-        del written["valid"]
-
     manifest = _manifest(
         output_prefix, tokenizer, dtype, append_eod, valid_fraction, written, stats, zero_token
     )
@@ -292,19 +271,13 @@ def _manifest(
     return Manifest(
         tool="data_prep.preprocess",
         tool_version=__version__,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        tokenizer=TokenizerRecord(
-            path=os.path.abspath(tokenizer.path),
-            sha256=tokenizer.fingerprint,
-            vocab_size=tokenizer.vocab_size,
-            eod_id=tokenizer.eod,
-            pad_id=tokenizer.pad,
-        ),
+        created=created_now(),
+        tokenizer=tokenizer_record(tokenizer, tokenizer.eod),
         dtype=dtype.name,
         append_eod=append_eod,
         valid_fraction=valid_fraction,
         split_hash=SPLIT_HASH,
-        splits={split: split_record(prefix, split, files) for split, files in written.items()},
+        splits=split_records(prefix, written),
         inputs=[InputRecord(s.path, s.bytes, s.sha256, s.documents) for s in stats],
         skipped={
             "empty_documents": sum(s.empty for s in stats) + zero_token,
@@ -315,33 +288,6 @@ def _manifest(
             "documents": sum(s.invalid_utf8_documents for s in stats),
         },
     )
-
-
-def _split_files(prefix: str) -> tuple[str, str]:
-    return get_bin_path(prefix), get_idx_path(prefix)
-
-
-def output_paths(prefix: str) -> list[str]:
-    """Every file a run at PREFIX may write, whichever splits it makes."""
-    return [manifest_path(prefix)] + [
-        path for split in SPLITS for path in _split_files(split_prefix(prefix, split))
-    ]
-
-
-def split_record(prefix: str, split: str, files: WrittenFiles) -> SplitRecord:
-    return SplitRecord(**asdict(files), prefix=os.path.basename(split_prefix(prefix, split)))
-
-
-def commit(prefix: str, writers: dict[str, IndexedWriter], manifest: Manifest) -> None:
-    """Rename the finished files into place, drop stale splits of an older run, manifest last."""
-    remove_quietly(manifest_path(prefix))
-    for writer in writers.values():
-        writer.commit()
-    for split in SPLITS:
-        if split not in writers:
-            for path in _split_files(split_prefix(prefix, split)):
-                remove_quietly(path)
-    write_manifest(manifest_path(prefix), manifest)
 
 
 def _warn_about_inputs(stats: Sequence[InputStats], warn: Callable[[str], None]) -> None:

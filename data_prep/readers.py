@@ -14,6 +14,7 @@ import argparse
 import codecs
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -310,3 +311,14 @@ def _count_invalid(stats: InputStats, count: int, lineno: int) -> None:
     stats.invalid_utf8_documents += 1
     if stats.first_invalid_line is None:
         stats.first_invalid_line = lineno
+
+
+def nonempty_texts(items: Iterator[str], paths: Sequence[str]) -> Iterator[str]:
+    """`items`, refused before training when there is none: a tokenizer of no text."""
+    first = next(items, None)
+    if first is None:
+        raise UserError(
+            f"no text to train the tokenizer on in {', '.join(paths)} (every document is "
+            "empty, or no line holds text); check --input and --json-key"
+        )
+    return itertools.chain([first], items)

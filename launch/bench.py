@@ -9,7 +9,8 @@ distinct layer shape timed alone; with --profile, where the time of a step goes.
 Under torchrun the processes train data-parallel (one per GPU, or gloo on CPUs): each runs
 --micro-batch sequences a step, tokens/s and MFU count the whole job, and rank 0 prints; the
 step is also split into the time it waited for the gradient reduction left when backward
-ended and the time of the optimizer step with ZeRO's weight all-gather (measure/comm.py):
+ended, the time of the optimizer step, and the time the forward waited for ZeRO's all-gather
+of the updated weights (measure/comm.py):
     torchrun --nproc_per_node 2 launch/bench.py configs/demo/crown.yaml zero.stage=1
 """
 

@@ -171,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
 
 def export_best(run_dirs: list[Path], out: Path) -> None:
     """Export the run with the lowest final validation loss; print a sample of its text."""
-    from lws_megatron.report import load_runs, run_stats
+    from lws_megatron.report.runs import load_runs
+    from lws_megatron.report.stats import run_stats
 
     if importlib.util.find_spec("transformers") is None:
         print("skipping the export: install the hf extra (pip install -e '.[hf]')")

@@ -20,7 +20,7 @@ from lws_megatron.device import default_device, synchronize
 from lws_megatron.measure.batches import global_batch
 from lws_megatron.measure.blocks import LayerTiming, time_layers
 from lws_megatron.measure.comm import CommWaits
-from lws_megatron.measure.profile import OpTime, StepProfile, profile_steps
+from lws_megatron.measure.profiler import OpTime, StepProfile, profile_steps
 from lws_megatron.measure.syncs import sync_counts
 from lws_megatron.model.compile import compile_stats
 from lws_megatron.model.fused_loss import FusedLossGPTModel
@@ -66,7 +66,8 @@ class BenchResult:
     data_parallel: int = 1
     zero_stage: int = 0
     grad_wait_ms: float = 0.0  # medians: finalize, the gradient reduction left after backward
-    optimizer_ms: float = 0.0  # the optimizer step, with ZeRO's all-gather of the weights
+    optimizer_ms: float = 0.0  # the optimizer step (with ZeRO's weight gather if not overlapped)
+    gather_wait_ms: float = 0.0  # per step, the forward's waits for ZeRO's weight gather
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,7 +137,7 @@ def measure(
         times, total = _timed_steps(
             module, batches, tokens, max(warmup - 1, 0), steps, read_every_step
         )
-    grad_wait_ms, optimizer_ms = waits.medians_ms(steps)
+    grad_wait_ms, optimizer_ms, gather_wait_ms = waits.medians_ms(steps)
     step_profile = (
         profile_steps(lambda: module.train_batch(batches, tokens), device) if profile else None
     )
@@ -164,6 +165,7 @@ def measure(
         first_loss=first_loss,
         grad_wait_ms=grad_wait_ms,
         optimizer_ms=optimizer_ms,
+        gather_wait_ms=gather_wait_ms,
         **compiled,
     )
 
@@ -258,7 +260,7 @@ def render(results: list[BenchResult]) -> str:
                 f"{r.config}: DP={r.data_parallel}, ZeRO {r.zero_stage}: of a "
                 f"{1000 * r.step_time_median_s:.1f} ms step, {r.grad_wait_ms:.1f} ms waiting for "
                 f"the gradient reduction after backward, {r.optimizer_ms:.1f} ms in the "
-                "optimizer step and weight all-gather"
+                f"optimizer step, {r.gather_wait_ms:.1f} ms waiting for the weight gather"
             )
     for r in results:
         if r.layer_timings:

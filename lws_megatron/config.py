@@ -207,6 +207,9 @@ class ZeroConfig:
     # same through DeepSpeed's stage-2 optimizer (the gradients stay whole in the buckets).
     stage: Literal[0, 1, 2] = 0
     overlap_grad_reduce: bool = True  # false: one reduction after the whole backward
+    # ZeRO >= 1: the updated weights' all-gather runs behind the next forward, segment by
+    # segment; false: inside the optimizer step.
+    overlap_param_gather: bool = True
     # Parameters per bucket; 0: auto, a quarter of a model chunk, at most Megatron's default
     # (40M, or 1M per data-parallel rank beyond 40).
     bucket_size: int = _within(0, NON_NEGATIVE)
@@ -264,15 +267,9 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# Keys that were booleans before they had more choices: the old YAML values keep their meaning.
-LEGACY_BOOLEANS = {"model.qk_norm": {True: "head", False: "none"}}
-
-
 def block_fingerprint(model: ModelConfig) -> dict[str, Any]:
-    """The block's choices as a checkpoint records them, in a form older checkpoints share:
-    qk_norm head/none as the booleans they hold, norm_placement only once it is post."""
-    legacy = {v: k for k, v in LEGACY_BOOLEANS["model.qk_norm"].items()}
-    found: dict[str, Any] = {"qk_norm": legacy.get(model.qk_norm, model.qk_norm)}
+    """The block's choices as a checkpoint records them: norm_placement only once it is post."""
+    found: dict[str, Any] = {"qk_norm": model.qk_norm}
     if model.norm_placement != "pre":
         found["norm_placement"] = model.norm_placement
     return found
@@ -371,8 +368,6 @@ def _build(cls: type, tree: Any, source: str, prefix: str) -> Any:
                 f"{source}: unknown key {prefix}{key}{hint}; valid keys: {', '.join(names)}"
             )
         kind = hints[key]
-        if isinstance(value, bool) and f"{prefix}{key}" in LEGACY_BOOLEANS:
-            value = LEGACY_BOOLEANS[f"{prefix}{key}"][value]
         if dataclasses.is_dataclass(kind):
             kwargs[key] = _build(kind, value, source, f"{prefix}{key}.")
         else:

@@ -79,7 +79,7 @@ def lws_config(config: Config, tokenizer_ids: dict[str, int | None]) -> dict:
 
 def run_tokenizer(config: Config, run_dir: Path):
     """The tokenizer the run trained with, refusing a missing or replaced file."""
-    from data_prep.tokenizer import load_tokenizer
+    from lws_megatron.dataset.tokenizer import load_tokenizer
 
     path = Path(config.data.tokenizer)
     if not path.is_file():

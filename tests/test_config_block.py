@@ -1,4 +1,4 @@
-"""The block's config keys: choices, the old QK-norm booleans, and what a checkpoint records."""
+"""The block's config keys: choices, a boolean QK-norm refused, and what a checkpoint records."""
 
 from pathlib import Path
 
@@ -10,12 +10,20 @@ from lws_megatron.errors import UserError
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 
 
-@pytest.mark.parametrize(
-    "value, meaning",
-    [("true", "head"), ("false", "none"), ("head", "head"), ("full", "full"), ("none", "none")],
-)
-def test_qk_norm_reads_the_old_booleans_with_their_old_meaning(value, meaning):
-    assert load_config(TINY, [f"model.qk_norm={value}"]).model.qk_norm == meaning
+@pytest.mark.parametrize("value", ["head", "full", "none"])
+def test_qk_norm_reads_its_choices(value):
+    assert load_config(TINY, [f"model.qk_norm={value}"]).model.qk_norm == value
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_a_boolean_qk_norm_is_out_of_range_in_one_line(value):
+    with pytest.raises(UserError) as err:
+        load_config(TINY, [f"model.qk_norm={value}"])
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.endswith(
+        f"model.qk_norm={value == 'true'} is not allowed; choose one of 'none', 'head', 'full'"
+    )
 
 
 def test_defaults_keep_the_megatron_block():
@@ -32,16 +40,15 @@ def test_an_unknown_choice_names_the_key_and_the_choices(key, value):
 
 
 def test_a_dumped_config_loads_back_the_same(tmp_path):
-    config = load_config(TINY, ["model.qk_norm=false", "model.norm_placement=post"])
+    config = load_config(TINY, ["model.qk_norm=none", "model.norm_placement=post"])
     path = tmp_path / "dumped.yaml"
     path.write_text(dump_config(config))
     assert load_config(path) == config
 
 
-def test_checkpoints_of_the_default_block_keep_their_fingerprint():
-    # Older checkpoints recorded qk_norm as a boolean and no norm placement.
-    assert block_fingerprint(load_config(TINY).model) == {"qk_norm": True}
-    assert block_fingerprint(load_config(TINY, ["model.qk_norm=none"]).model) == {"qk_norm": False}
+def test_a_checkpoint_records_the_block_choices_as_the_config_names_them():
+    assert block_fingerprint(load_config(TINY).model) == {"qk_norm": "head"}
+    assert block_fingerprint(load_config(TINY, ["model.qk_norm=none"]).model) == {"qk_norm": "none"}
     olmo = load_config(TINY, ["model.qk_norm=full", "model.norm_placement=post"]).model
     assert block_fingerprint(olmo) == {"qk_norm": "full", "norm_placement": "post"}
 

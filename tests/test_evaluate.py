@@ -14,7 +14,7 @@ pytest.importorskip("lm_eval")
 from dist_utils import run_distributed
 from export_utils import megatron_logits, trained_export
 
-from data_prep.tokenizer import load_tokenizer
+from lws_megatron.dataset.tokenizer import load_tokenizer
 from lws_megatron.errors import UserError
 from lws_megatron.evaluate import RESULTS, evaluate, main
 

@@ -14,8 +14,8 @@ import torch
 from dist_utils import run_distributed
 from export_utils import megatron_logits, megatron_reads, trained_export
 
-from data_prep.tokenizer import load_tokenizer
 from lws_megatron.config import load_config
+from lws_megatron.dataset.tokenizer import load_tokenizer
 from lws_megatron.errors import UserError
 from lws_megatron.export import export, main
 

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from transformers import AutoTokenizer
 
-from data_prep.tokenizer import load_tokenizer
+from lws_megatron.dataset.tokenizer import load_tokenizer
 from lws_megatron.hf.tokenizer import write_tokenizer
 
 EXTRA = [

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from lws_megatron.config import dump_config, load_config
-from lws_megatron.report import load_run, main, read_metrics, run_colors
+from lws_megatron.report import main
+from lws_megatron.report.colors import run_colors
+from lws_megatron.report.runs import load_run, read_metrics
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 SHA_A, SHA_B = "a" * 64, "b" * 64

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from test_report import last_of, make_run, png_size, table
 
-from lws_megatron.report import Spread, group_runs, load_run, main
+from lws_megatron.report import main
+from lws_megatron.report.runs import group_runs, load_run
+from lws_megatron.report.stats import Spread
 
 # The loss each seed's curve approaches (make_run); crown is below the baseline at every seed.
 BASELINE = {1: 4.20, 2: 4.26, 3: 4.17}

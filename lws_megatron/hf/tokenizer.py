@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from data_prep.tokenizer import HUGGING_FACE, Tokenizer
+from lws_megatron.dataset.tokenizer import HUGGING_FACE, Tokenizer
 from lws_megatron.fileio import write_json_atomic, write_text_atomic
 
 _CONTROL, _UNKNOWN = 3, 2  # sentencepiece's ModelProto.SentencePiece.Type

@@ -47,7 +47,8 @@ def _figures(result: dict) -> str:
     syncs = result.get("syncs_per_step")
     waits = (
         f", {result['grad_wait_ms']:.1f} ms waiting for gradients after backward, "
-        f"{result['optimizer_ms']:.1f} ms optimizer and weight gather"
+        f"{result['optimizer_ms']:.1f} ms optimizer, "
+        f"{result.get('gather_wait_ms', 0.0):.1f} ms waiting for the weight gather"
         if result.get("data_parallel", 1) > 1
         else ""
     )

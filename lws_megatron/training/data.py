@@ -29,10 +29,10 @@ from megatron.core import parallel_state as ps
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import Split
 
-from data_prep.integrity import verify_dataset
-from data_prep.manifest import manifest_path, read_manifest, split_prefix
-from data_prep.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron.config import Config
+from lws_megatron.dataset.integrity import verify_dataset
+from lws_megatron.dataset.manifest import manifest_path, read_manifest, split_prefix
+from lws_megatron.dataset.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron.errors import UserError
 from lws_megatron.fileio import ensure_dir, os_errors, partial_path
 from lws_megatron.training.distributed import ParallelPlan

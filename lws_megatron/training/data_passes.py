@@ -6,8 +6,8 @@ before the run, not from its curve.
 
 from __future__ import annotations
 
-from data_prep.manifest import manifest_path, read_manifest
 from lws_megatron.config import Config
+from lws_megatron.dataset.manifest import manifest_path, read_manifest
 
 
 def data_passes(

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from data_prep.indexed import read_index, read_tokens
+from lws_megatron.dataset.indexed import read_index, read_tokens
 from lws_megatron.training.data import Batch
 
 

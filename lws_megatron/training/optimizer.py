@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from lws_megatron.config import Config
-from lws_megatron.training import param_groups
+from lws_megatron.training import param_groups, weight_gather
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -56,10 +56,17 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
 
 def build_optimizer(
-    config: Config, module: torch.nn.Module, params_dtype: torch.dtype
+    config: Config,
+    module: torch.nn.Module,
+    params_dtype: torch.dtype,
+    gather_runs: list[list[torch.Tensor]] | None = None,
 ) -> torch.optim.Optimizer:
+    """`gather_runs`: the segments the weight gather waits for (`weight_gather.py`), each
+    its own group so that ZeRO shards and gathers it on its own."""
     o = config.optim
     groups = param_groups.param_groups(module, o.weight_decay, o.no_decay)
+    if gather_runs:
+        groups = weight_gather.split_groups(groups, gather_runs)
     kwargs = {"lr": o.lr, "betas": tuple(o.betas), "eps": o.eps}
     if params_dtype != torch.float32 and config.zero.stage == 0:
         return MasterWeightAdamW(groups, **kwargs)

@@ -21,7 +21,7 @@ from megatron.core import parallel_state as ps
 from lws_megatron.config import Config
 from lws_megatron.model import ModelArgs, build_model_chunks
 from lws_megatron.model.compile import check_cuda_graphs, compile_chunks
-from lws_megatron.training import data_parallel, forward, model_state, zero
+from lws_megatron.training import data_parallel, forward, model_state, weight_gather, zero
 from lws_megatron.training.data import Batch
 from lws_megatron.training.distributed import ParallelPlan
 from lws_megatron.training.optimizer import build_optimizer
@@ -58,13 +58,21 @@ class TrainModule:
         seed_everything(config.train.seed)
         self.chunks = build_model_chunks(self.args, seed=config.train.seed, device=device)
         module = self.chunks[0] if len(self.chunks) == 1 else torch.nn.ModuleList(self.chunks)
-        optimizer = build_optimizer(config, module, self.args.params_dtype)
+        z = config.zero
+        runs = None
+        if z.stage >= 1 and z.overlap_param_gather and plan.dp > 1:
+            runs = weight_gather.segments(self.chunks, z, plan.dp)
+        optimizer = build_optimizer(config, module, self.args.params_dtype, runs)
         bf16_weights = self.args.params_dtype == torch.bfloat16
         self.engine = zero.initialize_engine(config, module, optimizer, plan.dp, bf16_weights)
         self.adamw = zero.fused_adamw(self.engine)
         self.model = data_parallel.wrap_chunks(
-            self.chunks, config.zero, self.args.params_dtype, plan.micro_batches
+            self.chunks, z, self.args.params_dtype, plan.micro_batches
         )
+        self.weight_gather = None
+        if runs:
+            compiled = config.train.compile != "none"
+            self.weight_gather = weight_gather.install(self.engine, self.model, runs, compiled)
         self.params = [p for c in self.chunks for p in c.parameters() if p.requires_grad]
 
     def compile(self) -> None:
@@ -87,7 +95,9 @@ class TrainModule:
         `grad_scale`, dividing by max(1, norm / clip_grad)) and the skip of a non-finite step
         (its `found_inf`: weights, moments and step count stay as they were) are computed on
         the device, the same on every rank. The ZeRO stage decides only who updates what:
-        every rank all of AdamW, or DeepSpeed each rank its shard and then the all-gather.
+        every rank all of AdamW, or DeepSpeed each rank its shard; it then starts the
+        all-gather of the new weights, which the next forward waits for segment by segment
+        (`weight_gather.py`).
 
         `loss_tokens`: this rank's loss tokens, counted where the batches were built (counted
         here from the host batches when not given). `stop_requested` (this rank's pre-emption
@@ -127,6 +137,8 @@ class TrainModule:
         the ZeRO stage; `common`, the same on every rank (the optimizer's step count); `rank`,
         this rank's own (its RNG states). The learning rate is the schedule's, a function of
         the step."""
+        if self.weight_gather is not None:
+            self.weight_gather.wait()  # the weights the last step updated, gathered whole
         dp_rank, dp = ps.get_data_parallel_rank(), self.plan.dp
         pieces = [piece for chunk in self.chunks for piece in model_state.pieces(chunk)]
         fragments = zero.fragments(self.engine, self.params, None if loading else (dp_rank, dp))

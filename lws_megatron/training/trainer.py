@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from data_prep.manifest import split_prefix
 from lws_megatron.config import Config, block_fingerprint, dump_config
+from lws_megatron.dataset.manifest import split_prefix
 from lws_megatron.device import host_values
 from lws_megatron.errors import UserError
 from lws_megatron.fileio import ensure_dir, os_errors, write_json_atomic, write_text_atomic

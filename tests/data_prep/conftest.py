@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from data_prep.indexed import IndexedWriter, token_dtype
-from data_prep.manifest import (
+from data_prep.preprocess import preprocess
+from data_prep.tokenizer import train_tokenizer
+from lws_megatron.dataset.indexed import IndexedWriter, token_dtype
+from lws_megatron.dataset.manifest import (
     InputRecord,
     Manifest,
     SplitRecord,
@@ -20,8 +22,7 @@ from data_prep.manifest import (
     manifest_path,
     write_manifest,
 )
-from data_prep.preprocess import preprocess
-from data_prep.tokenizer import load_tokenizer, train_tokenizer
+from lws_megatron.dataset.tokenizer import load_tokenizer
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -14,9 +14,10 @@ from data_prep import demo_corpus
 from data_prep import preprocess as preprocess_cli
 from data_prep import tokenizer as tokenizer_cli
 from data_prep.bench import run_bench
-from data_prep.integrity import verify_dataset
-from data_prep.tokenizer import HUGGING_FACE, load_tokenizer, train_tokenizer
+from data_prep.tokenizer import train_tokenizer
 from lws_megatron.config import load_config
+from lws_megatron.dataset.integrity import verify_dataset
+from lws_megatron.dataset.tokenizer import HUGGING_FACE, load_tokenizer
 from lws_megatron.errors import UserError
 from lws_megatron.training.data import resolve_sources
 
@@ -156,6 +157,7 @@ def test_bench_measures_the_tokenizer_json_path(
         run_bench([str(source)], hf_path, workers=2, size_mb=0, repeat=1, megatron_lm=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_tokenizer_json_indexes_the_demo_corpus_and_trains_a_model(tmp_path):
     assert demo_corpus.main(["--output", str(tmp_path / "corpus")]) == 0
     corpus = sorted(str(p) for p in (tmp_path / "corpus").glob("*.jsonl"))

@@ -8,9 +8,9 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from data_prep import import_tokens as import_cli
 from data_prep.import_tokens import import_tokens
-from data_prep.indexed import read_tokens
-from data_prep.integrity import verify_dataset
-from data_prep.manifest import manifest_path, read_manifest
+from lws_megatron.dataset.indexed import read_tokens
+from lws_megatron.dataset.integrity import verify_dataset
+from lws_megatron.dataset.manifest import manifest_path, read_manifest
 from lws_megatron.errors import UserError
 
 

@@ -7,9 +7,9 @@ import pytest
 from megatron.core.datasets import indexed_dataset
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from data_prep import indexed
-from data_prep.indexed import IndexedWriter, token_dtype
-from data_prep.integrity import verify_dataset
+from lws_megatron.dataset import indexed
+from lws_megatron.dataset.indexed import IndexedWriter, token_dtype
+from lws_megatron.dataset.integrity import verify_dataset
 from lws_megatron.errors import UserError
 
 

@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import demo_corpus, indexed
-from data_prep import inspect as inspect_cli
+from data_prep import demo_corpus
+from data_prep import inspect_dataset as inspect_cli
 from data_prep import preprocess as preprocess_cli
 from data_prep import tokenizer as tokenizer_cli
-from data_prep.integrity import verify_dataset
 from data_prep.tokenizer import train_tokenizer
 from lws_megatron import fileio
 from lws_megatron.config import load_config
+from lws_megatron.dataset import indexed
+from lws_megatron.dataset.integrity import verify_dataset
 from lws_megatron.errors import UserError
 from lws_megatron.training.data import resolve_sources
 

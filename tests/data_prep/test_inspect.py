@@ -1,6 +1,6 @@
 """python -m data_prep.inspect: statistics, samples and the checks."""
 
-from data_prep import inspect as inspect_cli
+from data_prep import inspect_dataset as inspect_cli
 
 
 def test_inspect_prints_statistics_and_samples(good_dataset, tok_path, capsys):

@@ -1,4 +1,4 @@
-"""The checks run before anything reads a dataset (data_prep.integrity)."""
+"""The checks run before anything reads a dataset (lws_megatron.dataset.integrity)."""
 
 import dataclasses
 import os
@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep import inspect as inspect_cli
-from data_prep.indexed import read_index, read_tokens
-from data_prep.integrity import parity_zeros, verify_dataset
-from data_prep.manifest import manifest_path, read_manifest, write_manifest
+from data_prep import inspect_dataset as inspect_cli
+from lws_megatron.dataset.indexed import read_index, read_tokens
+from lws_megatron.dataset.integrity import parity_zeros, verify_dataset
+from lws_megatron.dataset.manifest import manifest_path, read_manifest, write_manifest
 from lws_megatron.errors import UserError
 
 

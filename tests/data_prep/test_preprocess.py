@@ -14,12 +14,12 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-from data_prep import inspect as inspect_cli
+from data_prep import inspect_dataset as inspect_cli
 from data_prep import preprocess as preprocess_cli
 from data_prep import tokenizer as tokenizer_cli
-from data_prep.integrity import verify_dataset
-from data_prep.preprocess import valid_mask
+from data_prep.dataset_writer import valid_mask
 from data_prep.readers import ReaderOptions
+from lws_megatron.dataset.integrity import verify_dataset
 from lws_megatron.errors import UserError
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.tokenizer import load_tokenizer, train_tokenizer
+from data_prep.tokenizer import train_tokenizer
+from lws_megatron.dataset.tokenizer import load_tokenizer
 from lws_megatron.errors import UserError
 
 

@@ -248,6 +248,7 @@ def layouts(tiny_path) -> dict:
     return {**merged, "tied_spared": [names for _, names in per_rank]}
 
 
+@pytest.mark.slow
 def test_a_tied_head_on_the_last_stage_is_spared_with_the_embedding(layouts):
     # Ranks 0, 1: first stage (two data-parallel replicas); ranks 2, 3: last stage.
     assert (
@@ -256,6 +257,7 @@ def test_a_tied_head_on_the_last_stage_is_spared_with_the_embedding(layouts):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp2", "tp2pp2"])
 def test_full_qk_norm_gives_the_same_loss_and_gradients_at_any_tp_and_pp(layouts, layout):
     _assert_same(layouts, layout, "tp1pp1")
@@ -289,11 +291,12 @@ def test_vanilla_12l_has_the_papers_profile():
     assert layers[0].num_query_heads < layers[-1].num_query_heads
 
 
+@pytest.mark.slow
 def test_the_olmo_block_compiles_to_single_graphs_on_every_tp_rank(tmp_path):
     path = tmp_path / "tiny_olmo.yaml"
     path.write_text(
         f"base: {ROOT / 'tests' / 'configs' / 'tiny.yaml'}\n"
         "model: {norm_placement: post, qk_norm: full, init: olmo}\n"
     )
-    for rank, found in enumerate(run_distributed(_explain_layer_and_model, 2, str(path))):
+    for rank, found in enumerate(run_distributed(_explain_layer_and_model, 2, str(path), [])):
         assert found and all(v == (1, 0) for v in found.values()), (rank, found)

@@ -115,6 +115,7 @@ def test_one_rank_keeps_what_the_planner_counts():
     assert full["layer 3"] < full["layer 0"] == found["default"]["traced"]["layer 0"]
 
 
+@pytest.mark.slow
 def test_tensor_and_sequence_parallel_ranks_keep_what_the_planner_counts():
     cases = {
         **CASES,

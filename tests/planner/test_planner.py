@@ -283,6 +283,20 @@ def test_cli_errors_one_line_status_2(capsys):
     ]
 
 
+def test_the_planner_imports_no_torch_and_no_training_runtime():
+    """The cost model, the partition and the CLI are pure: torch, Megatron and the runtime's
+    process groups (lws_megatron.calibration) load only when a plan is measured."""
+    probe = (
+        "import sys, lws_megatron.plan, lws_megatron.planner\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron',"
+        " 'deepspeed') or m.startswith(('lws_megatron.calibration', 'lws_megatron.training'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+
 def _calibrate(cache: str) -> dict:
     """In one gloo process: calibrate twice (the second from the cache), on another kernel,
     and time two splits directly."""

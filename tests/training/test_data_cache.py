@@ -129,6 +129,7 @@ def test_without_the_check_the_planted_pickle_would_run(tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_ranks_share_one_cache_built_by_rank_0(tmp_path, tiny_data):
     config = tiny_config(tiny_data, tiny_data["prefix"])
     first, second = run_distributed(_first_tokens, 2, config, str(tmp_path / "cache"))

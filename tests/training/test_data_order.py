@@ -76,6 +76,7 @@ def test_a_share_too_small_to_draw_is_refused():
         Blend([Numbered(), Numbered()], [1.0, 1e-7], ["a", "b"])
 
 
+@pytest.mark.slow
 def test_pretrain_step_losses_do_not_depend_on_max_steps(tmp_path, tiny_data):
     short, _ = train(tmp_path, "short", 1, tiny_data, "train.max_steps=4")
     run_dir = tmp_path / "long"

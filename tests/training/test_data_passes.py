@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.manifest import manifest_path, read_manifest
 from lws_megatron.config import load_config
+from lws_megatron.dataset.manifest import manifest_path, read_manifest
 from lws_megatron.training.data_passes import data_passes, passes_warning
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from dist_utils import run_distributed
 
-from data_prep.indexed import IndexedWriter
+from lws_megatron.dataset.indexed import IndexedWriter
 from lws_megatron.training.documents import DocumentBatches
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

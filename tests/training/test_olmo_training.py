@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from test_training import ROOT, command, losses, records, train
 
+pytestmark = pytest.mark.slow  # every test here trains
+
 OLMO = (
     "model.norm_placement=post",
     "model.qk_norm=full",

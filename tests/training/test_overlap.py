@@ -1,5 +1,7 @@
-"""Data-parallel gradients reduced during backward: the reduction really starts before backward
-ends, skips the micro batches before the last, and changes no number.
+"""Data-parallel communication behind compute: the gradient reduction really starts before
+backward ends and skips the micro batches before the last; ZeRO's gather of the updated weights
+is only started by the step and waited for layer by layer in the next forward; neither changes
+any number.
 
 Real processes on gloo (`run_distributed`), each a TrainModule stepping on synthetic batches.
 """
@@ -58,11 +60,13 @@ def _losses(overrides: list[str], steps: int = 4) -> list[float]:
 )
 def test_overlapped_reduction_changes_no_loss(layout):
     """DP=2 (4 processes with PP=2), two micro batches a step on each rank: the losses with
-    the reduction overlapped equal those of one reduction after the whole backward."""
+    the reduction and the weight gather overlapped equal those of one reduction after the
+    whole backward and the gather inside the step."""
     world = 4 if "parallel.pp=2" in layout else 2
     common = ["optim.lr=3e-3", *layout]
     overlapped = run_distributed(_losses, world, common)
-    after = run_distributed(_losses, world, [*common, "zero.overlap_grad_reduce=false"])
+    serial = ["zero.overlap_grad_reduce=false", "zero.overlap_param_gather=false"]
+    after = run_distributed(_losses, world, [*common, *serial])
     assert overlapped[-1] == pytest.approx(after[-1], abs=1e-6)
     assert overlapped[-1][-1] < overlapped[-1][0] - 0.1  # it learns the batches
 
@@ -109,3 +113,80 @@ def test_the_reduction_starts_during_the_last_micro_batchs_backward():
 def test_without_overlap_the_reduction_waits_for_backward():
     for events in run_distributed(_event_order, 2, ["zero.overlap_grad_reduce=false"]):
         assert events[:2] == ["layer0", "layer0"] and set(events[2:]) == {"blocking"}
+
+
+class _RecordedWork:
+    def __init__(self, work, events: list[str]) -> None:
+        self.work, self.events = work, events
+
+    def wait(self):
+        self.events.append("wait")
+        return self.work.wait()
+
+
+def _gather_order(overrides: list[str]) -> list[str]:
+    """During a step and the next one's forward: 'gather' for each all-gather started
+    asynchronously ('blocking gather' otherwise), 'wait' when one is waited for, 'step' when
+    the step returns, 'first'/'last' when the first/last decoder layer's forward begins."""
+    import torch.distributed as dist
+
+    module, plan = _module(overrides)
+    module.train_batch(_batches(module, plan, 0))
+    events: list[str] = []
+    all_gather = dist.all_gather_into_tensor
+
+    def recorded(output, tensor, group=None, async_op=False):
+        events.append("gather" if async_op else "blocking gather")
+        work = all_gather(output, tensor, group=group, async_op=async_op)
+        return _RecordedWork(work, events) if async_op else work
+
+    layers = module.chunks[0].decoder.layers
+    layers[0].register_forward_pre_hook(lambda *_: events.append("first"))
+    layers[-1].register_forward_pre_hook(lambda *_: events.append("last"))
+    dist.all_gather_into_tensor = recorded
+    try:
+        module.train_batch(_batches(module, plan, 1))
+        events.append("step")
+        module.train_batch(_batches(module, plan, 2))
+    finally:
+        dist.all_gather_into_tensor = all_gather
+    return events
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_weight_gather_runs_behind_the_next_forward(stage):
+    """The step returns with every gather started and none waited for; the next forward
+    waits for the first segment before the first layer, for the later ones after it (the
+    last layer's segment after the first layer, the head's after the last layer)."""
+    for events in run_distributed(_gather_order, 2, [f"zero.stage={stage}"]):
+        step = events.index("step")
+        assert events[:step].count("gather") >= 3 and "wait" not in events[:step]
+        forward = events[step:]
+        first, last = forward.index("first"), forward.index("last")
+        waits = [i for i, e in enumerate(forward) if e == "wait"]
+        assert len(waits) == events[:step].count("gather")
+        assert waits[0] < first < last < waits[-1]
+        assert any(first < w < last for w in waits)
+
+
+def _weights_after_steps(overrides: list[str]) -> tuple[list[float], list[float]]:
+    """Right after two steps, with no forward since: each weight's sum as its tensor holds it,
+    and as the model's state_dict gives it."""
+    module, plan = _module(overrides)
+    for step in range(2):
+        module.train_batch(_batches(module, plan, step))
+    held = [p.detach().double().sum().item() for p in module.params]
+    state = module.chunks[0].state_dict()
+    read = [v.double().sum().item() for v in state.values() if isinstance(v, torch.Tensor)]
+    return held, read
+
+
+def test_a_state_read_waits_for_the_gather_and_without_overlap_the_step_gathers():
+    """Without the overlap every rank holds the same updated weights when the step returns;
+    with it a state read (a checkpoint's) waits for the gathers and reads those weights."""
+    serial = run_distributed(
+        _weights_after_steps, 2, ["zero.stage=1", "zero.overlap_param_gather=false"]
+    )
+    overlapped = run_distributed(_weights_after_steps, 2, ["zero.stage=1"])
+    assert serial[0][0] == serial[1][0]
+    assert overlapped[0][1] == overlapped[1][1] == serial[0][1]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.indexed import (
+from lws_megatron.dataset.indexed import (
     IndexFile,
     get_bin_path,
     get_idx_path,
@@ -35,7 +35,7 @@ from data_prep.indexed import (
     read_tokens,
     token_dtype,
 )
-from data_prep.manifest import (
+from lws_megatron.dataset.manifest import (
     SPLITS,
     Manifest,
     SplitRecord,

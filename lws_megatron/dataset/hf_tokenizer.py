@@ -1,4 +1,4 @@
-"""Hugging Face `tokenizer.json` tokenizers: loading with their special ids, and a BPE trainer.
+"""Hugging Face `tokenizer.json` tokenizers, loaded with their special ids.
 
 A tokenizer.json does not say which of its tokens ends a document or pads (transformers keeps
 that in tokenizer_config.json), so the ids are looked up, in this order: the name the user gives
@@ -6,10 +6,6 @@ that in tokenizer_config.json), so the ids are looked up, in this order: the nam
 folder, and the one special token whose name is a known spelling (GPT-NeoX and OLMo:
 <|endoftext|> and <|padding|>). Several known spellings is ambiguous: the id stays unknown and
 a tool that needs it asks for the name instead of picking one.
-
-The trainer writes a GPT-NeoX-style byte-level BPE: <|endoftext|> = 0, <|padding|> = 1, the 256
-byte symbols, then the merges. Every string is spelled in bytes, so decode(encode(t)) == t.
-Training is deterministic: the same documents give a byte-identical file.
 """
 
 from __future__ import annotations
@@ -17,17 +13,17 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lws_megatron.errors import UserError
 
 EOD_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<eod>")
+
 PAD_NAMES = ("<|padding|>", "<pad>", "<|pad|>", "[PAD]")
+
 BOS_NAMES = ("<|startoftext|>", "<|begin_of_text|>", "<s>", "<bos>")
-TRAINED_SPECIALS = ("<|endoftext|>", "<|padding|>")
+
 CONFIG_NAME = "tokenizer_config.json"
 
 
@@ -109,24 +105,3 @@ def _configured(path: str, key: str) -> str | None:
     except (OSError, ValueError, AttributeError) as err:
         raise UserError(f"cannot read {config} ({err}); fix or remove it") from None
     return value.get("content") if isinstance(value, dict) else value
-
-
-def train(documents: Iterable[str], vocab_size: int) -> str:
-    """A byte-level BPE trained on `documents`, as tokenizer.json text."""
-    minimum = 256 + len(TRAINED_SPECIALS)
-    if vocab_size < minimum:
-        raise UserError(
-            f"--vocab-size {vocab_size} is too small for a byte-level BPE: it needs "
-            f"at least {minimum} (256 bytes and {len(TRAINED_SPECIALS)} specials)"
-        )
-    tokenizer = HFTokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(TRAINED_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(documents, trainer)
-    return tokenizer.to_str(pretty=True)

@@ -1,7 +1,7 @@
 """PREFIX.manifest.json: what a tokenized dataset holds and how it was made.
 
 The manifest is written last, after the .bin/.idx files are in place, so its presence marks a
-complete run; readers check the files against it (see data_prep.integrity). Names:
+complete run; readers check the files against it (see lws_megatron.dataset.integrity). Names:
 
     PREFIX.manifest.json               this record
     PREFIX_train.bin / PREFIX_train.idx  the training split (a Megatron indexed dataset)
@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from data_prep.indexed import WrittenFiles
+from lws_megatron.dataset.indexed import WrittenFiles
 from lws_megatron.errors import UserError
 from lws_megatron.fileio import write_bytes_atomic
 

@@ -4,9 +4,9 @@
 
 PREFIX is the --output-prefix given to preprocess, or one split (PREFIX_train, PREFIX_valid).
 Prints the manifest's summary, then per split the documents, tokens, dtype, the document length
-distribution and a few decoded samples, then runs data_prep.integrity.verify_dataset. A failed
-check exits with status 2 and says what is wrong and how to fix it. --tokenizer decodes with
-that model and also checks that the dataset was made with it; --skip-bin-hash leaves out the
+distribution and a few decoded samples, then runs lws_megatron.dataset.integrity.verify_dataset.
+A failed check exits with status 2 and says what is wrong and how to fix it. --tokenizer decodes
+with that model and also checks that the dataset was made with it; --skip-bin-hash leaves out the
 sha256 of the .bin files (the id scan still reads them; the hash adds CPU time on huge corpora).
 """
 
@@ -20,11 +20,11 @@ from typing import Sequence
 
 import numpy as np
 
-from data_prep.indexed import read_index, read_tokens
-from data_prep.integrity import locate, verify_dataset
-from data_prep.manifest import Manifest, manifest_path, read_manifest, split_prefix
-from data_prep.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron.cli import HelpFormatter
+from lws_megatron.dataset.indexed import read_index, read_tokens
+from lws_megatron.dataset.integrity import locate, verify_dataset
+from lws_megatron.dataset.manifest import Manifest, manifest_path, read_manifest, split_prefix
+from lws_megatron.dataset.tokenizer import Tokenizer, load_tokenizer
 from lws_megatron.errors import cli_entry
 
 SAMPLE_TOKENS = 64

@@ -1,0 +1,5 @@
+import sys
+
+from lws_megatron.report import main
+
+sys.exit(main())
