@@ -13,13 +13,17 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|dee
 
 
 class _ToStderr(logging.Filter):
-    """DeepSpeed logs to stdout (its accelerator warning on import, among others), where it would
-    land in a command's output; its records go to stderr instead, formatted as DeepSpeed does."""
+    """DeepSpeed logs to stdout, where it would land in a command's output; its records go to
+    stderr instead, formatted as DeepSpeed does. Its warning on import that it found no GPU is
+    dropped: a CPU run is chosen (`device.py`), and the warning would be a second line of every
+    one-line error."""
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [DeepSpeed] %(message)s"))
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Setting accelerator to CPU"):
+            return False
         if record.levelno >= logging.getLogger("DeepSpeed").getEffectiveLevel():
             self.handler.handle(record)
         return False

@@ -225,6 +225,9 @@ class CheckpointConfig:
     interval: int = _within(0, NON_NEGATIVE)
     keep: int = _within(3, AT_LEAST_ONE)
     resume: bool = True
+    # Write the files in the background while training goes on (the step waits only for host
+    # copies of this rank's state); null: on CUDA devices.
+    async_save: bool | None = None
 
 
 @dataclass

@@ -107,7 +107,7 @@ def _write(partial: Path, config: Config, run_dir: Path, checkpoint: Path) -> st
     from lws_megatron.training.checkpoint import checkpoint_step
 
     tokenizer = run_tokenizer(config, run_dir)
-    weights = hf_state(megatron_state(checkpoint, config), config)
+    weights = hf_state(megatron_state(checkpoint), config)
     ids = write_tokenizer(tokenizer, partial, config.model.seq_length)
     arch = native_architecture(config)
     if arch is None:

@@ -99,11 +99,20 @@ def os_errors(path: str | os.PathLike) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        if err.errno not in _FIXES:
+        line = os_error_line(err, path)
+        if line is None:
             raise
-        # the user's name for the file: a rename's target, never our .partial name
-        where = os.fspath(err.filename2 or err.filename or path).removesuffix(PARTIAL_SUFFIX)
-        raise UserError(f"{where}: {os.strerror(err.errno)}; {_FIXES[err.errno]}") from None
+        raise UserError(line) from None
+
+
+def os_error_line(err: OSError, path: str | os.PathLike) -> str | None:
+    """The one-line message of a full disk, a read-only filesystem or a permission error under
+    `path`; None for other OSErrors."""
+    if err.errno not in _FIXES:
+        return None
+    # the user's name for the file: a rename's target, never our .partial name
+    where = os.fspath(err.filename2 or err.filename or path).removesuffix(PARTIAL_SUFFIX)
+    return f"{where}: {os.strerror(err.errno)}; {_FIXES[err.errno]}"
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:

@@ -12,7 +12,7 @@ from training.test_training import train
 from lws_megatron.config import load_config
 from lws_megatron.export import export, find_checkpoint
 from lws_megatron.model import build_model_chunks
-from lws_megatron.training.checkpoint import safe_load
+from lws_megatron.training import model_state, shards
 from lws_megatron.training.distributed import model_parallel
 from lws_megatron.training.train_module import model_args
 
@@ -29,17 +29,18 @@ def trained_export(
 
 def megatron_logits(run_dir: str, batches: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """Our Megatron model at the run's own TP/PP split, loaded from the run's newest checkpoint
-    by each rank's DeepSpeed file: the full logits of each [b, s] token batch, on the last
-    stage's TP rank 0 (None on the other ranks)."""
+    (each rank reading its own boxes of the global weights): the full logits of each [b, s]
+    token batch, on the last stage's TP rank 0 (None on the other ranks)."""
     config = load_config(Path(run_dir) / "config.yaml")
     checkpoint = find_checkpoint(Path(run_dir), None)
     with model_parallel(config) as plan, torch.no_grad():
         [model] = build_model_chunks(
             model_args(config, plan, torch.device("cpu")), seed=0, device="cpu"
         )
-        stage, rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
-        files = checkpoint / f"pp{stage}" / "state" / f"mp_rank_{rank:02d}_model_states.pt"
-        model.load_state_dict(safe_load(files)["module"])
+        # each weight's box at this rank's TP/PP split, read from the layout-free files
+        wanted = [shards.Slice.of(piece.sharded) for piece in model_state.pieces(model)]
+        metadata = shards.read_metadata(checkpoint / shards.METADATA)
+        shards.read_planned(checkpoint, metadata, shards.plan_reads(metadata, wanted, checkpoint))
         model.eval()
         return [_forward(model, tokens, config.model.d_model) for tokens in batches]
 
@@ -57,3 +58,19 @@ def _forward(model, tokens: torch.Tensor, width: int) -> torch.Tensor | None:
     parts = [torch.empty_like(out) for _ in range(ps.get_tensor_model_parallel_world_size())]
     dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
     return torch.cat(parts, dim=-1) if ps.get_tensor_model_parallel_rank() == 0 else None
+
+
+def megatron_reads(checkpoint: str) -> bool:
+    """Megatron-Core's own `dist_checkpointing.load` of a checkpoint's weights (no lws-megatron
+    reader) gives what ours reads."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from lws_megatron.training.checkpoint import read_full
+
+    ours = read_full(Path(checkpoint))
+    wanted = {k: ShardedTensor.from_rank_offsets(k, torch.empty_like(v)) for k, v in ours.items()}
+    theirs = dist_checkpointing.load(wanted, checkpoint)
+    # Megatron adds what common.pt holds (the optimizer's step count) beside the tensors
+    extra = {k: v for k, v in theirs.items() if k not in ours}
+    return extra == {"optimizer_step": 3} and all(torch.equal(theirs[k], ours[k]) for k in ours)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_utils import run_distributed
-from export_utils import megatron_logits, trained_export
+from export_utils import megatron_logits, megatron_reads, trained_export
 
 from lws_megatron.config import load_config
 from lws_megatron.dataset.tokenizer import load_tokenizer
@@ -110,6 +110,12 @@ def test_exported_logits_equal_megatron(exports, name):
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_megatron_core_reads_our_checkpoints_as_torch_dist(exports, name):
+    run_dir, _ = exports[name]
+    assert run_distributed(megatron_reads, 1, str(run_dir / "checkpoints" / "step_00000003"))[0]
+
+
 def test_lws_export_returns_hidden_states_and_attentions(exports):
     _, out = exports["pp2"]
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -144,15 +150,13 @@ def test_export_refuses_what_it_cannot_export(exports, tmp_path):
     shutil.copy(run_dir / "config.yaml", empty)
     with pytest.raises(UserError, match="no complete checkpoint"):
         export(empty, tmp_path / "b")
-    zero3 = tmp_path / "zero3"
-    shutil.copytree(run_dir / "checkpoints", zero3 / "checkpoints")
-    shutil.copy(run_dir / "config.yaml", zero3)
-    meta_path = zero3 / "checkpoints" / "step_00000003" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["fingerprint"]["zero_stage"] = 3
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(UserError, match="ZeRO-3"):
-        export(zero3, tmp_path / "c")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir / "checkpoints", damaged / "checkpoints")
+    shutil.copy(run_dir / "config.yaml", damaged)
+    shard = damaged / "checkpoints" / "step_00000003" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")
+    with pytest.raises(UserError, match="__1_0.distcp does not match its recorded sha256"):
+        export(damaged, tmp_path / "c")
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
 
 

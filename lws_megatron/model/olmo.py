@@ -7,7 +7,8 @@ The paper trained its models on OLMo-2 (OLMo-core). Two pieces differ from Megat
   TP, PP, compile) runs unchanged.
 - `FullQKNorm`: one RMSNorm over all query heads x d_head (or all KV heads x d_head) at each
   position. Under TP each rank holds a slice of the heads, so the sum of squares is all-reduced
-  over the TP group (in forward and in backward) and the gain is split with the heads.
+  over the TP group (in forward and in backward) and the gain is split with the heads; its
+  `sharded_state_dict` says so, so that a checkpoint holds the whole gain, whatever the TP.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from lws_megatron.model.compat import with_submodules
 from lws_megatron.model.recompute import RecomputableLayer
@@ -62,6 +64,12 @@ class FullQKNorm(torch.nn.Module):
             squares = _SumOverRanks.apply(squares, self.group)
         x = x * torch.rsqrt(squares / self.width + self.eps)
         return (x * self.weight.view(x.shape[-2:])).to(dtype)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """The gain split over TP along its only axis (Megatron's default for a module without
+        this method would save each rank's slice as the whole, replicated gain)."""
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets)
 
 
 class _SumOverRanks(torch.autograd.Function):

@@ -2,15 +2,16 @@
 the compute precision, and the forward/backward of one global batch.
 
 The trainer's loop only ever calls `train_batch`, `eval_batch` and `set_lr`; checkpoints save
-and restore `engine`. Every ZeRO stage runs one step: Megatron's schedule over the chunks in
-Megatron's DDP (`data_parallel.py`, which reduces the gradients during backward), the norm,
-clipping and skip on the device, then the optimizer of `zero.py`.
+`state_dict()` and restore it with `load_state_dict`. Every ZeRO stage runs one step: Megatron's
+schedule over the chunks in Megatron's DDP (`data_parallel.py`, which reduces the gradients
+during backward), the norm, clipping and skip on the device, then the optimizer of `zero.py`.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,11 +21,12 @@ from megatron.core import parallel_state as ps
 from lws_megatron.config import Config
 from lws_megatron.model import ModelArgs, build_model_chunks
 from lws_megatron.model.compile import check_cuda_graphs, compile_chunks
-from lws_megatron.training import data_parallel, forward, weight_gather, zero
+from lws_megatron.training import data_parallel, forward, model_state, weight_gather, zero
 from lws_megatron.training.data import Batch
 from lws_megatron.training.distributed import ParallelPlan
 from lws_megatron.training.optimizer import build_optimizer
 from lws_megatron.training.precision import resolve_precision
+from lws_megatron.training.rng import rng_state, set_rng_state
 from lws_megatron.training.step_stats import ForwardClock, StepResult, StopRequests
 
 
@@ -132,6 +134,31 @@ class TrainModule:
         zero.hand_over_grads(self.engine, self.params)
         self.engine.step()
         return StepResult(loss, torch.where(found_inf > 0, math.nan, norm), found_inf)
+
+    def state_dict(self, loading: bool = False) -> dict[str, Any]:
+        """What a checkpoint holds of this rank, layout-free (`model_state.py`):
+        `sharded`, the Megatron ShardedTensors this rank saves (or, `loading`, reads into in
+        place): the chunks' weights and the optimizer's fp32 masters and Adam moments, whatever
+        the ZeRO stage; `common`, the same on every rank (the optimizer's step count); `rank`,
+        this rank's own (its RNG states). The learning rate is the schedule's, a function of
+        the step."""
+        if self.weight_gather is not None:
+            self.weight_gather.wait()  # the weights the last step updated, gathered whole
+        dp_rank, dp = ps.get_data_parallel_rank(), self.plan.dp
+        pieces = [piece for chunk in self.chunks for piece in model_state.pieces(chunk)]
+        fragments = zero.fragments(self.engine, self.params, None if loading else (dp_rank, dp))
+        return {
+            "sharded": model_state.weights(pieces, dp_rank, dp, loading)
+            + model_state.optimizer_state(pieces, fragments, loading),
+            "common": {"optimizer_step": zero.optimizer_step(self.engine)},
+            "rank": {"rng": rng_state()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The rest of a restore, once a checkpoint has filled `state_dict(loading=True)`'s
+        tensors: the step count and the RNG states it read."""
+        zero.set_optimizer_step(self.engine, state["common"]["optimizer_step"])
+        set_rng_state(state["rank"]["rng"])
 
     @torch.no_grad()
     def eval_batch(self, batches: list[Batch]) -> float:

@@ -65,24 +65,37 @@ def train(config: Config) -> dict[str, Any] | None:
         distributed.destroy_model_parallel()
 
 
-def fingerprint(config: Config, plan: distributed.ParallelPlan) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the model's shapes, the parallel split and
-    the seed (the data order after the resume follows it)."""
+def fingerprint(config: Config, sources: data.Sources) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the model's shapes, the data (its files, blend
+    and order, by the seed) and the global batch, which counts the data position. TP, PP, the
+    layout, DP, ZeRO and the micro batch may all differ."""
     m = config.model
     return {
-        "layers": [list(vars(s).values()) for s in config.summary().layers],
-        "d_model": m.d_model,
-        "d_head": m.d_head,
-        "vocab_size": m.vocab_size,
-        "tie_embeddings": m.tie_embeddings,
-        **block_fingerprint(m),
+        "model.layers": [list(vars(s).values()) for s in config.summary().layers],
+        "model.d_model": m.d_model,
+        "model.d_head": m.d_head,
+        "model.vocab_size": m.vocab_size,
+        "model.seq_length": m.seq_length,
+        "model.tie_embeddings": m.tie_embeddings,
+        **{f"model.{k}": v for k, v in block_fingerprint(m).items()},
+        "data.files_sha256": sources.data_hashes,
+        "data.weights": sources.weights,
+        "data.tokenizer_sha256": sources.tokenizer.fingerprint,
+        "train.seed": config.train.seed,
+        "train.global_batch_size": config.train.global_batch_size,
+    }
+
+
+def saving_layout(config: Config, plan: distributed.ParallelPlan) -> dict[str, Any]:
+    """How the ranks split the state (recorded, not checked: any of it may change)."""
+    return {
+        "world": plan.world,
         "tp": plan.tp,
         "pp": plan.pp,
         "dp": plan.dp,
         "pipeline_layout": plan.layout,
         "zero_stage": config.zero.stage,
-        "global_batch_size": plan.global_batch_size,
-        "seed": config.train.seed,
+        "micro_batch_size": plan.micro_batch_size,
     }
 
 
@@ -121,8 +134,13 @@ class Trainer:
         self.module.compile()
         self.train_ds, valid_ds = data.build_datasets(config, self.sources, self.data_cache)
         self.valid_batches = self._validation_batches(valid_ds)
+        c = config.checkpoint
         self.checkpointer = Checkpointer(
-            self.run_dir, config.checkpoint.keep, fingerprint(config, plan)
+            self.run_dir,
+            c.keep,
+            fingerprint(config, self.sources),
+            saving_layout(config, plan),
+            async_save=device.type == "cuda" if c.async_save is None else c.async_save,
         )
         if self.rank == 0:
             self.checkpointer.remove_partial()
@@ -303,7 +321,7 @@ class Trainer:
                 self.run_dir, resume, bool(self.checkpointer.complete()), config
             )
         )
-        state = self.checkpointer.resume(self.module.engine) if resume else None
+        state = self.checkpointer.resume(self.module) if resume else None
         if state is None:
             if distributed.agreed(
                 lambda: refuse_foreign_records(self.run_dir, resume, False, config)
@@ -323,8 +341,10 @@ class Trainer:
                 f"{self.run_dir} resumed at step {self.step}, past train.max_steps={max_steps}; "
                 f"set train.max_steps above {self.step} to train on"
             )
+        saved, now = state["layout"], saving_layout(self.config, self.plan)
+        moved = "" if saved == now else f" (saved at {_describe(saved)}, now {_describe(now)})"
         self.say(
-            f"resumed from {state['path']} at step {self.step}"
+            f"resumed from {state['path']} at step {self.step}{moved}"
             + (": the run is already complete" if self.step == max_steps else "")
         )
 
@@ -383,6 +403,11 @@ class Trainer:
                 )
         write_json_atomic(self.run_dir / "summary.json", final)
         return final
+
+
+def _describe(layout: dict[str, Any]) -> str:
+    split = f"TP={layout['tp']} x PP={layout['pp']} x DP={layout['dp']}"
+    return f"{split}, ZeRO {layout['zero_stage']}, layout {layout['pipeline_layout'] or 'even'}"
 
 
 def run_summary(

@@ -1,8 +1,10 @@
 """DeepSpeed ZeRO over Megatron-Core's process groups: it holds the optimizer state (sharded
-over the data-parallel ranks at ZeRO >= 1) and gathers the updated weights."""
+over the data-parallel ranks at ZeRO >= 1) and gathers the updated weights. `fragments` is the
+one place that knows where that state lives, for checkpoints."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import deepspeed
@@ -10,7 +12,6 @@ import torch
 from megatron.core import parallel_state as ps
 
 from lws_megatron.config import Config
-from lws_megatron.training.checkpoint import SafeCheckpointEngine
 from lws_megatron.training.distributed import skip_cpu_comm_op
 
 
@@ -88,8 +89,6 @@ def initialize_engine(
         mpu=MegatronMPU,
         dist_init_required=False,
     )
-    # DeepSpeed's own engine unpickles whatever a checkpoint file holds.
-    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
     if config.zero.stage >= 1:
         # Stage 2 reduces each gradient in a hook as backward produces it; DDP already does.
         for hook in engine.optimizer._grad_acc_hooks:
@@ -119,3 +118,82 @@ def hand_over_grads(engine, params: list[torch.nn.Parameter]) -> None:
         param.grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
     if hasattr(engine.optimizer, "averaged_gradients"):
         engine.optimizer.independent_gradient_partition_epilogue()
+
+
+@dataclass
+class Fragment:
+    """The optimizer state a rank holds of one weight: flat elements start..stop-1 of the
+    (TP-local) weight, as 1-D views of the live `fp32_param`, `exp_avg` and `exp_avg_sq`."""
+
+    start: int
+    stop: int
+    tensors: dict[str, torch.Tensor]
+
+
+def fragments(engine, params: list[torch.nn.Parameter], share: tuple[int, int] | None):
+    """{id(param): Fragment} of what this rank's optimizer holds; Adam's state is created
+    (zeros, step 0) where no step has made it yet. At ZeRO >= 1 that is DeepSpeed's partition;
+    at ZeRO 0 every rank holds everything, and `share` (rank, size) picks an even part of each
+    weight (to save each element once)."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "single_partition_of_fp32_groups"):
+        return _partition_fragments(optimizer, params)
+    masters = dict(
+        zip(map(id, getattr(optimizer, "model_params", [])), getattr(optimizer, "masters", []))
+    )
+    found = {}
+    for param in params:
+        master = masters.get(id(param), param)  # fp32 weights are their own masters
+        state = _adam_state(optimizer, master)
+        n = param.numel()
+        rank, size = share or (0, 1)
+        start, stop = rank * n // size, (rank + 1) * n // size
+        views = {
+            "fp32_param": master,
+            "exp_avg": state["exp_avg"],
+            "exp_avg_sq": state["exp_avg_sq"],
+        }
+        found[id(param)] = Fragment(
+            start, stop, {k: v.detach().view(-1)[start:stop] for k, v in views.items()}
+        )
+    return found
+
+
+def _partition_fragments(optimizer, params):
+    """DeepSpeed ZeRO-1/2: each weight's slice of the flat fp32 partition (`_hp_mapping`)."""
+    found = {}
+    for param in params:
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            continue
+        flat = optimizer.single_partition_of_fp32_groups[mapping.param_group_index]
+        state = _adam_state(optimizer.optimizer, flat)
+        lo, n = mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel
+        start = mapping.lp_fragment_address.start
+        views = {"fp32_param": flat, "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+        found[id(param)] = Fragment(
+            start, start + n, {k: v.detach().narrow(0, lo, n) for k, v in views.items()}
+        )
+    return found
+
+
+def _adam_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
+    """torch AdamW's state of `param`, made as its first step would make it (fused)."""
+    state = optimizer.state[param]
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return state
+
+
+def optimizer_step(engine) -> int:
+    """AdamW's step count (a skipped step leaves it; it is the same for every weight)."""
+    for state in fused_adamw(engine).state.values():
+        return int(state["step"].item())
+    return 0
+
+
+def set_optimizer_step(engine, step: int) -> None:
+    for state in fused_adamw(engine).state.values():
+        state["step"].fill_(step)

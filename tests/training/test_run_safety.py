@@ -48,9 +48,7 @@ def test_a_damaged_latest_checkpoint_falls_back_and_metrics_continue(tmp_path, t
         "checkpoint.interval=2",
         "checkpoint.keep=3",
     )
-    model = (
-        run_dir / "checkpoints" / "step_00000004" / "pp0" / "state" / "mp_rank_00_model_states.pt"
-    )
+    model = run_dir / "checkpoints" / "step_00000004" / "__0_0.distcp"
     model.write_bytes(model.read_bytes()[:1000])
     _, proc = train(
         tmp_path,
@@ -61,10 +59,7 @@ def test_a_damaged_latest_checkpoint_falls_back_and_metrics_continue(tmp_path, t
         "checkpoint.interval=2",
         "checkpoint.keep=3",
     )
-    assert (
-        "step_00000004 is damaged (pp0/state/mp_rank_00_model_states.pt has 1000 bytes"
-        in proc.stdout
-    )
+    assert "step_00000004 is damaged (__0_0.distcp has 1000 bytes" in proc.stdout
     assert "at step 2" in proc.stdout
     assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 logged once, by the resume
     assert (run_dir / "checkpoints" / "step_00000004.damaged").is_dir()
@@ -82,7 +77,11 @@ def test_deleting_every_checkpoint_does_not_restart_the_run_silently(tmp_path, t
 @pytest.mark.parametrize(
     "change, message",
     [
-        ("zero.stage=1", "zero_stage: checkpoint 0, this run 1"),
+        (
+            "train.global_batch_size=16",
+            "was saved with train.global_batch_size=8 and this run has 16: the data position "
+            "is counted in global batches; resume with train.global_batch_size=8",
+        ),
         # another seed would change the data order from the resumed step on
         (
             "train.seed=7",

@@ -234,13 +234,13 @@ def test_sigterm_checkpoints_at_the_next_step_not_the_next_read_and_exits_cleanl
     assert not (run_dir / "summary.json").exists()
 
 
-def test_checkpoint_from_another_layout_is_refused(tmp_path, tiny_data):
+def test_checkpoint_of_another_model_is_refused(tmp_path, tiny_data):
     run_dir, _ = train(tmp_path, "layout", 1, tiny_data, "train.max_steps=2")
     _, proc = train(
         tmp_path, "layout", 1, tiny_data, "train.max_steps=4", "model.num_layers=3", check=False
     )
     assert proc.returncode == 2
-    assert "was written by a different model or parallel layout (layers:" in proc.stderr
+    assert "was written by a different model or data (model.layers:" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

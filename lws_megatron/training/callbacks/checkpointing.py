@@ -1,4 +1,5 @@
-"""Save a checkpoint every `checkpoint.interval` steps, at the end, and before any stop."""
+"""Save a checkpoint every `checkpoint.interval` steps, at the end, and before any stop; an
+asynchronous save is completed at a later read of the step numbers or at the end."""
 
 from __future__ import annotations
 
@@ -14,14 +15,24 @@ class Checkpointing(Callback):
         self.last_saved = trainer.resumed_step
 
     def on_interval_end(self, trainer, interval) -> None:
+        _report(trainer, trainer.checkpointer.poll())
         every = trainer.config.checkpoint.interval
         due = every and trainer.step % every == 0
         final = trainer.step == trainer.config.train.max_steps
         if not (due or final or trainer.stopping) or self.last_saved == trainer.step:
             return
         with hangs.patient(trainer.config.run.collective_timeout_s):
-            path = trainer.checkpointer.save(
-                trainer.module.engine, trainer.step, {"skipped_steps": trainer.skipped_steps}
+            done = trainer.checkpointer.save(
+                trainer.module, trainer.step, {"skipped_steps": trainer.skipped_steps}
             )
         self.last_saved = trainer.step
+        _report(trainer, done)
+
+    def on_train_end(self, trainer) -> None:
+        with hangs.patient(trainer.config.run.collective_timeout_s):
+            _report(trainer, trainer.checkpointer.wait())
+
+
+def _report(trainer, paths) -> None:
+    for path in paths:
         trainer.say(f"saved checkpoint {path}")
