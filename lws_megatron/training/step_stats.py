@@ -142,41 +142,33 @@ class ForwardClock:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._excluded: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        # (sign, start, end) per span on CUDA; the host clock's sum on a CPU.
+        self._spans: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
         self._seconds = 0.0
 
-    @contextlib.contextmanager
-    def timed(self) -> Iterator[None]:
-        if not self.cuda:
-            began = time.perf_counter()
-            yield
-            self._seconds += time.perf_counter() - began
-            return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        yield
-        end.record()
-        self._events.append((start, end))
+    def timed(self):
+        return self._span(+1)
+
+    def excluded(self):
+        """A wait inside the forward for the other ranks (ZeRO's weight gather), left out."""
+        return self._span(-1)
 
     @contextlib.contextmanager
-    def excluded(self) -> Iterator[None]:
-        """A wait inside the forward for the other ranks (ZeRO's weight gather), left out."""
+    def _span(self, sign: int) -> Iterator[None]:
         if not self.cuda:
             began = time.perf_counter()
             yield
-            self._seconds -= time.perf_counter() - began
+            self._seconds += sign * (time.perf_counter() - began)
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         yield
         end.record()
-        self._excluded.append((start, end))
+        self._spans.append((sign, start, end))
 
     def seconds(self) -> float:
         """The time since the last call; on CUDA only once the device has done those steps."""
-        timed = sum(a.elapsed_time(b) for a, b in self._events)
-        left_out = sum(a.elapsed_time(b) for a, b in self._excluded)
-        total = self._seconds + (timed - left_out) / 1000
-        self._events, self._excluded, self._seconds = [], [], 0.0
+        timed = sum(sign * a.elapsed_time(b) for sign, a, b in self._spans)
+        total = self._seconds + timed / 1000
+        self._spans, self._seconds = [], 0.0
         return total
