@@ -85,3 +85,15 @@ def test_count_syncs_counts_each_kind_of_read():
         t.add(1)  # compute alone is not a read
         int(torch.arange(3).max())  # token ids: host data on every device
     assert counter.count == 4
+
+
+def test_the_forward_clock_leaves_out_the_waits_for_other_ranks():
+    """A straggler is found by its forward time; the others' waits for its part of the weight
+    gather must not count as theirs."""
+    clock = ForwardClock(CPU)
+    with clock.timed():
+        time.sleep(0.05)
+        with clock.excluded():
+            time.sleep(0.2)
+    assert 0.04 < clock.seconds() < 0.15
+    assert clock.seconds() == 0.0  # read once
