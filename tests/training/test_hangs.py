@@ -29,6 +29,7 @@ def _one_rank_absent(absent: int) -> tuple[bool, str, bool]:
     return False, "the collective did not time out", False
 
 
+@pytest.mark.slow
 def test_a_collective_that_gives_up_names_the_rank_that_did_not_arrive():
     results = run_distributed(_one_rank_absent, 3, 1, timeout=120)
     expected = (
@@ -40,6 +41,7 @@ def test_a_collective_that_gives_up_names_the_rank_that_did_not_arrive():
     assert results[2] == (True, expected, False)
 
 
+@pytest.mark.slow
 def test_an_absent_rank_0_is_named_by_rank_1():
     results = run_distributed(_one_rank_absent, 3, 0, timeout=120)
     assert results[1][0] and results[1][1].startswith("rank 0 did not arrive at all_reduce")
