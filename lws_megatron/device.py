@@ -65,13 +65,27 @@ def _not_token_ids(tensor: torch.Tensor) -> bool:
     return tensor.dtype.is_floating_point or tensor.dtype == torch.bool
 
 
+_ON_HOST = [0]
+
+
+@contextlib.contextmanager
+def on_host() -> Iterator[None]:
+    """Tensors that never leave the host (a gloo group's object gather of host numbers): on
+    CUDA they wait for no device, so a CPU's read counter leaves them out too."""
+    _ON_HOST[0] += 1
+    try:
+        yield
+    finally:
+        _ON_HOST[0] -= 1
+
+
 class _CountReads(TorchFunctionMode):
     def __init__(self, counter: SyncCounter) -> None:
         super().__init__()
         self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _READS and _not_token_ids(args[0]):
+        if func in _READS and not _ON_HOST[0] and _not_token_ids(args[0]):
             self.counter.count += 1
         return func(*args, **(kwargs or {}))
 

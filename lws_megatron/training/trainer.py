@@ -23,7 +23,7 @@ from megatron.core import parallel_state as ps
 
 from lws_megatron.config import Config, block_fingerprint, dump_config
 from lws_megatron.dataset.manifest import split_prefix
-from lws_megatron.device import host_values
+from lws_megatron.device import host_values, on_host
 from lws_megatron.errors import JobFailure, UserError
 from lws_megatron.fileio import ensure_dir, os_errors, write_json_atomic, write_text_atomic
 from lws_megatron.model.compile import compile_stats
@@ -205,7 +205,8 @@ class Trainer:
         the host once the interval's numbers are read (so the device has done its steps)."""
         numbers: list = [None] * dist.get_world_size()
         mine = (self.module.clock.seconds(), memory_gb(self.device))
-        dist.all_gather_object(numbers, mine, group=self.host_group)
+        with on_host():
+            dist.all_gather_object(numbers, mine, group=self.host_group)
         return dataclasses.replace(
             interval,
             rank_forward_s=tuple(n[0] for n in numbers),
