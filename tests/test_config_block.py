@@ -1,13 +1,10 @@
 """The block's config keys: choices, a boolean QK-norm refused, and what a checkpoint records."""
 
-from pathlib import Path
-
 import pytest
 
 from lws_megatron.config import block_fingerprint, dump_config, load_config
 from lws_megatron.errors import UserError
-
-TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+from tests.helpers import TINY
 
 
 @pytest.mark.parametrize("value", ["head", "full", "none"])

@@ -11,12 +11,11 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from dist_utils import run_distributed
-from export_utils import megatron_logits, trained_export
-
 from lws_megatron.dataset.tokenizer import load_tokenizer
 from lws_megatron.errors import UserError
 from lws_megatron.evaluate import RESULTS, evaluate, main
+from tests.helpers.dist_utils import run_distributed
+from tests.helpers.export_utils import megatron_logits, trained_export
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import run_distributed
-from export_utils import megatron_logits, megatron_reads, trained_export
 
 from lws_megatron.config import load_config
 from lws_megatron.dataset.tokenizer import load_tokenizer
 from lws_megatron.errors import UserError
 from lws_megatron.export import export, main
+from tests.helpers.dist_utils import run_distributed
+from tests.helpers.export_utils import megatron_logits, megatron_reads, trained_export
 
 transformers = pytest.importorskip("transformers")
 

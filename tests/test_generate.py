@@ -16,11 +16,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from export_utils import trained_export
-
 from lws_megatron.errors import UserError
 from lws_megatron.generate import continuation, main, sample
 from lws_megatron.hf.loading import export_dir, load
+from tests.helpers.export_utils import trained_export
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 ROOT = Path(__file__).resolve().parents[1]

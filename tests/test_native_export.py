@@ -4,8 +4,6 @@ attention map), and only those runs are native."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,8 +16,7 @@ from lws_megatron.export import lws_config
 from lws_megatron.hf.configuration_lws import LWSConfig
 from lws_megatron.hf.modeling_lws import LWSForCausalLM
 from lws_megatron.hf.native import native_architecture, native_config, native_state
-
-TINY = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+from tests.helpers import TINY
 
 ISOTROPIC = [
     "lws.ffn_knots=[3.0]",

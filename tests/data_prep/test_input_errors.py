@@ -21,8 +21,8 @@ from lws_megatron.dataset import indexed
 from lws_megatron.dataset.integrity import verify_dataset
 from lws_megatron.errors import UserError
 from lws_megatron.training.data import resolve_sources
+from tests.helpers import TINY
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 ELF_HEAD = b"\x7fELF\x02\x01\x01\x00" + bytes(8) + b"\x02\x00>\x00\n\n" + bytes(range(256)) * 4
 
 

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import TINY
+
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+
 SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
 STEPS = 16
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -26,9 +26,10 @@ import pytest
 from slurm_cluster import free_port
 
 from lws_megatron.config import load_config
+from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+
 CROWN = ROOT / "configs" / "demo" / "crown.yaml"
 SBATCH = ROOT / "launch" / "slurm" / "pretrain.sbatch"
 SUBMIT = ROOT / "launch" / "submit.py"

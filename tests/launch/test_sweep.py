@@ -13,8 +13,9 @@ import pytest
 import yaml
 from test_report import table
 
+from tests.helpers import TINY
+
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
 
 def sweep(*args: str) -> subprocess.CompletedProcess:

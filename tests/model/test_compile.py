@@ -1,16 +1,13 @@
 """torch.compile over the model: whole graphs, no breaks, the same numbers as eager."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from dist_utils import built_model, run_distributed
 
 from lws_megatron.model.compile import compile_stats
+from tests.helpers import TINY
+from tests.helpers.dist_utils import built_model, run_distributed
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def test_compile_stats_count_a_graph_break():

@@ -36,7 +36,7 @@ def test_cuda_graph_steps_train_like_the_compiled_ones():
     from lws_megatron.measure.batches import synthetic_batch
     from lws_megatron.training import distributed
     from lws_megatron.training.train_module import TrainModule
-    from tests.training.test_training import TINY
+    from tests.helpers import TINY
 
     distributed.init_processes()
     losses = {}

@@ -4,17 +4,15 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_utils import run_distributed
 
 from lws_megatron.config import Config, load_config
 from lws_megatron.model.fused_loss import linear_cross_entropy
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+from tests.helpers import TINY
+from tests.helpers.dist_utils import run_distributed
 
 
 def test_chunks_that_do_not_divide_the_rows_give_torch_cross_entropy():

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import built_model, run_distributed
 
 from lws_megatron.config import Config, load_config
 from lws_megatron.errors import UserError
 from lws_megatron.training.distributed import model_parallel, resolve_plan
+from tests.helpers import TINY
+from tests.helpers.dist_utils import built_model, run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(
@@ -27,7 +28,6 @@ SHIPPED = sorted(
     if not p.name.startswith("_")
 )
 DEMO = str(ROOT / "configs" / "demo" / "vanilla.yaml")
-TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
 
 def _with(config: Config, **parallel) -> Config:

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import run_distributed
 
 from lws_megatron.config import Config, load_config
+from tests.helpers.dist_utils import run_distributed
 
 TOLERANCE = 1e-5
 MICRO_BATCHES = 4
 
 # Four layers, all different: FFN 64/128/192/256, query heads 4/8/12/16, KV heads 2/4/6/8,
 # every count even so that TP=2 applies; vocabulary 250 padded to 256.
-TINY = """
+TINY_YAML = """
 model:
   num_layers: 4
   d_model: 128
@@ -172,7 +172,7 @@ def _merge(per_rank: list[dict | None]) -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, dict]:
     path = Path(tmp_path_factory.mktemp("tiny")) / "tiny.yaml"
-    path.write_text(TINY)
+    path.write_text(TINY_YAML)
     configs = {}
     for tied in (False, True):
         base = load_config(path, [f"model.tie_embeddings={str(tied).lower()}"])

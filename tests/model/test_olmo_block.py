@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_utils import built_model, run_distributed
 from test_compile import _explain_layer_and_model
-from test_model_parallel import TINY, _assert_same, _merge, _train_step, _with_parallel
+from test_model_parallel import TINY_YAML, _assert_same, _merge, _train_step, _with_parallel
 
 from lws_megatron.config import load_config
 from lws_megatron.describe import describe_json
 from lws_megatron.planner.costs import cost_model
 from lws_megatron.training.param_groups import param_groups
+from tests.helpers.dist_utils import built_model, run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 OLMO = ["model.norm_placement=post", "model.qk_norm=full", "model.init=olmo"]
@@ -134,7 +134,7 @@ def _one_case(config, model) -> dict:
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("olmo") / "tiny.yaml"
-    path.write_text(TINY)
+    path.write_text(TINY_YAML)
     return str(path)
 
 

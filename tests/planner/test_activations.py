@@ -10,11 +10,8 @@ parallelism, for each block and recomputation.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from dist_utils import run_distributed
 
 from lws_megatron.config import load_config
 from lws_megatron.planner.memory import (
@@ -25,10 +22,12 @@ from lws_megatron.planner.memory import (
     recomputed_layers,
 )
 from lws_megatron.shapes import padded_vocab_size
+from tests.helpers import TINY
+from tests.helpers.dist_utils import run_distributed
 
 pytestmark = pytest.mark.distributed
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
 ROPE_TABLE = 32 * 16 * 4  # tiny.yaml: seq_length x d_head, fp32
 PAPER_BLOCK = ["model.norm_placement=post", "model.qk_norm=full"]
 CASES = {

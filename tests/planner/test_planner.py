@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from dist_utils import run_distributed
 
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
@@ -21,6 +20,7 @@ from lws_megatron.planner.memory import Saving, layer_activations, state_bytes_p
 from lws_megatron.planner.partition import solve, tables
 from lws_megatron.planner.recompute import chunk_memory
 from lws_megatron.planner.stages import layout_string
+from tests.helpers.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ["baseline-12l", "baseline-18l", "vanilla-18l", "framed-18l", "reverse-18l", "crown-18l"]

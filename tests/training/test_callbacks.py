@@ -1,7 +1,5 @@
 """The callback registry, and the step-time watchdog as the example of an optional callback."""
 
-from pathlib import Path
-
 import pytest
 
 from lws_megatron.config import load_config
@@ -9,8 +7,8 @@ from lws_megatron.errors import UserError
 from lws_megatron.training.callbacks import build_callbacks
 from lws_megatron.training.callbacks.watchdog import StepTimeWatchdog
 from lws_megatron.training.step_stats import Interval
+from tests.helpers import TINY
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 DEFAULTS = ["speed_monitor", "evaluation", "nonfinite_stop", "preemption", "checkpointing"]
 
 

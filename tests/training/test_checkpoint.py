@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import DistributedFailure, run_distributed
+
+from tests.helpers import TINY
+from tests.helpers.dist_utils import DistributedFailure, run_distributed
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
 MARKER_NAME = "CODE_RAN"
 LAYOUT = {"tp": 1, "pp": 1, "dp": 1}
 

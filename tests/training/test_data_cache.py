@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dist_utils import run_distributed
 
 from data_prep import preprocess
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
 from lws_megatron.training.data import build_datasets, resolve_sources
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+from tests.helpers import TINY
+from tests.helpers.dist_utils import run_distributed
 
 
 def prepare(tiny_data, prefix: Path, documents: slice, *extra: str) -> str:

@@ -1,14 +1,11 @@
 """The warning a run gets before it reads its training data more than once."""
 
-from pathlib import Path
-
 import pytest
 
 from lws_megatron.config import load_config
 from lws_megatron.dataset.manifest import manifest_path, read_manifest
 from lws_megatron.training.data_passes import data_passes, passes_warning
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+from tests.helpers import TINY
 
 
 def _config(steps: int):

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dist_utils import run_distributed
 
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
 from lws_megatron.training import data_verify
 from lws_megatron.training.data import resolve_sources
+from tests.helpers import TINY
+from tests.helpers.dist_utils import run_distributed
 
 pytestmark = pytest.mark.distributed
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
 def _verify(prefix: str, tokenizer: str, cache: str, *overrides: str) -> tuple[list, int]:

@@ -1,15 +1,13 @@
 """Launch discovery and the parallel plan: who is who, and how a config splits over a job."""
 
 import os
-from pathlib import Path
 
 import pytest
 
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
 from lws_megatron.training.distributed import discover, export, resolve_plan
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+from tests.helpers import TINY
 
 
 def test_torchrun_variables_name_the_rank():

@@ -1,16 +1,14 @@
 """The paper's evaluation protocol, one sequence per document, against a hand computation."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from dist_utils import run_distributed
 
 from lws_megatron.dataset.indexed import IndexedWriter
 from lws_megatron.training.documents import DocumentBatches
+from tests.helpers import TINY
+from tests.helpers.dist_utils import run_distributed
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 DOCS = [[5, 6, 7], [8, 9], [10], list(range(100, 140)), [11, 12, 13, 14]]  # [10] scores nothing
 
 

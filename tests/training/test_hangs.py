@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from lws_megatron.training import hangs
-from tests.dist_utils import run_distributed
+from tests.helpers.dist_utils import run_distributed
 
 pytestmark = pytest.mark.distributed
 TIMEOUT_S = 2.0

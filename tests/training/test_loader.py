@@ -7,12 +7,12 @@ import time
 
 import pytest
 import torch
-from test_data import TINY
 
 from lws_megatron.config import load_config
 from lws_megatron.training.data import build_datasets, resolve_sources, step_batches
 from lws_megatron.training.distributed import resolve_plan
 from lws_megatron.training.loader import StepLoader
+from tests.helpers import TINY
 
 
 @pytest.fixture(scope="module")

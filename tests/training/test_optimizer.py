@@ -96,7 +96,7 @@ def test_a_saved_state_continues_bit_exactly_and_loads_without_pickle():
 def test_only_bf16_weights_at_zero_0_get_our_master_copies():
     from lws_megatron.config import load_config
     from lws_megatron.training.optimizer import build_optimizer
-    from tests.training.test_training import TINY
+    from tests.helpers import TINY
 
     config = load_config(TINY)
     module = torch.nn.Linear(4, 4)

@@ -9,8 +9,8 @@ Real processes on gloo (`run_distributed`), each a TrainModule stepping on synth
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
-from tests.training.test_training import TINY
+from tests.helpers import TINY
+from tests.helpers.dist_utils import run_distributed
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

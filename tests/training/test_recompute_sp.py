@@ -12,16 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import run_distributed
 
 from lws_megatron.config import load_config
 from lws_megatron.plan import main as plan_main
+from tests.helpers import TINY
+from tests.helpers.dist_utils import run_distributed
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parents[2]
 CROWN = str(ROOT / "configs/demo/crown.yaml")
-TINY = str(ROOT / "tests/configs/tiny.yaml")
+
 CPU = {"CUDA_VISIBLE_DEVICES": ""}
 STEPS = 8
 DEMO_MICRO = ["train.micro_batch_size=8", "train.global_batch_size=16", "train.precision=fp32"]

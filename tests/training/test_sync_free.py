@@ -13,7 +13,7 @@ import torch
 
 from lws_megatron.config import load_config
 from lws_megatron.device import count_syncs
-from tests.dist_utils import run_distributed
+from tests.helpers.dist_utils import run_distributed
 from tests.training.test_training import ROOT, TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from lws_megatron.config import load_config
+from tests.helpers import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+
 BF16 = "train.precision=bf16"
 
 

@@ -1,14 +1,11 @@
 """The DeepSpeed configuration each ZeRO stage gets: it holds the optimizer state, nothing else."""
 
-from pathlib import Path
-
 import pytest
 
 from lws_megatron.config import load_config
 from lws_megatron.errors import UserError
 from lws_megatron.training.zero import deepspeed_config
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+from tests.helpers import TINY
 
 
 def _config(stage: int, *overrides: str):
