@@ -151,7 +151,7 @@ def test_ctrl_c_on_the_command_line_is_one_line_and_leaves_nothing(
     tmp_path, tok_path, write_jsonl, training_text
 ):
     lines = [line for line in training_text.splitlines() if line.strip()]
-    source = write_jsonl(tmp_path / "in.jsonl", lines * 40)
+    source = write_jsonl(tmp_path / "in.jsonl", lines * 400)  # seconds of work, not a blink
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.Popen(
@@ -165,6 +165,7 @@ def test_ctrl_c_on_the_command_line_is_one_line_and_leaves_nothing(
         while not list(out.glob("*.partial")) and proc.poll() is None:
             assert time.monotonic() < deadline, "preprocess wrote no .partial file in 120 s"
             time.sleep(0.02)
+        assert proc.poll() is None, "preprocess finished before it could be interrupted"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
