@@ -57,16 +57,25 @@ def test_a_roll_call_everyone_answers_names_no_one():
 
 
 def test_the_nccl_flight_recorder_dumps_into_the_run_directory(tmp_path, monkeypatch):
-    for name in ("TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "/scratch/fr_")  # the user's wins
+    names = (
+        "TORCH_FR_BUFFER_SIZE",
+        "TORCH_NCCL_TRACE_BUFFER_SIZE",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT",
+        "TORCH_FR_DUMP_TEMP_FILE",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+    )
+    for name in names:  # set, then removed: monkeypatch restores each one after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TORCH_FR_DUMP_TEMP_FILE", "/scratch/fr_")  # the user's wins
     hangs.flight_recorder(tmp_path / "run")
     assert (tmp_path / "run" / "flight_recorder").is_dir()
-    assert int(os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0
+    assert int(os.environ["TORCH_FR_BUFFER_SIZE"]) > 0
+    assert "TORCH_NCCL_TRACE_BUFFER_SIZE" not in os.environ  # deprecated: warns at every group
     assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
-    assert os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == "/scratch/fr_"
-    monkeypatch.delenv("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+    assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == "/scratch/fr_"
+    monkeypatch.delenv("TORCH_FR_DUMP_TEMP_FILE")
     hangs.flight_recorder(tmp_path / "run")
-    assert os.environ["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == str(
+    assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == str(
         tmp_path / "run" / "flight_recorder" / "rank_"
     )
