@@ -16,6 +16,7 @@ training process, and `lost` says what happened, for the trainer to checkpoint a
 from __future__ import annotations
 
 import signal
+import time
 from typing import NamedTuple
 
 import torch
@@ -117,9 +118,20 @@ class StepLoader:
             except RuntimeError:  # torch's "worker exited unexpectedly", or a worker's own error
                 if self._dead_worker() is None:
                     raise
+            except (OSError, EOFError):  # a worker killed while it handed over shared memory
+                if self._death_within(seconds=5.0) is None:
+                    raise
         self.lost = self._dead_worker()
         self.close()
         return None
+
+    def _death_within(self, seconds: float) -> str | None:
+        """A worker that has died, waiting a moment for one whose sockets closed but the kernel
+        has not reaped yet."""
+        deadline = time.monotonic() + seconds
+        while (dead := self._dead_worker()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return dead
 
     def _dead_worker(self) -> str | None:
         for index, worker in enumerate(self._iterator._workers):

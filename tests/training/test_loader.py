@@ -93,3 +93,37 @@ def test_a_killed_worker_leaves_the_steps_to_the_training_process_and_says_so(tr
         f"data loader worker 1 (pid {victim.pid}) died: killed by SIGKILL (the kernel's "
         "out-of-memory killer?)"
     )
+
+
+class _KilledMidHandover:
+    """torch's iterator, whose next batch fails as when its worker dies while the training
+    process fetches the batch's shared memory from it: the socket resets before the kernel
+    has reaped the worker."""
+
+    def __init__(self, iterator):
+        self._inner, self._workers = iterator, iterator._workers
+
+    def __next__(self):
+        os.kill(self._workers[0].pid, signal.SIGKILL)
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    def _shutdown_workers(self):
+        self._inner._shutdown_workers()
+
+
+def test_a_worker_killed_while_it_hands_over_a_batch_is_a_dead_worker(train_ds):
+    config, dataset = train_ds
+    plan = resolve_plan(config, 1)
+    loader = StepLoader(dataset, plan, 0, 0, 4, 2, torch.device("cpu"))
+    try:
+        assert next(loader).step == 0
+        victim = loader._iterator._workers[0]
+        loader._iterator = _KilledMidHandover(loader._iterator)
+        rest = list(loader)
+    finally:
+        loader.close()
+    assert [s.step for s in rest] == [1, 2, 3]
+    assert loader.lost == (
+        f"data loader worker 0 (pid {victim.pid}) died: killed by SIGKILL (the kernel's "
+        "out-of-memory killer?)"
+    )
