@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A GPU container user's install: a fresh venv that already has a torch, then one
 # `pip install -e .`. Fails unless that torch is kept (same version, files untouched) and
-# `pip check` is clean. Usage: keeps_torch.sh PYTHON WHEELHOUSE (the wheelhouse holds the torch
-# to preinstall, so nothing is downloaded twice; the project's other packages may come from the
-# registry, as they would for the user).
+# `pip check` is clean. Usage: keeps_torch.sh PYTHON WHEELHOUSE. Everything comes from the
+# wheelhouse at the versions of .ci/constraints-py312.txt, torch left free: the check asks whether
+# pip keeps the torch it finds, and CI's answer does not change with the registry's newest releases.
 set -euo pipefail
 python=$1
 wheels=$(realpath "$2")
@@ -19,7 +19,8 @@ stat = os.stat(torch.__file__)
 print(torch.__version__, stat.st_ino, stat.st_mtime_ns)'
 }
 before=$(torch_of)
-"$venv/bin/pip" install --quiet --find-links "$wheels" -e .
+grep -v '^torch==' .ci/constraints-py312.txt > "$venv/others.txt"
+"$venv/bin/pip" install --quiet --no-index --find-links "$wheels" -c "$venv/others.txt" -e .
 after=$(torch_of)
 if [ "$before" != "$after" ]; then
   echo "pip install -e . replaced torch: $before -> $after" >&2
