@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from lws_megatron import shapes
+from lws_megatron.config import LWSConfig, ModelConfig
 from lws_megatron.errors import UserError
 
 METRICS = ("params", "flops")
@@ -23,7 +24,7 @@ _SUFFIXES = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9, "T": 1e12}
 
 @dataclass(frozen=True)
 class Match:
-    profile: shapes.Profile
+    profile: LWSConfig
     achieved: int
     target: int
 
@@ -46,12 +47,12 @@ def parse_amount(text: str) -> int:
     return int(amount)
 
 
-def measure(profile: shapes.Profile, dims: shapes.Dims, metric: str, tp: int = 1) -> int:
+def measure(profile: LWSConfig, dims: ModelConfig, metric: str, tp: int = 1) -> int:
     summary = shapes.summarize(profile, dims, tp)
     return summary.total_params if metric == "params" else summary.flops_per_token
 
 
-def scaled(profile: shapes.Profile, ffn_scale: float, attn_scale: float) -> shapes.Profile:
+def scaled(profile: LWSConfig, ffn_scale: float, attn_scale: float) -> LWSConfig:
     return replace(
         profile,
         ffn_knots=tuple(round(k * ffn_scale, _KNOT_DECIMALS) for k in profile.ffn_knots),
@@ -60,8 +61,8 @@ def scaled(profile: shapes.Profile, ffn_scale: float, attn_scale: float) -> shap
 
 
 def match_budget(
-    profile: shapes.Profile,
-    dims: shapes.Dims,
+    profile: LWSConfig,
+    dims: ModelConfig,
     target: int,
     metric: str = "params",
     tp: int = 1,

@@ -59,7 +59,7 @@ def device_label() -> str:
 
 def cache_key(config: Config) -> str:
     """What a timing depends on: device, precision, widths, sequence, micro batch, kernels."""
-    dims, train = config.dims, config.train
+    dims, train = config.model, config.train
     precision = resolve_precision(train.precision, default_device()).name
     return (
         f"{device_label()}|{precision}|d_model={dims.d_model}|"
@@ -72,7 +72,7 @@ def cache_key(config: Config) -> str:
 def layer_timings(config: Config, *, repeats: int = 5, cache: Path | None = None) -> Timings:
     """Seconds per distinct layer shape, the embedding and the head, cached per device and shape."""
     cache = cache or CACHE_FILE
-    prefix, vocab = cache_key(config), padded_vocab_size(config.dims, config.parallel.tp)
+    prefix, vocab = cache_key(config), padded_vocab_size(config.model, config.parallel.tp)
     by_layer = config.summary().layers
     shapes = sorted(set(by_layer), key=str)
     keys = {

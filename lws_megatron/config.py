@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -67,8 +68,10 @@ class RunConfig:
     collective_timeout_s: float = _within(600.0, POSITIVE)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
+    """Dimensions and block; frozen like `lws`, so `Config.summary` caches by their value."""
+
     num_layers: int = _within(12, AT_LEAST_ONE)
     d_model: int = _within(768, AT_LEAST_ONE)
     d_head: int = _within(64, AT_LEAST_ONE)
@@ -100,12 +103,12 @@ class ModelConfig:
     loss_chunk_rows: int = _within(4096, AT_LEAST_ONE)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LWSConfig:
-    """The shape engine's inputs; it checks their ranges (shapes._check_profile, layer_shapes)."""
+    """The profile across depth; the shape engine checks its ranges (shapes._check_profile)."""
 
-    ffn_knots: list[float] = field(default_factory=lambda: [4.0])
-    attn_knots: list[float] = field(default_factory=lambda: [1.0])
+    ffn_knots: tuple[float, ...] = (4.0,)
+    attn_knots: tuple[float, ...] = (1.0,)
     framed: bool = False
     frame_ffn: float = 4.0
     frame_attn: float = 1.0
@@ -135,8 +138,8 @@ class TrainConfig:
     micro_batch_size: int = _within(4, AT_LEAST_ONE)
     global_batch_size: int = _within(8, AT_LEAST_ONE)
     seed: int = _within(1234, Range(0, 2**32 - 1))  # numpy's seed range
-    # auto: bf16 on GPU, fp32 on CPU. bf16: bf16 weights, fp32 master weights in the optimizer;
-    # bf16-autocast: fp32 weights, bf16 autocast (GPU only).
+    # auto: bf16 on GPU, fp32 on CPU (`device_precision`). bf16: bf16 weights, fp32 master
+    # weights in the optimizer; bf16-autocast: fp32 weights, bf16 autocast (GPU only).
     precision: Literal["auto", "fp32", "bf16", "bf16-autocast"] = "auto"
     compile: Literal["none", "layers", "model"] = "none"  # torch.compile per layer / whole chunk
     # CUDA graphs of the compiled model's forward and backward (torch.compile's reduce-overhead
@@ -180,8 +183,8 @@ class ParallelConfig:
     # backward (ties: the lower number); or a list of layer numbers, 0-based as describe prints.
     recompute_layers: Union[str, list[int]] = "all"
     # Megatron's sequence parallelism at TP > 1: norms and residual adds, and the activations
-    # they keep, split over the TP ranks along the sequence. auto: on at TP > 1 except with
-    # zero.stage 2/3; off (and true) at TP = 1, where there is nothing to split.
+    # they keep, split over the TP ranks along the sequence. auto: on at TP > 1 where
+    # model.seq_length divides by TP; off (and true) at TP = 1, where there is nothing to split.
     sequence_parallel: Union[bool, Literal["auto"]] = "auto"
 
     def recompute_layer_choice(self) -> tuple[str, int | list[int] | None]:
@@ -252,22 +255,23 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    @property
-    def profile(self) -> shapes.Profile:
-        lws = self.lws
-        return _project(
-            shapes.Profile, lws, ffn_knots=tuple(lws.ffn_knots), attn_knots=tuple(lws.attn_knots)
-        )
-
-    @property
-    def dims(self) -> shapes.Dims:
-        return _project(shapes.Dims, self.model)
-
     def summary(self, tp: int | None = None) -> shapes.ModelSummary:
-        return shapes.summarize(self.profile, self.dims, self.parallel.tp if tp is None else tp)
+        """The shape engine's summary at `tp` (default parallel.tp), computed once per value."""
+        return _summary(self.lws, self.model, self.parallel.tp if tp is None else tp)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as its YAML dump reads back (knots as lists), as `config.yaml` holds it."""
+        return yaml.safe_load(dump_config(self))
+
+
+_summary = functools.lru_cache(maxsize=64)(shapes.summarize)
+
+
+def device_precision(precision: str, device_type: str) -> str:
+    """`train.precision` on a device type ("cuda", "cpu"): auto is bf16 on CUDA, else fp32."""
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return precision
 
 
 def block_fingerprint(model: ModelConfig) -> dict[str, Any]:
@@ -276,12 +280,6 @@ def block_fingerprint(model: ModelConfig) -> dict[str, Any]:
     if model.norm_placement != "pre":
         found["norm_placement"] = model.norm_placement
     return found
-
-
-def _project(cls: type, source: Any, **converted: Any) -> Any:
-    """The shape engine's view of a config section: its fields of the same names."""
-    values = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls)}
-    return cls(**{**values, **converted})
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -300,7 +298,7 @@ def config_name(path: str | Path) -> str:
 
 
 def dump_config(config: Config) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
 
 
 def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
@@ -388,11 +386,11 @@ def _coerce(value: Any, kind: Any, source: str, key: str) -> Any:
                 f"{', '.join(repr(c) for c in choices)}"
             )
         return value
-    if origin is list:
-        (item,) = typing.get_args(kind)
+    if origin in (list, tuple):
+        item = typing.get_args(kind)[0]  # list[item] or tuple[item, ...]
         if not isinstance(value, list):
             value = [value]
-        return [_coerce(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return origin(_coerce(v, item, source, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (Union, types.UnionType):
         options = typing.get_args(kind)
         if value is None and type(None) in options:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from lws_megatron import budget, shapes
@@ -23,9 +22,9 @@ def describe_json(name: str, config: Config, tp: int) -> dict:
         "tp": tp,
         "d_model": config.model.d_model,
         "d_head": config.model.d_head,
-        "padded_vocab_size": shapes.padded_vocab_size(config.dims, tp),
-        "ffn_knots": list(config.profile.ffn_knots),
-        "attn_knots": list(config.profile.attn_knots),
+        "padded_vocab_size": shapes.padded_vocab_size(config.model, tp),
+        "ffn_knots": list(config.lws.ffn_knots),
+        "attn_knots": list(config.lws.attn_knots),
         "layers": [
             {
                 "index": i,
@@ -43,7 +42,7 @@ def describe_json(name: str, config: Config, tp: int) -> dict:
         "flops_per_token": s.flops_per_token,
         "tp_adjustments": [
             {"layer": a.layer, "heads_before": a.heads_before, "heads_after": a.heads_after}
-            for a in shapes.tp_adjustments(config.profile, config.dims, tp)
+            for a in shapes.tp_adjustments(config.lws, config.model, tp)
         ],
     }
 
@@ -244,12 +243,8 @@ def _describe_one(
     tp = config.parallel.tp if args.tp is None else args.tp
     if budget_target is not None:
         metric, target = budget_target
-        match = budget.match_budget(config.profile, config.dims, target, metric, tp)
-        config.lws = replace(
-            config.lws,
-            ffn_knots=list(match.profile.ffn_knots),
-            attn_knots=list(match.profile.attn_knots),
-        )
+        match = budget.match_budget(config.lws, config.model, target, metric, tp)
+        config.lws = match.profile
         print(
             f"{config_name(path)}: lws.ffn_knots={list(match.profile.ffn_knots)} "
             f"lws.attn_knots={list(match.profile.attn_knots)} gives {match.achieved:,} "

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--precision",
         choices=["auto", *sorted(PRECISIONS)],
-        help="byte accounting (default train.precision; auto counts as bf16)",
+        help="byte accounting (default train.precision; auto: as on --device, bf16 on cuda)",
     )
     parser.add_argument(
         "--recompute",

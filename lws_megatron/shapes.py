@@ -1,49 +1,22 @@
 """The LWS shape engine: per-layer FFN widths and head counts, parameters and FLOPs.
 
 Pure math (numpy, no torch), implementing ``docs/method.md`` exactly, so that the
-planner, `describe` and the model builder all read one source of truth.
+planner, `describe` and the model builder all read one source of truth. Its inputs are the
+config's sections: `profile`, the `lws` section, and `dims`, the `model` section.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lws_megatron.errors import UserError
 
-GQA_CONVENTIONS = ("group_size", "fixed_kv")
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Multiplier knots across depth and the GQA convention that turns them into heads."""
-
-    ffn_knots: tuple[float, ...]
-    attn_knots: tuple[float, ...]
-    framed: bool = False
-    frame_ffn: float = 4.0
-    frame_attn: float = 1.0
-    gqa: str = "group_size"
-    kv_group_size: int = 3
-    num_kv_heads: int = 4
-    ffn_multiple: int = 256
-    tp_aware_rounding: bool = False
-
-
-@dataclass(frozen=True)
-class Dims:
-    """The model dimensions shared by every layer."""
-
-    num_layers: int
-    d_model: int
-    d_head: int
-    vocab_size: int
-    seq_length: int
-    make_vocab_size_divisible_by: int = 128
-    tie_embeddings: bool = False
-    qk_norm: str = "head"  # none | head | full
+if TYPE_CHECKING:
+    from lws_megatron.config import LWSConfig, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -105,7 +78,7 @@ def interpolate(knots: tuple[float, ...], n: int) -> list[float]:
     return [float(x) for x in np.interp(np.arange(n), np.linspace(0, n - 1, k), knots)]
 
 
-def multipliers(profile: Profile, n: int) -> tuple[list[float], list[float]]:
+def multipliers(profile: LWSConfig, n: int) -> tuple[list[float], list[float]]:
     """(beta, alpha) per layer: interpolated, then framed."""
     beta = interpolate(profile.ffn_knots, n)
     alpha = interpolate(profile.attn_knots, n)
@@ -115,7 +88,7 @@ def multipliers(profile: Profile, n: int) -> tuple[list[float], list[float]]:
     return beta, alpha
 
 
-def head_group(profile: Profile, tp: int) -> int:
+def head_group(profile: LWSConfig, tp: int) -> int:
     """Query heads must be a multiple of this (the GQA group, widened to TP when asked)."""
     if profile.gqa == "group_size":
         g = profile.kv_group_size
@@ -124,7 +97,7 @@ def head_group(profile: Profile, tp: int) -> int:
     return math.lcm(g, tp) if profile.tp_aware_rounding else g
 
 
-def layer_shapes(profile: Profile, dims: Dims, tp: int = 1) -> list[LayerShape]:
+def layer_shapes(profile: LWSConfig, dims: ModelConfig, tp: int = 1) -> list[LayerShape]:
     """The exact shape of every layer, validated against the tensor-parallel rule for `tp`."""
     _check_profile(profile, dims, tp)
     beta, alpha = multipliers(profile, dims.num_layers)
@@ -149,13 +122,11 @@ def layer_shapes(profile: Profile, dims: Dims, tp: int = 1) -> list[LayerShape]:
     return shapes
 
 
-def _group(profile: Profile) -> int:
+def _group(profile: LWSConfig) -> int:
     return profile.kv_group_size if profile.gqa == "group_size" else profile.num_kv_heads
 
 
-def _check_profile(profile: Profile, dims: Dims, tp: int) -> None:
-    if profile.gqa not in GQA_CONVENTIONS:
-        raise UserError(f"lws.gqa={profile.gqa!r}: choose one of {', '.join(GQA_CONVENTIONS)}")
+def _check_profile(profile: LWSConfig, dims: ModelConfig, tp: int) -> None:
     if _group(profile) < 1:
         key = "kv_group_size" if profile.gqa == "group_size" else "num_kv_heads"
         raise UserError(f"lws.{key}={_group(profile)}: must be at least 1")
@@ -187,7 +158,7 @@ def check_tensor_parallel(shapes: list[LayerShape], tp: int) -> None:
             )
 
 
-def tp_adjustments(profile: Profile, dims: Dims, tp: int) -> list[TPAdjustment]:
+def tp_adjustments(profile: LWSConfig, dims: ModelConfig, tp: int) -> list[TPAdjustment]:
     """How far TP-aware rounding moved each layer's heads from the plain rounding."""
     if not profile.tp_aware_rounding or tp == 1:
         return []
@@ -200,13 +171,13 @@ def tp_adjustments(profile: Profile, dims: Dims, tp: int) -> list[TPAdjustment]:
     ]
 
 
-def padded_vocab_size(dims: Dims, tp: int = 1) -> int:
+def padded_vocab_size(dims: ModelConfig, tp: int = 1) -> int:
     """Megatron pads the vocabulary so that every TP rank holds an equal slice."""
     multiple = math.lcm(dims.make_vocab_size_divisible_by, tp)
     return -(-dims.vocab_size // multiple) * multiple
 
 
-def layer_params(shape: LayerShape, dims: Dims) -> int:
+def layer_params(shape: LayerShape, dims: ModelConfig) -> int:
     """Trainable parameters of one SwiGLU transformer layer without biases (RMSNorm weights).
 
     Two d-wide norms either way (pre or post placement); QK-norm gains are one d_head-wide
@@ -218,14 +189,14 @@ def layer_params(shape: LayerShape, dims: Dims) -> int:
     return attn + mlp + 2 * d + qk_norm_params(shape, dims)
 
 
-def qk_norm_params(shape: LayerShape, dims: Dims) -> int:
+def qk_norm_params(shape: LayerShape, dims: ModelConfig) -> int:
     """The QK-norm gains of one layer (`model.qk_norm`)."""
     if dims.qk_norm == "full":
         return dims.d_head * (shape.num_query_heads + shape.num_kv_heads)
     return 2 * dims.d_head if dims.qk_norm == "head" else 0
 
 
-def layer_flops_per_token(shape: LayerShape, dims: Dims) -> int:
+def layer_flops_per_token(shape: LayerShape, dims: ModelConfig) -> int:
     """Training FLOPs per token (forward + backward = 3x forward) of one layer.
 
     Matrix multiplies count 2 FLOPs per weight; causal attention counts half of the
@@ -240,9 +211,11 @@ def layer_flops_per_token(shape: LayerShape, dims: Dims) -> int:
 
 @dataclass(frozen=True)
 class ModelSummary:
-    layers: list[LayerShape]
-    layer_params: list[int]
-    layer_flops: list[int]
+    """Shared by every caller of `Config.summary` (cached), so its sequences are tuples."""
+
+    layers: tuple[LayerShape, ...]
+    layer_params: tuple[int, ...]
+    layer_flops: tuple[int, ...]
     embedding_params: int
     output_params: int
     final_norm_params: int
@@ -267,14 +240,14 @@ class ModelSummary:
         return sum(self.layer_flops) + self.head_flops_per_token
 
 
-def summarize(profile: Profile, dims: Dims, tp: int = 1) -> ModelSummary:
-    shapes = layer_shapes(profile, dims, tp)
+def summarize(profile: LWSConfig, dims: ModelConfig, tp: int = 1) -> ModelSummary:
+    shapes = tuple(layer_shapes(profile, dims, tp))
     vocab = padded_vocab_size(dims, tp)
     embedding = vocab * dims.d_model
     return ModelSummary(
         layers=shapes,
-        layer_params=[layer_params(s, dims) for s in shapes],
-        layer_flops=[layer_flops_per_token(s, dims) for s in shapes],
+        layer_params=tuple(layer_params(s, dims) for s in shapes),
+        layer_flops=tuple(layer_flops_per_token(s, dims) for s in shapes),
         embedding_params=embedding,
         output_params=0 if dims.tie_embeddings else embedding,
         final_norm_params=dims.d_model,

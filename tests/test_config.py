@@ -11,12 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "paper"
 
 SPEC_TABLE = {  # LWS_SPEC.md: name -> (layers, beta knots, alpha knots, framed)
-    "baseline-12l": (12, [4.0], [1.0], False),
-    "baseline-18l": (18, [2.5], [0.75], False),
-    "vanilla-18l": (18, [1.0, 4.0], [0.5, 1.0], False),
-    "framed-18l": (18, [0.5, 4.0], [0.5, 1.0], True),
-    "reverse-18l": (18, [4.0, 0.5], [1.0, 0.5], True),
-    "crown-18l": (18, [0.5, 3.8, 0.5], [0.5, 1.0, 0.5], True),
+    "baseline-12l": (12, (4.0,), (1.0,), False),
+    "baseline-18l": (18, (2.5,), (0.75,), False),
+    "vanilla-18l": (18, (1.0, 4.0), (0.5, 1.0), False),
+    "framed-18l": (18, (0.5, 4.0), (0.5, 1.0), True),
+    "reverse-18l": (18, (4.0, 0.5), (1.0, 0.5), True),
+    "crown-18l": (18, (0.5, 3.8, 0.5), (0.5, 1.0, 0.5), True),
 }
 
 
@@ -66,7 +66,7 @@ def test_dotted_overrides_parse_yaml_values():
         ["model.num_layers=12", "lws.ffn_knots=[1.0,4.0]", "train.precision=fp32", "optim.lr=1e-3"],
     )
     assert config.model.num_layers == 12
-    assert config.lws.ffn_knots == [1.0, 4.0]
+    assert config.lws.ffn_knots == (1.0, 4.0)
     assert config.train.precision == "fp32"
     assert config.optim.lr == 1e-3
 

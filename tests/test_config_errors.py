@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lws_megatron import shapes
-from lws_megatron.config import load_config
+from lws_megatron.config import LWSConfig, ModelConfig, load_config
 from lws_megatron.errors import UserError
 
 CROWN = Path(__file__).resolve().parents[1] / "configs" / "demo" / "crown.yaml"
@@ -95,8 +95,8 @@ def test_the_edges_of_each_range_are_accepted():
 
 @pytest.mark.parametrize("knot", [float("nan"), float("inf")])
 def test_shape_engine_refuses_non_finite_knots_by_layer(knot):
-    profile = shapes.Profile(ffn_knots=(knot,), attn_knots=(1.0,))
-    dims = shapes.Dims(num_layers=2, d_model=192, d_head=64, vocab_size=512, seq_length=64)
+    profile = LWSConfig(ffn_knots=(knot,), attn_knots=(1.0,))
+    dims = ModelConfig(num_layers=2, d_model=192, d_head=64, vocab_size=512, seq_length=64)
     with pytest.raises(UserError, match=r"layer 0: .*non-finite size; all knots .* finite"):
         shapes.layer_shapes(profile, dims)
 

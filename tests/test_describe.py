@@ -97,7 +97,7 @@ def test_unreachable_budget_says_how_close_it_gets():
 
     config = load_config(BASELINE)
     with pytest.raises(UserError, match=r"closest this profile gets to 914,817,024 flops"):
-        budget.match_budget(config.profile, config.dims, 914_817_024, "flops")
+        budget.match_budget(config.lws, config.model, 914_817_024, "flops")
 
 
 def test_parse_amount():

@@ -1,17 +1,20 @@
 """The shape engine against LWS_SPEC.md, at its edges."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from lws_megatron import shapes
+from lws_megatron.config import LWSConfig, ModelConfig
 from lws_megatron.errors import UserError
-from lws_megatron.shapes import Dims, LayerShape, Profile, make_divisible
+from lws_megatron.shapes import LayerShape, make_divisible
 
-PAPER = Dims(num_layers=18, d_model=768, d_head=64, vocab_size=50280, seq_length=1024)
+PAPER = ModelConfig(num_layers=18, d_model=768, d_head=64, vocab_size=50280, seq_length=1024)
 
 
 def paper_profile(ffn, attn, framed=False, **kw):
-    return Profile(ffn_knots=tuple(ffn), attn_knots=tuple(attn), framed=framed, **kw)
+    return LWSConfig(ffn_knots=tuple(ffn), attn_knots=tuple(attn), framed=framed, **kw)
 
 
 def test_make_divisible_rules():
@@ -136,7 +139,7 @@ def test_non_positive_sizes_and_too_few_heads_are_refused_naming_the_layer():
 
 
 def test_layer_params_count_every_weight():
-    dims = Dims(num_layers=1, d_model=8, d_head=2, vocab_size=10, seq_length=4)
+    dims = ModelConfig(num_layers=1, d_model=8, d_head=2, vocab_size=10, seq_length=4)
     layer = LayerShape(ffn_hidden_size=16, num_query_heads=4, num_kv_heads=2)
     qkv = 8 * (4 + 2 + 2) * 2
     proj = 4 * 2 * 8
@@ -148,13 +151,13 @@ def test_layer_params_count_every_weight():
 def test_totals_count_the_head_once_when_tied():
     profile = paper_profile([4.0], [1.0])
     untied = shapes.summarize(profile, PAPER)
-    tied = shapes.summarize(profile, Dims(**{**PAPER.__dict__, "tie_embeddings": True}))
+    tied = shapes.summarize(profile, replace(PAPER, tie_embeddings=True))
     assert untied.total_params - tied.total_params == 50304 * 768
     assert tied.non_embedding_params == sum(tied.layer_params) + 768
 
 
 def test_flops_per_token_are_three_times_forward_with_causal_attention():
-    dims = Dims(num_layers=1, d_model=8, d_head=2, vocab_size=10, seq_length=4)
+    dims = ModelConfig(num_layers=1, d_model=8, d_head=2, vocab_size=10, seq_length=4)
     layer = LayerShape(ffn_hidden_size=16, num_query_heads=4, num_kv_heads=2)
     forward_matmul = 2 * (8 * 2 * (2 * 4 + 2 * 2) + 3 * 8 * 16)
     forward_attention = 2 * 4 * 4 * 2  # half of (QK + AV) = 2 * seq * heads * d_head

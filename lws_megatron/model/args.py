@@ -48,8 +48,8 @@ class ModelArgs:
         pp = config.parallel.pp
         return cls(
             model=config.model,
-            layers=tuple(config.summary(tp).layers),
-            padded_vocab_size=shapes.padded_vocab_size(config.dims, tp),
+            layers=config.summary(tp).layers,
+            padded_vocab_size=shapes.padded_vocab_size(config.model, tp),
             tp=tp,
             pp=pp,
             layout=check_layout(config.model.num_layers, pp, layout),

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lws_megatron import shapes
-from lws_megatron.config import Config
+from lws_megatron.config import Config, ModelConfig
 from lws_megatron.planner.memory import (
     TOKEN_ID_BYTES,
     Precision,
@@ -62,7 +62,7 @@ class CostModel:
     unit: str
 
 
-def recompute_flops(shape: shapes.LayerShape, dims: shapes.Dims, recompute: str) -> int:
+def recompute_flops(shape: shapes.LayerShape, dims: ModelConfig, recompute: str) -> int:
     """FLOPs per token a layer's recomputation adds: its forward again (full), or its MLP's
     forward (selective); training FLOPs are three forwards."""
     if recompute == "full":
@@ -82,7 +82,8 @@ def cost_model(
     device: str = "cuda",
 ) -> CostModel:
     """The blocks of `config` at its TP size, ZeRO stage and recomputation, for PP ranks and
-    DP replicas, with `device`'s kernels (cuda | cpu) and `precision` (default train.precision).
+    DP replicas, with `device`'s kernels (cuda | cpu) and `precision` (default train.precision
+    on `device`).
 
     Compute is training FLOPs per token from the shape engine (matrix multiplies and causal
     attention at the configured sequence length; the embedding 0; the head adds the
@@ -90,8 +91,8 @@ def cost_model(
     (`timings`), scaled alike. A tied embedding is held twice when the head sits on another
     rank (PP > 1).
     """
-    precision = precision or precision_named(config.train.precision)
-    tp, dims = config.parallel.tp, config.dims
+    precision = precision or precision_named(config.train.precision, device)
+    tp, dims = config.parallel.tp, config.model
     summary = config.summary(tp)
     vocab = shapes.padded_vocab_size(dims, tp)
     tokens = config.train.micro_batch_size * dims.seq_length

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lws_megatron import shapes
-from lws_megatron.config import Config
+from lws_megatron.config import Config, ModelConfig, device_precision
 from lws_megatron.errors import UserError
 
 FP32 = 4
@@ -52,9 +52,9 @@ PRECISIONS = {
 }
 
 
-def precision_named(name: str) -> Precision:
-    """`train.precision`'s accounting; auto counts as the GPU's bf16."""
-    key = "bf16" if name == "auto" else name
+def precision_named(name: str, device: str) -> Precision:
+    """`train.precision`'s accounting on `device` (cuda | cpu), auto resolved as a run there."""
+    key = device_precision(name, device)
     if key not in PRECISIONS:
         raise UserError(f"precision {name!r}: choose one of auto, {', '.join(PRECISIONS)}")
     return PRECISIONS[key]
@@ -137,7 +137,7 @@ class Activations:
 
 
 def layer_activations(
-    shape: shapes.LayerShape, dims: shapes.Dims, saving: Saving, recompute: str = "none"
+    shape: shapes.LayerShape, dims: ModelConfig, saving: Saving, recompute: str = "none"
 ) -> Activations:
     """What one layer keeps for backward, per micro batch, under `recompute` (none |
     selective | full) for this layer.
@@ -167,7 +167,7 @@ def layer_activations(
     return Activations(whole, working)
 
 
-def _attention(shape: shapes.LayerShape, dims: shapes.Dims, saving: Saving) -> float:
+def _attention(shape: shapes.LayerShape, dims: ModelConfig, saving: Saving) -> float:
     """Bytes per token of the attention on this rank, q = heads * d_head and k = kv_heads *
     d_head wide: the q/k/v projection's output (q + 2k: the value is a view of it, which keeps
     all of it), RoPE's query and key, the attention's output (also the output projection's
@@ -185,7 +185,7 @@ def _attention(shape: shapes.LayerShape, dims: shapes.Dims, saving: Saving) -> f
 
 
 def head_activations(
-    dims: shapes.Dims, vocab: int, saving: Saving, fused_loss: bool
+    dims: ModelConfig, vocab: int, saving: Saving, fused_loss: bool
 ) -> Activations:
     """The final norm, the output layer and the loss, per micro batch.
 
@@ -225,5 +225,5 @@ def widest_layers(config: Config) -> list[int]:
     """Every layer number, the one that keeps the most activation bytes for backward first,
     ties in layer order. Ranked per token in fp32 at TP=1: an order of the shapes alone."""
     saving = Saving(PRECISIONS["fp32"])
-    kept = [layer_activations(s, config.dims, saving).kept for s in config.summary().layers]
+    kept = [layer_activations(s, config.model, saving).kept for s in config.summary().layers]
     return sorted(range(len(kept)), key=lambda i: (-kept[i], i))

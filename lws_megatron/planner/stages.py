@@ -166,13 +166,13 @@ def plan(
     """Plan `config`'s pipeline at PP ranks (default parallel.pp), VPP virtual stages each,
     with its recomputation (parallel.recompute, parallel.recompute_layers).
 
-    Precision defaults to train.precision, with "auto" accounted as bf16 (the GPU case); the
-    activations counted are those `device`'s kernels keep (cuda | cpu).
+    Precision defaults to train.precision, "auto" accounted as a run on `device` resolves it;
+    the activations counted are those `device`'s kernels keep (cuda | cpu).
     Raises UserError for sizes that cannot be split and for a memory limit no split meets.
     """
     pp = config.parallel.pp if pp is None else pp
     micro_batches = _check(config, pp, vpp, dp)
-    accounting = precision_named(precision or config.train.precision)
+    accounting = precision_named(precision or config.train.precision, device)
     model = cost_model(config, pp=pp, dp=dp, precision=accounting, timings=timings, device=device)
     t = tables(model, pp, micro_batches_in_flight(pp, vpp, micro_batches))
     solution = solve(t, device_memory)
@@ -197,7 +197,7 @@ def plan_recompute(
     recompute (fully) the fewest of their layers that make them fit, widest first."""
     pp = config.parallel.pp if pp is None else pp
     micro_batches = _check(config, pp, 1, dp)
-    accounting = precision_named(precision or config.train.precision)
+    accounting = precision_named(precision or config.train.precision, device)
     models = [
         cost_model(
             with_recompute(config, kind),

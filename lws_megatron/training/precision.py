@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lws_megatron.config import device_precision
 from lws_megatron.errors import UserError
 
 
@@ -17,15 +18,14 @@ class PrecisionPolicy:
 
 
 def resolve_precision(precision: str, device: torch.device) -> PrecisionPolicy:
-    """auto is bf16 on CUDA and fp32 elsewhere.
+    """The dtypes of `precision` on `device`; auto as `config.device_precision` resolves it.
 
     bf16: the modules hold bf16 weights and run without autocast (as Megatron-LM's bf16 runs),
     the optimizer updates an fp32 master copy and copies it back. bf16-autocast: fp32 weights
     and gradients with bf16 autocast around the forward (PyTorch's mixed-precision recipe);
     CUDA only, because Megatron's linear layers keep autocast in their backward only there.
     """
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = device_precision(precision, device.type)
     if precision == "bf16-autocast" and device.type != "cuda":
         raise UserError(
             "train.precision=bf16-autocast needs a CUDA device: Megatron's linear layers keep "

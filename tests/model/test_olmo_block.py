@@ -285,7 +285,7 @@ def test_describe_gives_the_paper_codes_parameter_counts():
 def test_vanilla_12l_has_the_papers_profile():
     config = load_config(ROOT / "configs" / "paper" / "vanilla-12l.yaml")
     assert config.model.num_layers == 12
-    assert config.lws.ffn_knots == [2.0, 5.3] and config.lws.attn_knots == [0.5, 2.0]
+    assert config.lws.ffn_knots == (2.0, 5.3) and config.lws.attn_knots == (0.5, 2.0)
     layers = config.summary(1).layers
     assert layers[0].ffn_hidden_size < layers[-1].ffn_hidden_size
     assert layers[0].num_query_heads < layers[-1].num_query_heads

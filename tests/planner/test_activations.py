@@ -85,12 +85,13 @@ def _traced_and_planned(cases: dict[str, list[str]], tp: int) -> dict | None:
         recomputed = recomputed_layers(config)
         planned = {
             f"layer {i}": layer_activations(
-                s, config.dims, saving, config.parallel.recompute if i in recomputed else "none"
+                s, config.model, saving, config.parallel.recompute if i in recomputed else "none"
             ).kept
             for i, s in enumerate(config.summary(tp).layers)
         }
-        vocab = padded_vocab_size(config.dims, tp)
-        planned["head"] = head_activations(config.dims, vocab, saving, config.model.fused_loss).kept
+        vocab = padded_vocab_size(config.model, tp)
+        head = head_activations(config.model, vocab, saving, config.model.fused_loss)
+        planned["head"] = head.kept
         planned["embedding"] = 8 * shape[0] * shape[1]
         out[name] = {"traced": traced, "planned": planned, "sp": saving.sequence_parallel}
     return out if rank == 0 else None

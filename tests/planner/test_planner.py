@@ -214,7 +214,7 @@ def test_memory_accounting():
     assert state_bytes_per_param(bf16, zero=0, dp=4) == 2 + 2 + 4 + 8
     assert state_bytes_per_param(bf16, zero=1, dp=4) == 2 + 2 + 12 / 4
     config = load_config(VANILLA)  # the paper's block: QK-norm over the whole projection
-    shape, dims = config.summary().layers[-1], config.dims  # 3072 FFN, 12 q / 4 kv heads
+    shape, dims = config.summary().layers[-1], config.model  # 3072 FFN, 12 q / 4 kv heads
     d, q, k, f = 768, 12 * 64, 4 * 64, 3072
     rope = 4 * 1024 * 64 * 2  # cos and sin for the query and the key
     whole = layer_activations(shape, dims, Saving(bf16))
