@@ -1,15 +1,17 @@
-"""Learning-rate schedules as pure functions of the step (0-based), so resuming needs no state."""
+"""What each step does, as pure functions of the step, so resuming needs no state: its learning
+rate, and what it is due for once done (a log line, an evaluation, a checkpoint)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from lws_megatron.config import OptimConfig
+from lws_megatron.config import Config, OptimConfig
 
 
 def learning_rate(step: int, optim: OptimConfig, max_steps: int) -> float:
     """constant (the paper's), warmup + cosine to min_lr, or warmup-stable-decay (linear decay
-    over the last `decay_fraction` of training)."""
+    over the last `decay_fraction` of training). `step`: 0-based, the step about to run."""
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
     if optim.schedule == "constant":
@@ -24,3 +26,33 @@ def learning_rate(step: int, optim: OptimConfig, max_steps: int) -> float:
         return optim.lr
     progress = (step - decay_start + 1) / decay_steps
     return optim.lr + (optim.min_lr - optim.lr) * min(1.0, progress)
+
+
+@dataclass(frozen=True)
+class Due:
+    """What the step just done is due for; computed once by the trainer, read by the callbacks
+    (nothing is due by default)."""
+
+    log: bool = False  # every `train.log_interval` steps and the last
+    eval: bool = False  # every `eval.interval` steps and the last, when evaluation is on
+    checkpoint: bool = False  # every `checkpoint.interval` steps and the last
+    final: bool = False  # the step is `train.max_steps`
+
+    @property
+    def anything(self) -> bool:
+        return self.log or self.eval or self.checkpoint
+
+
+def due(step: int, config: Config) -> Due:
+    """`step`: the number of steps done (the one just done, 1-based)."""
+    final = step == config.train.max_steps
+
+    def every(interval: int) -> bool:
+        return bool(interval) and (step % interval == 0 or final)
+
+    return Due(
+        log=every(config.train.log_interval),
+        eval=every(config.eval.interval),
+        checkpoint=every(config.checkpoint.interval) or final,
+        final=final,
+    )

@@ -1,9 +1,11 @@
 """A step's numbers stay on the device; the trainer reads them once per log interval.
 
 Reading a loss or a gradient norm makes the host wait for the device, and the host then
-launches the next step onto an idle GPU. So each step only adds its device-resident result to
+launches the next step onto an idle GPU. So each step only adds its device-resident numbers to
 running sums here, and `read` brings every number of the interval over in one transfer, at the
-steps where the host needs them anyway (logging, evaluation, checkpoints, the end).
+steps where the host needs them anyway (logging, evaluation, checkpoints, the end). A metric
+is recorded by name (`StepStats.record`, `Trainer.record_metric`, or an entry of a
+`StepResult`) and appears under that name in `metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -11,19 +13,27 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
 
 import torch
+
+from lws_megatron.training.schedule import Due
+
+Reduce = Literal["mean", "last"]  # how a metric's values over a log interval become one number
 
 
 @dataclass(frozen=True)
 class StepResult:
     """One optimizer step, on the device: nothing here has been waited for."""
 
-    loss: torch.Tensor  # mean loss per token of the global batch (NaN or inf when it was)
-    grad_norm: torch.Tensor  # NaN for a skipped step
     skipped: torch.Tensor  # 1.0 when the update was not applied (a non-finite loss or gradient)
+    metrics: dict[str, tuple[torch.Tensor, Reduce]]  # by their names in metrics.jsonl
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """Mean loss per token of the global batch (NaN or inf when it was)."""
+        return self.metrics["loss"][0]
 
 
 @dataclass(frozen=True)
@@ -32,14 +42,13 @@ class Interval:
 
     steps: int
     seconds: float  # wall time of those steps, evaluation and checkpoints left out
-    applied: int  # steps whose update was applied
-    loss: float  # mean over the applied steps; NaN when none was applied
-    grad_norm: float  # of the last step; NaN when it was skipped
     skipped: int
     nonfinite_run: int  # the longest run of consecutive non-finite steps that ended in it
+    metrics: dict[str, float] = field(default_factory=dict)  # reduced since the last log read
     slowest_prior_step_s: float = math.inf  # the `slowest` given to the read
-    # By global rank (filled in by the trainer, gathered on the host): seconds in forward
-    # passes over the interval, and peak memory in GB.
+    # Filled in by the trainer: what the last step is due for, and, by global rank (gathered
+    # on the host), seconds in forward passes over the interval and peak memory in GB.
+    due: Due = Due()
     rank_forward_s: tuple[float, ...] = ()
     rank_mem_gb: tuple[float, ...] = ()
 
@@ -49,58 +58,81 @@ class Interval:
 
 
 class StepStats:
-    """Running sums of the steps since the last read, on the device."""
+    """Running sums of the steps since the last read, on the device; the metrics' sums are
+    added up on the host until the read that ends a log interval."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._bad_run = torch.zeros((), device=device)  # carries across reads
+        self._on_host: dict[str, tuple[Reduce, list[float]]] = {}  # since the last log read
         self._reset()
 
     def _reset(self) -> None:
         zero = torch.zeros((), device=self.device)
-        self._loss_sum, self._applied, self._skipped = zero.clone(), zero.clone(), zero.clone()
-        self._longest_run = zero.clone()
-        self._grad_norm = torch.full((), math.nan, device=self.device)
+        self._skipped, self._longest_run = zero.clone(), zero.clone()
+        self._on_device: dict[str, tuple[Reduce, list[torch.Tensor]]] = {}
         self.steps = 0
 
     def add(self, result: StepResult) -> None:
-        bad = torch.maximum(result.skipped, (~torch.isfinite(result.loss)).float())
-        self._loss_sum += torch.where(bad > 0, 0.0, result.loss)
-        self._applied += 1 - bad
-        self._skipped += result.skipped
-        self._bad_run = (self._bad_run + 1) * bad
+        """A step's metrics count as NaN when it was skipped: left out of means."""
+        skipped = result.skipped.float()
+        self._skipped += skipped
+        self._bad_run = (self._bad_run + 1) * skipped
         self._longest_run = torch.maximum(self._longest_run, self._bad_run)
-        self._grad_norm = result.grad_norm
+        for name, (value, reduce) in result.metrics.items():
+            self.record(name, torch.where(skipped > 0, math.nan, value.float()), reduce)
         self.steps += 1
 
-    def read(self, began: float, slowest: torch.Tensor | None = None) -> Interval:
+    def record(self, name: str, value: torch.Tensor, reduce: Reduce) -> None:
+        """`value`: a number on the device, not read here. "mean": of the finite values until
+        the log step (NaN when none was); "last": the latest value."""
+        value = value.detach().float().reshape(())
+        if reduce == "last":
+            parts = [value]
+        elif reduce == "mean":
+            finite = torch.isfinite(value)
+            total, count = self._on_device[name][1] if name in self._on_device else (0.0, 0.0)
+            parts = [total + torch.where(finite, value, 0.0), count + finite]
+        else:
+            raise ValueError(f"metric {name!r}: reduce {reduce!r} is not 'mean' or 'last'")
+        self._on_device[name] = (reduce, parts)
+
+    def read(self, began: float, slowest: torch.Tensor | None = None, log: bool = True) -> Interval:
         """The interval's numbers, in the one transfer from the device; then a new interval.
         `began`: its `time.perf_counter()` at the start (timed once the device is done);
-        `slowest`: a device number read in the same transfer (the trainer's pacing)."""
+        `slowest`: a device number read in the same transfer (the trainer's pacing); `log`:
+        the read ends a log interval, so the metrics start over."""
         if slowest is None:
             slowest = torch.full((), math.inf, device=self.device)
-        loss_sum, applied, skipped, longest, norm, pace = torch.stack(
-            [
-                self._loss_sum,
-                self._applied,
-                self._skipped,
-                self._longest_run,
-                self._grad_norm.float(),
-                slowest.float().reshape(()),
-            ]
-        ).tolist()
+        parts = [part for _, values in self._on_device.values() for part in values]
+        fixed = [self._skipped, self._longest_run, slowest.float().reshape(())]
+        host = iter(torch.stack(fixed + parts).tolist())
+        skipped, longest, pace = next(host), next(host), next(host)
+        for name, (reduce, values) in self._on_device.items():
+            read = [next(host) for _ in values]
+            if reduce == "mean" and name in self._on_host:
+                read = [a + b for a, b in zip(self._on_host[name][1], read)]
+            self._on_host[name] = (reduce, read)
+        metrics = {name: _reduced(reduce, v) for name, (reduce, v) in self._on_host.items()}
         interval = Interval(
             steps=self.steps,
             seconds=time.perf_counter() - began,
-            applied=round(applied),
-            loss=loss_sum / applied if applied else math.nan,
-            grad_norm=norm,
             skipped=round(skipped),
             nonfinite_run=round(longest),
+            metrics=metrics,
             slowest_prior_step_s=pace,
         )
         self._reset()
+        if log:
+            self._on_host = {}
         return interval
+
+
+def _reduced(reduce: Reduce, values: list[float]) -> float:
+    if reduce == "last":
+        return values[0]
+    total, count = values
+    return total / count if count else math.nan
 
 
 class StopRequests:

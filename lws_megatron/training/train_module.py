@@ -9,7 +9,6 @@ during backward), the norm, clipping and skip on the device, then the optimizer 
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Any
 
@@ -104,7 +103,8 @@ class TrainModule:
 
         `loss_tokens`: this rank's loss tokens, counted where the batches were built (counted
         here from the host batches when not given). `stop_requested` (this rank asks the run to
-        stop) rides along with the token count, into `stop_requests`.
+        stop) rides along with the token count, into `stop_requests`. A number to log is one
+        more entry of the result's metrics, under its name in metrics.jsonl.
         """
         if loss_tokens is None:
             loss_tokens = forward.loss_tokens(batches)
@@ -133,7 +133,7 @@ class TrainModule:
         )
         zero.hand_over_grads(self.engine, self.params)
         self.engine.step()
-        return StepResult(loss, torch.where(found_inf > 0, math.nan, norm), found_inf)
+        return StepResult(found_inf, {"loss": (loss, "mean"), "grad_norm": (norm, "last")})
 
     def state_dict(self, loading: bool = False) -> dict[str, Any]:
         """What a checkpoint holds of this rank, layout-free (`model_state.py`):

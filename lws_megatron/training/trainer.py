@@ -2,8 +2,9 @@
 
 Everything the run writes lives in `run.dir`: the resolved `config.yaml`, `run_info.json`,
 `metrics.jsonl`, TensorBoard events, `checkpoints/` and, when it ends, `summary.json`. The loop
-itself only steps; metrics, evaluation, checkpoints and stops are callbacks
-(`lws_megatron.training.callbacks`).
+itself only steps, works out once per step what the step is due for (`schedule.due`) and reads
+the device at those steps; metrics, evaluation, checkpoints and stops are callbacks
+(`lws_megatron.training.callbacks`), handed what was read and what is due.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from lws_megatron.training.loader import StepLoader
 from lws_megatron.training.metrics import MetricsWriter, memory_gb
 from lws_megatron.training.peak_flops import device_peak_flops
 from lws_megatron.training.run_dir import RunLock, clear_records, refuse_foreign_records
-from lws_megatron.training.step_stats import Interval, StepStats
+from lws_megatron.training.step_stats import Interval, Reduce, StepStats
 from lws_megatron.training.train_module import TrainModule
 
 READ_EVERY_S = 10.0  # the longest the host goes without reading the steps' numbers
@@ -146,10 +147,11 @@ class Trainer:
             self.checkpointer.remove_partial()
         self.step = self.resumed_step = self.skipped_steps = 0
         self.lr = 0.0
+        self.due = schedule.Due()  # what the step just done is due for
+        self.stats = StepStats(device)
         self.local_stop: tuple[str, type[Exception] | None] | None = None  # why this rank asks
         self.stop_reason: str | None = None
         self.stop_error: type[Exception] | None = None
-        self.last_val_loss: float | None = None
         self._resume()
         self._write_records()
         self.writer = MetricsWriter(
@@ -175,40 +177,40 @@ class Trainer:
         )
 
     def read_due(self) -> bool:
-        """Whether the host reads the steps' numbers now: at each log step, wherever it needs
-        them anyway (evaluation, checkpoint, the last step), and at least every
+        """Whether the host reads the steps' numbers now: wherever the step is due for
+        something (a log line, evaluation, a checkpoint, the last step), and at least every
         `READ_EVERY_S` seconds, so that a run of non-finite steps is seen in time whatever
         `train.log_interval` is, and at a stop; never in between."""
-        step, t = self.step, self.config.train
-        every = (t.log_interval, self.config.eval.interval, self.config.checkpoint.interval)
-        return (
-            step == t.max_steps
-            or self.stopping
-            or step >= self.next_read
-            or any(n and step % n == 0 for n in every)
-        )
+        return self.due.anything or self.stopping or self.step >= self.next_read
 
-    def _read(self, stats: StepStats, began: float) -> Interval:
+    def record_metric(self, name: str, value: torch.Tensor, reduce: Reduce = "mean") -> None:
+        """A number of the current step, logged under `name` at the log steps; it stays on the
+        device until the next read takes it with the rest (`StepStats.record`)."""
+        self.stats.record(name, value, reduce)
+
+    def _read(self, began: float) -> Interval:
         """The interval's numbers, and the next read planned: spaced by the slowest rank's
         step time of the interval before (read in the same transfer), so that every rank reads
         at the same steps (a read can lead to a collective: a checkpoint, a stop)."""
         slowest = host_values([self.step_seconds], self.device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        interval = self._with_ranks(stats.read(began, slowest))
+        interval = self._with_ranks(self.stats.read(began, slowest, log=self.due.log))
         self.step_seconds = interval.step_seconds
         spacing = int(READ_EVERY_S / max(interval.slowest_prior_step_s, 1e-9))
         self.next_read = self.step + max(1, min(self.config.train.log_interval, spacing))
         return interval
 
     def _with_ranks(self, interval: Interval) -> Interval:
-        """Every rank's time in forward passes and peak memory over the interval, gathered on
-        the host once the interval's numbers are read (so the device has done its steps)."""
+        """What the step is due for, and every rank's time in forward passes and peak memory
+        over the interval, gathered on the host once the interval's numbers are read (so the
+        device has done its steps)."""
         numbers: list = [None] * dist.get_world_size()
         mine = (self.module.clock.seconds(), memory_gb(self.device))
         with on_host():
             dist.all_gather_object(numbers, mine, group=self.host_group)
         return dataclasses.replace(
             interval,
+            due=self.due,
             rank_forward_s=tuple(n[0] for n in numbers),
             rank_mem_gb=tuple(n[1] for n in numbers),
         )
@@ -262,7 +264,6 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_start(self)
         t = self.config.train
-        stats = StepStats(self.device)
         steps = StepLoader(
             self.train_ds,
             self.plan,
@@ -277,9 +278,9 @@ class Trainer:
         interval_began = time.perf_counter()
         try:
             while self.step < t.max_steps and not self.stopping:
-                self._step(steps, stats)
+                self._step(steps)
                 if self.read_due():
-                    interval = self._read(stats, interval_began)
+                    interval = self._read(interval_began)
                     self.skipped_steps += interval.skipped
                     for callback in self.callbacks:
                         callback.on_interval_end(self, interval)
@@ -296,8 +297,9 @@ class Trainer:
             return None
         return self._write_summary(time.time() - started) if self.rank == 0 else None
 
-    def _step(self, steps: StepLoader, stats: StepStats) -> None:
-        """One optimizer step queued; then whether some rank asked to stop at it."""
+    def _step(self, steps: StepLoader) -> None:
+        """One optimizer step queued, and what it is due for; then whether some rank asked to
+        stop at it."""
         for callback in self.callbacks:
             callback.before_step(self)
         t = self.config.train
@@ -307,8 +309,9 @@ class Trainer:
         if steps.lost:
             self.ask_to_stop(f"rank {self.rank}: {steps.lost}", JobFailure)
         asking = self.local_stop is not None
-        stats.add(self.module.train_batch(step.batches, step.loss_tokens, asking))
+        self.stats.add(self.module.train_batch(step.batches, step.loss_tokens, asking))
         self.step += 1
+        self.due = schedule.due(self.step, self.config)
         if self.step == self.resumed_step + 1:  # compiled and warm: the collective timeout holds
             hangs.set_timeout(self.config.run.collective_timeout_s)
         if self.module.stop_requests.any():
@@ -387,13 +390,7 @@ class Trainer:
             )
 
     def _write_summary(self, wall: float) -> dict[str, Any]:
-        final = run_summary(
-            self.run_dir / "metrics.jsonl",
-            self.step,
-            self.tokens_per_step,
-            wall,
-            self.last_val_loss,
-        )
+        final = run_summary(self.run_dir / "metrics.jsonl", self.step, self.tokens_per_step, wall)
         if self.config.train.compile != "none":
             final.update(compile_stats())
             if final["graph_breaks"]:
@@ -411,13 +408,15 @@ def _describe(layout: dict[str, Any]) -> str:
     return f"{split}, ZeRO {layout['zero_stage']}, layout {layout['pipeline_layout'] or 'even'}"
 
 
-def run_summary(
-    metrics: Path, steps: int, tokens_per_step: int, wall: float, val_loss: float | None
-) -> dict[str, Any]:
-    """The run's closing numbers; speed averages the logged intervals after the first."""
+def run_summary(metrics: Path, steps: int, tokens_per_step: int, wall: float) -> dict[str, Any]:
+    """The run's closing numbers; speed averages the logged intervals after the first, and the
+    validation loss is the last step's (none when evaluation is off)."""
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     train_records = [r for r in records if "loss" in r]
     later = train_records[1:] or train_records
+    val_loss = next(
+        (r["val_loss"] for r in records if "val_loss" in r and r["step"] == steps), None
+    )
     return {
         "wall_time_s": round(wall, 3),
         "steps": steps,

@@ -46,11 +46,9 @@ def _interval(step_seconds: float, steps: int = 1, forward=()) -> Interval:
     return Interval(
         steps=steps,
         seconds=step_seconds * steps,
-        applied=steps,
-        loss=1.0,
-        grad_norm=1.0,
         skipped=0,
         nonfinite_run=0,
+        metrics={"loss": 1.0, "grad_norm": 1.0},
         rank_forward_s=tuple(f * steps for f in forward),
     )
 

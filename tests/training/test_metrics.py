@@ -102,3 +102,21 @@ def test_a_known_peak_can_be_given(monkeypatch):
 def test_gpu_peaks_come_from_the_data_sheet(name, peak):
     found = next(p for fragment, p in peak_flops.GPU_PEAKS.items() if fragment in name)
     assert found == peak
+
+
+def test_the_summary_takes_the_validation_loss_of_the_last_step(tmp_path):
+    """An evaluation logged before a resume is not the run's final one."""
+    from lws_megatron.training.trainer import run_summary
+
+    path = tmp_path / "metrics.jsonl"
+    train = {"loss": 2.5, "tokens_per_s": 100.0, "mfu": 0.1}
+    lines = [{"step": 5, "val_loss": 3.0}, {"step": 10, **train}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert run_summary(path, 10, 4, 1.0)["final_val_loss"] is None
+    with path.open("a") as f:
+        f.write(json.dumps({"step": 10, "val_loss": 2.0}) + "\n")
+    summary = run_summary(path, 10, 4, 1.0)
+    assert summary["final_val_loss"] == 2.0 and summary["final_val_ppl"] == pytest.approx(
+        7.389, 1e-3
+    )
+    assert summary["final_loss"] == 2.5 and summary["tokens"] == 40

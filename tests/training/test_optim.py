@@ -1,13 +1,15 @@
-"""Learning-rate schedules and weight-decay groups: pure functions of the step and the names."""
+"""Learning-rate schedules, what a step is due for, and weight-decay groups: pure functions of
+the step and the names."""
 
 import math
 
 import pytest
 import torch
 
-from lws_megatron.config import OptimConfig
+from lws_megatron.config import OptimConfig, load_config
 from lws_megatron.training.param_groups import exclusion_kind, param_groups
-from lws_megatron.training.schedule import learning_rate
+from lws_megatron.training.schedule import Due, due, learning_rate
+from tests.helpers import TINY
 
 
 def lrs(max_steps=100, **kw):
@@ -40,6 +42,34 @@ class Tiny(torch.nn.Module):
         self.embedding = torch.nn.Embedding(4, 3)
         self.linear = torch.nn.Linear(3, 3)
         self.final_layernorm = torch.nn.LayerNorm(3, bias=False)
+
+
+def test_a_step_is_due_for_each_interval_and_everything_at_the_end():
+    config = load_config(
+        TINY,
+        [
+            "train.max_steps=12",
+            "train.log_interval=2",
+            "eval.interval=3",
+            "checkpoint.interval=5",
+        ],
+    )
+    by_step = {s: due(s, config) for s in range(13)}
+    assert [s for s, d in by_step.items() if d.log] == [0, 2, 4, 6, 8, 10, 12]
+    assert [s for s, d in by_step.items() if d.eval] == [0, 3, 6, 9, 12]
+    assert [s for s, d in by_step.items() if d.checkpoint] == [0, 5, 10, 12]
+    assert [s for s, d in by_step.items() if d.final] == [12]
+    assert not by_step[7].anything and by_step[9].anything
+    assert due(7, config) == Due()
+
+
+def test_intervals_of_0_are_off_but_the_last_step_still_logs_and_checkpoints():
+    config = load_config(
+        TINY,
+        ["train.max_steps=7", "train.log_interval=4", "eval.interval=0", "checkpoint.interval=0"],
+    )
+    assert due(7, config) == Due(log=True, checkpoint=True, final=True)
+    assert due(4, config) == Due(log=True)
 
 
 def test_weight_decay_skips_the_configured_kinds():

@@ -3,6 +3,7 @@
 import math
 import time
 
+import pytest
 import torch
 
 from lws_megatron.device import count_syncs
@@ -12,11 +13,8 @@ CPU = torch.device("cpu")
 
 
 def _result(loss: float, norm: float = 1.0, skipped: bool = False):
-    return StepResult(
-        torch.tensor(loss),
-        torch.tensor(math.nan if skipped else norm),
-        torch.tensor(float(skipped)),
-    )
+    metrics = {"loss": (torch.tensor(loss), "mean"), "grad_norm": (torch.tensor(norm), "last")}
+    return StepResult(torch.tensor(float(skipped)), metrics)
 
 
 def test_an_interval_averages_the_applied_steps_and_reads_the_device_once():
@@ -27,8 +25,8 @@ def test_an_interval_averages_the_applied_steps_and_reads_the_device_once():
         assert counter.count == 0
         interval = stats.read(time.perf_counter())
     assert counter.count == 1
-    assert (interval.steps, interval.applied, interval.skipped) == (3, 2, 1)
-    assert interval.loss == 3.0 and interval.grad_norm == 0.5
+    assert (interval.steps, interval.steps - interval.skipped, interval.skipped) == (3, 2, 1)
+    assert interval.metrics == {"loss": 3.0, "grad_norm": 0.5}
     assert interval.nonfinite_run == 1
 
 
@@ -40,7 +38,8 @@ def test_a_run_of_non_finite_steps_is_counted_across_reads():
     stats.add(_result(math.nan, skipped=True))
     stats.add(_result(math.nan, skipped=True))
     interval = stats.read(time.perf_counter())
-    assert interval.nonfinite_run == 3 and math.isnan(interval.loss) and interval.applied == 0
+    assert interval.nonfinite_run == 3 and math.isnan(interval.metrics["loss"])
+    assert interval.skipped == interval.steps
     stats.add(_result(1.5))
     assert stats.read(time.perf_counter()).nonfinite_run == 0
 
@@ -50,7 +49,32 @@ def test_a_finite_loss_with_a_skipped_update_is_not_averaged():
     stats.add(_result(1.0))
     stats.add(_result(7.0, skipped=True))  # a non-finite gradient: the update was skipped
     interval = stats.read(time.perf_counter())
-    assert interval.loss == 1.0 and interval.skipped == 1 and interval.nonfinite_run == 1
+    assert interval.metrics["loss"] == 1.0 and interval.skipped == 1
+    assert interval.nonfinite_run == 1
+
+
+def test_metrics_by_name_span_the_log_interval_and_are_read_with_the_rest():
+    """A read between log steps (an evaluation's) brings them over but keeps counting."""
+    stats = StepStats(CPU)
+    with count_syncs(CPU) as counter:
+        stats.add(_result(2.0))
+        stats.record("tokens_seen", torch.tensor(10.0), "mean")
+        stats.record("scale", torch.tensor(1.0), "last")
+        between = stats.read(time.perf_counter(), log=False)
+        stats.add(_result(4.0, norm=0.5))
+        stats.record("tokens_seen", torch.tensor(20.0), "mean")
+        stats.record("scale", torch.tensor(3.0), "last")
+        assert counter.count == 1
+        logged = stats.read(time.perf_counter())
+    assert counter.count == 2
+    assert between.metrics == {"loss": 2.0, "grad_norm": 1.0, "tokens_seen": 10.0, "scale": 1.0}
+    assert logged.metrics == {"loss": 3.0, "grad_norm": 0.5, "tokens_seen": 15.0, "scale": 3.0}
+    assert stats.read(time.perf_counter()).metrics == {}
+
+
+def test_an_unknown_reduce_is_refused():
+    with pytest.raises(ValueError, match="reduce 'max'"):
+        StepStats(CPU).record("x", torch.tensor(1.0), "max")
 
 
 def test_a_stop_request_is_known_at_the_step_that_carried_it_without_a_device_read():

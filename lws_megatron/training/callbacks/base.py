@@ -16,9 +16,10 @@ class Callback:
 
     The loop reads the device only at some steps (`Trainer.read_due`: log, evaluation and
     checkpoint steps, the last one); `on_interval_end` runs there, with the steps since the
-    previous read. A callback that wants the run to end calls `trainer.request_stop`, and the
-    checkpoint callback (last) saves before the loop ends. `before_step` must not read the
-    device.
+    previous read and what the step is due for (`interval.due`, computed once by the
+    trainer). A metric of a step is recorded with `trainer.record_metric`. A callback that
+    wants the run to end calls `trainer.request_stop`, and the checkpoint callback (last)
+    saves before the loop ends. `before_step` must not read the device.
     """
 
     priority = 50

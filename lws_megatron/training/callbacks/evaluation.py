@@ -3,29 +3,30 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from lws_megatron.training.callbacks.base import Callback, registered
+
+if TYPE_CHECKING:
+    from lws_megatron.training.step_stats import Interval
+    from lws_megatron.training.trainer import Trainer
 
 
 @registered("evaluation", default=True)
 class Evaluation(Callback):
     priority = 20
 
-    def on_train_start(self, trainer) -> None:
+    def on_train_start(self, trainer: Trainer) -> None:
         if trainer.step == 0 and trainer.config.eval.interval and trainer.valid_batches:
             self._evaluate(trainer)
 
-    def on_interval_end(self, trainer, interval) -> None:
-        every = trainer.config.eval.interval
-        if not (every and trainer.valid_batches):
-            return
-        if trainer.step % every and trainer.step != trainer.config.train.max_steps:
-            return
-        self._evaluate(trainer)
+    def on_interval_end(self, trainer: Trainer, interval: Interval) -> None:
+        if interval.due.eval and trainer.valid_batches:
+            self._evaluate(trainer)
 
-    def _evaluate(self, trainer) -> None:
+    def _evaluate(self, trainer: Trainer) -> None:
+        """Logged as its own record; the summary's final validation loss is the last step's."""
         loss = trainer.module.eval_batch(trainer.valid_batches)
-        trainer.last_val_loss = loss
         trainer.writer.log(
             {
                 "step": trainer.step,

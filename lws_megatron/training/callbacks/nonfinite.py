@@ -5,15 +5,21 @@ Such steps are skipped on the device; the run is counted there too and seen at t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lws_megatron.errors import UserError
 from lws_megatron.training.callbacks.base import Callback, registered
+
+if TYPE_CHECKING:
+    from lws_megatron.training.step_stats import Interval
+    from lws_megatron.training.trainer import Trainer
 
 
 @registered("nonfinite_stop", default=True)
 class NonFiniteStop(Callback):
     priority = 30
 
-    def on_interval_end(self, trainer, interval) -> None:
+    def on_interval_end(self, trainer: Trainer, interval: Interval) -> None:
         run = interval.nonfinite_run
         if run >= trainer.config.train.max_nonfinite_steps:
             trainer.request_stop(

@@ -11,9 +11,13 @@ step N (during it, or before) ends the run with the checkpoint of step N + 1.
 from __future__ import annotations
 
 import signal
+from typing import TYPE_CHECKING
 
 from lws_megatron.training.callbacks.base import Callback, registered
 from lws_megatron.training.loader import STOP_SIGNALS
+
+if TYPE_CHECKING:
+    from lws_megatron.training.trainer import Trainer
 
 
 @registered("preemption", default=True)
@@ -28,7 +32,7 @@ class Preemption(Callback):
     def _handle(self, signum, frame) -> None:
         self.received = self.received or signal.Signals(signum).name
 
-    def before_step(self, trainer) -> None:
+    def before_step(self, trainer: Trainer) -> None:
         if self.received:
             to = f"{self.received} to rank {trainer.rank} by step {trainer.step}"
             trainer.ask_to_stop(f"pre-emption signal ({to})")

@@ -1,15 +1,21 @@
-"""Loss, learning rate, gradient norm, tokens/s and MFU, over each log interval; the peak
-memory of the rank that used the most (under PP not rank 0's), and the slowest rank's time in
-forward passes against the median rank's (the step time is the slowest rank's on every rank,
-so it names none; `step_stats.ForwardClock` says why the forward); the host's load average
-beside them, so that a report can tell a shared machine's figures."""
+"""The step metrics (loss, gradient norm, any recorded by name), learning rate, tokens/s and
+MFU, over each log interval; the peak memory of the rank that used the most (under PP not rank
+0's), and the slowest rank's time in forward passes against the median rank's (the step time
+is the slowest rank's on every rank, so it names none; `step_stats.ForwardClock` says why the
+forward); the host's load average beside them, so that a report can tell a shared machine's
+figures."""
 
 from __future__ import annotations
 
 import os
 import statistics
+from typing import TYPE_CHECKING
 
 from lws_megatron.training.callbacks.base import Callback, registered
+
+if TYPE_CHECKING:
+    from lws_megatron.training.step_stats import Interval
+    from lws_megatron.training.trainer import Trainer
 
 
 @registered("speed_monitor", default=True)
@@ -20,22 +26,19 @@ class SpeedMonitor(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self.loss_sum, self.applied, self.steps, self.seconds = 0.0, 0, 0, 0.0
+        self.steps, self.seconds = 0, 0.0
         self.rank_forward: list[float] = []
 
-    def on_interval_end(self, trainer, interval) -> None:
-        """Reads between log steps (evaluation, checkpoints) add up to one logged record."""
-        if interval.applied:
-            self.loss_sum += interval.loss * interval.applied
-            self.applied += interval.applied
+    def on_interval_end(self, trainer: Trainer, interval: Interval) -> None:
+        """Reads between log steps (evaluation, checkpoints) add up to one logged record; the
+        metrics already span the log interval (`StepStats.read`)."""
         self.steps += interval.steps
         self.seconds += interval.seconds
         forward = interval.rank_forward_s
         self.rank_forward = [
             a + b for a, b in zip(self.rank_forward or [0.0] * len(forward), forward)
         ]
-        t = trainer.config.train
-        if trainer.step % t.log_interval and trainer.step != t.max_steps:
+        if not interval.due.log:
             return
         tokens_per_s = trainer.tokens_per_step * self.steps / self.seconds
         peak = trainer.peak_flops * trainer.plan.world
@@ -43,9 +46,8 @@ class SpeedMonitor(Callback):
             {
                 "step": trainer.step,
                 "tokens": trainer.step * trainer.tokens_per_step,
-                "loss": self.loss_sum / self.applied if self.applied else float("nan"),
+                **interval.metrics,
                 "lr": trainer.lr,
-                "grad_norm": interval.grad_norm,
                 "tokens_per_s": tokens_per_s,
                 "tokens_per_s_per_device": tokens_per_s / trainer.plan.world,
                 "mfu": tokens_per_s * trainer.flops_per_token / peak if peak else 0.0,

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import os
 import secrets
+from typing import TYPE_CHECKING
 
 from lws_megatron.errors import UserError
 from lws_megatron.fileio import write_text_atomic
 from lws_megatron.training import distributed
 from lws_megatron.training.callbacks.base import Callback, registered
+
+if TYPE_CHECKING:
+    from lws_megatron.training.trainer import Trainer
 
 
 @registered("wandb")
@@ -34,10 +38,10 @@ class WandbLogger(Callback):
         self.wandb = wandb
         self.run = None
 
-    def on_train_start(self, trainer) -> None:
+    def on_train_start(self, trainer: Trainer) -> None:
         distributed.agreed(lambda: self._start(trainer) if trainer.rank == 0 else None)
 
-    def _start(self, trainer) -> None:
+    def _start(self, trainer: Trainer) -> None:
         id_file = trainer.run_dir / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
         try:
@@ -62,7 +66,7 @@ class WandbLogger(Callback):
         values = {k: v for k, v in record.items() if k != "step"}
         self.run.log(values, step=record["step"])
 
-    def on_train_end(self, trainer) -> None:
+    def on_train_end(self, trainer: Trainer) -> None:
         if self.run is not None:
             self.run.finish()
             self.run = None

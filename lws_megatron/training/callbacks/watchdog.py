@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
+from typing import TYPE_CHECKING
 
 from lws_megatron.training.callbacks.base import Callback, registered
+
+if TYPE_CHECKING:
+    from lws_megatron.training.step_stats import Interval
+    from lws_megatron.training.trainer import Trainer
 
 
 @registered("step_time_watchdog")
@@ -28,7 +33,7 @@ class StepTimeWatchdog(Callback):
         self.slow_intervals = 0
         self.stragglers = 0
 
-    def on_interval_end(self, trainer, interval) -> None:
+    def on_interval_end(self, trainer: Trainer, interval: Interval) -> None:
         seconds = interval.step_seconds
         first = trainer.step - interval.steps + 1
         steps = f"step {first}" if interval.steps == 1 else f"steps {first}-{trainer.step}"
@@ -43,7 +48,7 @@ class StepTimeWatchdog(Callback):
             self._judge_ranks(trainer, interval, steps)
         self.times.append(seconds)
 
-    def _judge_ranks(self, trainer, interval, steps: str) -> None:
+    def _judge_ranks(self, trainer: Trainer, interval: Interval, steps: str) -> None:
         forward = [s / interval.steps for s in interval.rank_forward_s]
         if len(forward) < 2:
             return
