@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-
 PRELOAD = ["torch", "megatron.core", "deepspeed", "lws_megatron.training.trainer"]
 
 
