@@ -9,8 +9,9 @@ seconds is killed. Each process gets `threads` torch threads, so that N ranks sh
 
 The processes fork from a server that imported torch, Megatron-Core and DeepSpeed once per test
 session (`multiprocessing`'s forkserver): a fresh interpreter spends 5-8 s of CPU on those
-imports, which a suite of a few hundred ranks would pay every time. Each rank still starts with
-the caller's environment of the moment.
+imports, which a suite of a few hundred ranks would pay every time. Each rank still starts as a
+spawned one would: in the caller's environment and folder of the moment, its output replayed on
+the caller's stdout and stderr (where pytest's capfd reads it) once the ranks are done.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -46,13 +48,13 @@ def run_distributed(
     """`fn(*args)` on ranks 0..world_size-1 of a fresh gloo group; their results in rank order."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
-    environ = {**os.environ, **(env or {})}
+    caller = ({**os.environ, **(env or {})}, os.getcwd())
     with tempfile.TemporaryDirectory(prefix="dist-") as tmp:
         workdir = Path(tmp)
         procs = [
             context.Process(
                 target=_worker,
-                args=(fn, args, rank, world_size, str(workdir), threads, timeout, environ),
+                args=(fn, args, rank, world_size, str(workdir), threads, timeout, caller),
                 name=f"rank{rank}",
             )
             for rank in range(world_size)
@@ -60,6 +62,7 @@ def run_distributed(
         for proc in procs:
             proc.start()
         timed_out = _wait(procs, time.monotonic() + timeout)
+        _replay_output(workdir, world_size)
         failures = []
         for rank, proc in enumerate(procs):
             error = workdir / f"error-{rank}.txt"
@@ -106,10 +109,10 @@ def _worker(
     workdir: str,
     threads: int,
     timeout: float,
-    environ: dict[str, str],
+    caller: tuple[dict[str, str], str],
 ) -> None:
-    os.environ.clear()
-    os.environ.update(environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    _start_like_the_caller(Path(workdir), rank, *caller)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
     try:
         dist.init_process_group(
@@ -127,6 +130,31 @@ def _worker(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+_OUTPUTS = ((1, "stdout"), (2, "stderr"))
+
+
+def _start_like_the_caller(workdir: Path, rank: int, environ: dict[str, str], cwd: str) -> None:
+    """A forked rank has the server's environment, folder and output: take the caller's."""
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
+    for fd, name in _OUTPUTS:
+        target = os.open(workdir / f"{name}-{rank}.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+
+
+def _replay_output(workdir: Path, world_size: int) -> None:
+    for rank in range(world_size):
+        for fd, name in _OUTPUTS:
+            path = workdir / f"{name}-{rank}.txt"
+            if path.exists():
+                with open(fd, "wb", closefd=False) as out:
+                    out.write(path.read_bytes())
 
 
 @contextlib.contextmanager

@@ -186,6 +186,7 @@ def _save_past_a_size_limit(run_dir: str, failing_rank: int) -> dict:
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, unlimited)
         after = _names(Path(run_dir))  # rank 0 has removed the partial save
+        dist.barrier()  # listed before any rank starts step 3
         ck.save(module, 3, {"skipped_steps": 0})
         ck.wait()
     return {"error": error, "after": after}
