@@ -1,8 +1,9 @@
 # `make demo` and `make test` work on a fresh machine with Python 3.10-3.13: they build $(VENV)
-# from pyproject.toml first, at the exact versions CI tested ($(CONSTRAINTS)). `make test-quick`
-# is the quick loop (`-m "not slow"`); `make test-megatron` runs only what can differ between
-# Megatron-Core versions, CI's second suite: make test-megatron PYTHON=python3.12 VENV=.venv312
-# CONSTRAINTS=.ci/constraints-py312.txt
+# from pyproject.toml first, at the exact versions CI tested ($(CONSTRAINTS)). `make test` runs
+# the files on JOBS pytest workers (a file to a worker: its shared runs are made once); `make
+# test-quick` is the quick loop (`-m "not slow"`); `make test-megatron` runs only what can differ
+# between Megatron-Core versions, CI's second suite: make test-megatron PYTHON=python3.12
+# VENV=.venv312 CONSTRAINTS=.ci/constraints-py312.txt
 # PYTHON is a command, a path, or a version pyenv has installed but not activated (python3.12
 # under a pyenv whose global is 3.11). CONSTRAINTS= (empty) installs from pyproject's ranges
 # alone; PIP_ARGS adds pip options (CI: --no-index --find-links WHEELHOUSE, so nothing is
@@ -11,6 +12,7 @@ PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= .ci/constraints-py311.txt
 PIP_ARGS ?=
+JOBS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # DeepSpeed JIT-builds its ops under a file lock in $TORCH_EXTENSIONS_DIR, by default the
@@ -38,7 +40,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=25
+	$(PY) -m pytest -q --durations=25 -n $(JOBS) --dist loadfile
 
 test-quick: $(STAMP)
 	$(PY) -m pytest -q --durations=25 -m "not slow"

@@ -4,12 +4,20 @@ the markers that fixtures imply.
 Markers (registered in pyproject.toml): `slow` (a training run, a compile, a cluster: `pytest -m
 "not slow"` is the quick loop), `distributed` (several real processes), `slurm` (a private
 one-node SLURM cluster), `gpu` (needs CUDA), `megatron_versions` (what can differ between
-the Megatron-Core versions CI tests: `make test-megatron`). `.ci/run` runs everything on the
-first interpreter and the `megatron_versions` tests on the second.
+the Megatron-Core versions CI tests: `make test-megatron`), `serial` (times itself against a
+bound: runs alone). `.ci/run` runs everything on the first interpreter and the
+`megatron_versions` tests on the second, both at once.
+
+`make test` runs the files on several pytest workers (pytest-xdist, a file to a worker, the
+longest first so that the workers end together). While a `serial` test runs, no other test of
+this suite starts, on any worker or interpreter of the machine (`_alone_when_serial`).
 """
 
+import contextlib
+import fcntl
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -47,7 +55,27 @@ _MEGATRON_SLOW = (
 )
 
 
+# The files that take longest (minutes each), first: a worker that takes one late would run on
+# alone at the end.
+_LONGEST_FIRST = (
+    "tests/launch/test_gpu_measure.py",
+    "tests/launch/test_faults.py",
+    "tests/training/test_training.py",
+    "tests/training/test_reshard.py",
+    "tests/training/test_recompute_sp.py",
+    "tests/launch/test_launch.py",
+    "tests/training/test_olmo_training.py",
+    "tests/training/test_run_safety.py",
+    "tests/launch/test_demo.py",
+    "tests/model/test_compile.py",
+    "tests/test_export.py",
+)
+_LOCKS = Path(tempfile.gettempdir()) / "lws-megatron-tests"
+
+
 def pytest_collection_modifyitems(items):
+    rank = {path: i for i, path in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
     for item in items:
         for fixture in item.fixturenames:
             for marker in _IMPLIED.get(fixture, ()):
@@ -57,6 +85,27 @@ def pytest_collection_modifyitems(items):
             _MEGATRON_SLOW
         ):
             item.add_marker("megatron_versions")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The whole test, the module fixtures it sets up included, inside its turn."""
+    with _alone_when_serial(item.get_closest_marker("serial") is not None):
+        return (yield)
+
+
+@contextlib.contextmanager
+def _alone_when_serial(serial: bool):
+    """A readers-writer lock of two files: tests share the room, a serial test has it alone.
+    Every test passes the turnstile to enter, and a serial one holds it until done, so no test
+    enters after it while it waits for those inside to leave."""
+    _LOCKS.mkdir(exist_ok=True)
+    with open(_LOCKS / "turnstile", "w") as turnstile, open(_LOCKS / "room", "w") as room:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(room, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+        if not serial:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -285,6 +285,7 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_resumes_exactly(
     print(f"exit 0 after one restart, resumed at step 4; losses of 1-{STEPS} as uninterrupted")
 
 
+@pytest.mark.serial
 def test_a_stopped_rank_ends_the_job_in_one_line_naming_it(tmp_path, tiny_data):
     """SIGSTOP: the process is there, its sockets open, and it never answers again."""
     run_dir = tmp_path / "run"

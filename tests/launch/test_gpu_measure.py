@@ -41,6 +41,7 @@ def _measure(out: Path, tmp_path: Path, timeout: float, **env: str):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_smoke_measures_every_row_in_one_process_within_five_minutes(tmp_path):
     out = tmp_path / "out"
     proc, seconds = _measure(out, tmp_path, timeout=600)
