@@ -16,6 +16,8 @@ training process, and `lost` says what happened, for the trainer to checkpoint a
 from __future__ import annotations
 
 import signal
+import sys
+import threading
 import time
 from typing import NamedTuple
 
@@ -54,6 +56,21 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def _wait_for_ending_threads(limit_s: float = 1.0) -> None:
+    """CPython up to 3.11 without the fix of python/cpython#112275 (3.11.7, CI's, is one)
+    copies the lock of its thread list into a forked child as it was, and a child forked while
+    another thread was ending (which holds that lock a moment, after `join` has returned)
+    hangs before it runs a line: a loader worker that never answers. So the workers fork only
+    once every thread the interpreter lists is a live one (at most `limit_s`: a thread that C
+    code started, which `threading` does not list, ends the wait)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        alive = {thread.ident for thread in threading.enumerate()}
+        if set(sys._current_frames()) <= alive:  # takes, so waits for, the list's lock
+            return
+        time.sleep(0.001)
+
+
 class StepLoader:
     """Steps first_step .. max_steps-1 in order; with `num_workers` 0, built when asked for."""
 
@@ -89,6 +106,7 @@ class StepLoader:
         sigchld = signal.getsignal(signal.SIGCHLD)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
+            _wait_for_ending_threads()
             iterator = iter(loader)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
