@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=25 -n $(JOBS) --dist loadfile
+	$(PY) -m pytest -q --durations=25 -n $(JOBS) --dist loadfile --no-loadscope-reorder
 
 test-quick: $(STAMP)
 	$(PY) -m pytest -q --durations=25 -m "not slow"

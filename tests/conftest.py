@@ -8,9 +8,10 @@ the Megatron-Core versions CI tests: `make test-megatron`), `serial` (times itse
 bound: runs alone). `.ci/run` runs everything on the first interpreter and the
 `megatron_versions` tests on the second, both at once.
 
-`make test` runs the files on several pytest workers (pytest-xdist, a file to a worker, the
-longest first so that the workers end together). While a `serial` test runs, no other test of
-this suite starts, on any worker or interpreter of the machine (`_alone_when_serial`).
+`make test` runs the files on several pytest workers (pytest-xdist, a file to a worker, in the
+order collected: the longest first, so that the workers end together). While a `serial` test
+runs, no other test of this suite starts, on any worker or interpreter of the machine
+(`_alone_when_serial`).
 """
 
 import contextlib
@@ -56,7 +57,8 @@ _MEGATRON_SLOW = (
 
 
 # The files that take longest (minutes each), first: a worker that takes one late would run on
-# alone at the end.
+# alone at the end (`make test` keeps this order: xdist's own puts the files with most tests
+# first). The GPU-measure smoke run, which runs alone, overlaps CI's download of Python 3.12.
 _LONGEST_FIRST = (
     "tests/launch/test_gpu_measure.py",
     "tests/launch/test_faults.py",
@@ -67,6 +69,8 @@ _LONGEST_FIRST = (
     "tests/training/test_olmo_training.py",
     "tests/training/test_run_safety.py",
     "tests/launch/test_demo.py",
+    "tests/test_bench.py",
+    "tests/launch/test_sweep.py",
     "tests/model/test_compile.py",
     "tests/test_export.py",
 )
