@@ -4,8 +4,8 @@ the markers that fixtures imply.
 Markers (registered in pyproject.toml): `slow` (a training run, a compile, a cluster: `pytest -m
 "not slow"` is the quick loop), `distributed` (several real processes), `slurm` (a private
 one-node SLURM cluster), `gpu` (needs CUDA), `megatron_versions` (what can differ between
-the Megatron-Core versions CI tests: `make test-megatron`), `serial` (times itself against a
-bound: runs alone). `.ci/run` runs everything on the first interpreter and the
+the Megatron-Core versions CI tests: `make test-megatron`), `serial` (times itself: runs
+alone). `.ci/run` runs everything on the first interpreter and the
 `megatron_versions` tests on the second, both at once.
 
 `make test` runs the files on several pytest workers (pytest-xdist, a file to a worker, in the

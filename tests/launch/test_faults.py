@@ -155,6 +155,7 @@ def test_run_info_says_what_made_the_run_and_metrics_name_ranks(uninterrupted_di
     assert all(r["slowest_rank_forward_s"] >= r["median_rank_forward_s"] > 0 for r in steps)
 
 
+@pytest.mark.serial  # the ranks' forward times, compared: other tests' load evens them out
 @pytest.mark.parametrize("zero", [0, 1])
 def test_a_slow_rank_is_named_with_how_much_slower_it_is(tmp_path, tiny_data, zero):
     """Rank 1 is stopped most of the time (SIGSTOP/SIGCONT): a straggler. The step time is the
