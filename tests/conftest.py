@@ -4,8 +4,8 @@ the markers that fixtures imply.
 Markers (registered in pyproject.toml): `slow` (a training run, a compile, a cluster: `pytest -m
 "not slow"` is the quick loop), `distributed` (several real processes), `slurm` (a private
 one-node SLURM cluster), `gpu` (needs CUDA), `megatron_versions` (what can differ between
-the Megatron-Core versions CI tests: `make test-megatron`), `serial` (times itself: runs
-alone). `.ci/run` runs everything on the first interpreter and the
+the Megatron-Core versions CI tests: `make test-megatron`), `serial` (a measurement that
+load beside it would blur: runs alone). `.ci/run` runs everything on the first interpreter and the
 `megatron_versions` tests on the second, both at once.
 
 `make test` runs the files on several pytest workers (pytest-xdist, a file to a worker, in the
@@ -58,7 +58,7 @@ _MEGATRON_SLOW = (
 
 # The files that take longest (minutes each), first: a worker that takes one late would run on
 # alone at the end (`make test` keeps this order: xdist's own puts the files with most tests
-# first). The GPU-measure smoke run, which runs alone, overlaps CI's download of Python 3.12.
+# first).
 _LONGEST_FIRST = (
     "tests/launch/test_gpu_measure.py",
     "tests/launch/test_faults.py",
@@ -91,25 +91,42 @@ def pytest_collection_modifyitems(items):
             item.add_marker("megatron_versions")
 
 
+_kept: contextlib.ExitStack | None = None  # a serial test's turn, kept for the serial next
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """The whole test, the module fixtures it sets up included, inside its turn."""
-    with _alone_when_serial(item.get_closest_marker("serial") is not None):
+    """The whole test, the module fixtures it sets up included, inside its turn. Serial tests
+    in a row share one turn: the room is emptied once for them, not once each."""
+    global _kept
+    serial = _serial(item)
+    turn, _kept = _kept or _alone_when_serial(serial), None
+    try:
         return (yield)
+    finally:
+        if serial and nextitem is not None and _serial(nextitem):
+            _kept = turn
+        else:
+            turn.close()
 
 
-@contextlib.contextmanager
-def _alone_when_serial(serial: bool):
+def _serial(item) -> bool:
+    return item.get_closest_marker("serial") is not None
+
+
+def _alone_when_serial(serial: bool) -> contextlib.ExitStack:
     """A readers-writer lock of two files: tests share the room, a serial test has it alone.
     Every test passes the turnstile to enter, and a serial one holds it until done, so no test
-    enters after it while it waits for those inside to leave."""
+    enters after it while it waits for those inside to leave. Closing the stack leaves."""
     _LOCKS.mkdir(exist_ok=True)
-    with open(_LOCKS / "turnstile", "w") as turnstile, open(_LOCKS / "room", "w") as room:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        fcntl.flock(room, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
-        if not serial:
-            fcntl.flock(turnstile, fcntl.LOCK_UN)
-        yield
+    turn = contextlib.ExitStack()
+    turnstile = turn.enter_context(open(_LOCKS / "turnstile", "w"))
+    room = turn.enter_context(open(_LOCKS / "room", "w"))
+    fcntl.flock(turnstile, fcntl.LOCK_EX)
+    fcntl.flock(room, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+    if not serial:
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+    return turn
 
 
 @pytest.fixture(scope="session")

@@ -155,7 +155,7 @@ def test_run_info_says_what_made_the_run_and_metrics_name_ranks(uninterrupted_di
     assert all(r["slowest_rank_forward_s"] >= r["median_rank_forward_s"] > 0 for r in steps)
 
 
-@pytest.mark.serial  # the ranks' forward times, compared: other tests' load evens them out
+@pytest.mark.serial  # where a stop lands in a step is chance: load beside it blurs that
 @pytest.mark.parametrize("zero", [0, 1])
 def test_a_slow_rank_is_named_with_how_much_slower_it_is(tmp_path, tiny_data, zero):
     """Rank 1 is stopped most of the time (SIGSTOP/SIGCONT): a straggler. The step time is the
@@ -167,19 +167,22 @@ def test_a_slow_rank_is_named_with_how_much_slower_it_is(tmp_path, tiny_data, ze
         tiny_data,
         overrides=[
             f"zero.stage={zero}",
-            "train.max_steps=50",
-            "train.log_interval=10",
+            "train.max_steps=25",
+            "train.log_interval=5",
             "eval.interval=0",
             "train.callbacks=[step_time_watchdog]",
         ],
     )
     proc = start(argv)
-    seen = read_until(proc, r"^step +10/\d+ \|")
-    deadline = time.monotonic() + 30  # /proc may list a worker late on a loaded machine
+    deadline = time.monotonic() + 60  # found before the steps, which run 20 a second
     while 1 not in workers_of(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     slow = workers_of(proc.pid)[1]
-    while proc.poll() is None:
+    seen = read_until(proc, r"^step +5/\d+ \|")
+    metrics = run_dir / "metrics.jsonl"
+    while proc.poll() is None and '"step": 25,' not in (  # then it saves at its own pace
+        metrics.read_text() if metrics.exists() else ""
+    ):
         try:
             os.kill(slow, signal.SIGSTOP)
             time.sleep(0.2)
@@ -190,13 +193,13 @@ def test_a_slow_rank_is_named_with_how_much_slower_it_is(tmp_path, tiny_data, ze
     out = "".join(seen) + finish(proc)
     assert proc.returncode == 0, out[-4000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    late = [r for r in records if "loss" in r and 20 <= r["step"] < 50]
+    late = [r for r in records if "loss" in r and 15 <= r["step"] < 25]  # wholly stopped
     assert all(r["slowest_rank"] == 1 for r in late), late
     assert all(r["slowest_rank_forward_s"] > 1.3 * r["median_rank_forward_s"] for r in late), late
     warned = re.findall(r"warning: .*rank 1 is the slowest, forward [0-9.]+ s per step, .*", out)
     assert warned, out[-4000:]
     print(warned[-1])
-    print("metrics.jsonl, step 50:", {k: v for k, v in late[-1].items() if "rank" in k})
+    print("metrics.jsonl, step 20:", {k: v for k, v in late[-1].items() if "rank" in k})
 
 
 def test_sigterm_to_the_whole_process_group_checkpoints_exits_0_and_resumes_exactly(
@@ -286,14 +289,13 @@ def test_torchrun_restarts_the_group_after_a_rank_is_killed_and_resumes_exactly(
     print(f"exit 0 after one restart, resumed at step 4; losses of 1-{STEPS} as uninterrupted")
 
 
-@pytest.mark.serial
 def test_a_stopped_rank_ends_the_job_in_one_line_naming_it(tmp_path, tiny_data):
     """SIGSTOP: the process is there, its sockets open, and it never answers again."""
     run_dir = tmp_path / "run"
     argv = command(
         run_dir,
         tiny_data,
-        overrides=["train.max_steps=100000", "run.collective_timeout_s=30", "eval.interval=0"],
+        overrides=["train.max_steps=100000", "run.collective_timeout_s=20", "eval.interval=0"],
     )
     proc = start(argv)
     seen = read_until(proc, r"^step +3/\d+ \|")
@@ -312,7 +314,7 @@ def test_a_stopped_rank_ends_the_job_in_one_line_naming_it(tmp_path, tiny_data):
     # at the collective the others waited in: the step's all-reduce, or (stopped mid-step) the
     # gradient buckets' wait
     assert named[0].startswith("error: rank 1 did not arrive at ")
-    assert "within run.collective_timeout_s=30" in named[0]
+    assert "within run.collective_timeout_s=20" in named[0]
     assert "Traceback" not in out
     print(f"exit {proc.returncode} {took:.1f} s after SIGSTOP; {named[0]}")
 
