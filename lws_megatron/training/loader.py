@@ -49,11 +49,22 @@ class StepBatches(Dataset):
         return StepData(step, batches, loss_tokens(batches))
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """In each worker, before it reads anything: the stop signals are the trainer's."""
+def _init_worker(worker_id: int) -> None:
+    """In each worker, before it reads anything: the stop signals are the trainer's, and so is
+    the word on a trainer that is gone (`_quiet_when_the_trainer_left`)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    sys.excepthook = _quiet_when_the_trainer_left
+
+
+def _quiet_when_the_trainer_left(kind, error, trace) -> None:
+    """A worker hands a batch's shared memory over from a thread of `multiprocessing`'s
+    resource sharer, which prints any error it meets as a traceback. The only peer it talks to
+    is the trainer, so a connection that breaks there means the trainer died (a SIGKILL, the
+    OOM killer), and the worker, about to end with it, says nothing."""
+    if not issubclass(kind, (ConnectionError, EOFError)):
+        sys.__excepthook__(kind, error, trace)
 
 
 def _wait_for_ending_threads(limit_s: float = 1.0) -> None:
@@ -99,7 +110,7 @@ class StepLoader:
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
             prefetch_factor=PREFETCH_STEPS,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=_init_worker,
         )
         # Blocked across the fork, so a signal in the instant before a worker ignores it waits
         # there (and is then ignored) and here (and is then handled).

@@ -1,9 +1,12 @@
 """Batches built ahead in workers are exactly the step's batches, from any step on; the workers
 ignore the signals that stop a run, and a worker's death does not stop the steps."""
 
+import multiprocessing
 import os
 import signal
+import socket
 import time
+from multiprocessing import resource_sharer
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ import torch
 from lws_megatron.config import load_config
 from lws_megatron.training.data import build_datasets, resolve_sources, step_batches
 from lws_megatron.training.distributed import resolve_plan
-from lws_megatron.training.loader import StepLoader
+from lws_megatron.training.loader import StepLoader, _init_worker
 from tests.helpers import TINY
 
 
@@ -129,3 +132,30 @@ def test_a_worker_killed_while_it_hands_over_a_batch_is_a_dead_worker(train_ds):
     assert [s.step for s in rest] == [1, 2, 3]
     assert all(_same(s, step_batches(dataset, s.step, plan, 0)) for s in rest)
     assert loader.lost == _killed(0, victim.pid)
+
+
+def _share_a_file_descriptor(pipe, as_a_loader_worker: bool) -> None:
+    if as_a_loader_worker:
+        _init_worker(0)
+    resource_sharer.DupFd(os.open(os.devnull, os.O_RDONLY))  # starts the sharer
+    pipe.send(resource_sharer._resource_sharer._address)
+    pipe.recv()
+
+
+@pytest.mark.parametrize("as_a_loader_worker", [False, True])
+def test_a_worker_whose_trainer_died_mid_handover_prints_no_traceback(capfd, as_a_loader_worker):
+    """What a SIGKILLed trainer leaves: a worker's resource sharer, which hands a batch's
+    shared memory over, finds its connection reset; a plain process prints the traceback."""
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    worker = context.Process(target=_share_a_file_descriptor, args=(theirs, as_a_loader_worker))
+    worker.start()
+    trainer = socket.socket(socket.AF_UNIX)
+    trainer.connect(ours.recv())
+    time.sleep(0.2)  # the sharer's challenge arrives, and is never read
+    trainer.close()
+    time.sleep(0.5)
+    ours.send(None)
+    worker.join(timeout=10)
+    printed = capfd.readouterr().err
+    assert ("ConnectionResetError" in printed) is not as_a_loader_worker, printed
