@@ -20,6 +20,8 @@ def test_quick_demo_builds_data_trains_five_profiles_and_writes_the_report(tmp_p
             sys.executable,
             "launch/demo.py",
             "--quick",
+            "--nproc",
+            "1",  # data parallelism is the launch tests'; here, one process each
             "--output",
             str(out),
             "train.max_steps=4",
