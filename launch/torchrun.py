@@ -28,8 +28,8 @@ from torch.distributed.run import parse_args, run
 PASSED_ON = ("SIGTERM", "SIGINT", "SIGUSR1")
 # How long the agent lets the workers it stops on a signal end on their own before SIGKILL:
 # the survivors' roll call (lws_megatron.training.hangs) and exit, not torchrun's 30 s. After a
-# worker fails, torch 2.13-2.14's agent stops the others with its own 30 s (`_stop_workers`
-# calls `_shutdown()` without the timeout), so a stopped rank is killed 30 s after the failure.
+# worker fails, torch 2.13-2.14 stops the others with a fixed 30 s (the process context's
+# `_poll` calls `close()` with its default), so a stopped rank is killed 30 s after the failure.
 SHUTDOWN_TIMEOUT_S = 15
 
 
