@@ -194,6 +194,7 @@ def test_a_slow_rank_is_named_with_how_much_slower_it_is(tmp_path, tiny_data, ze
     assert proc.returncode == 0, out[-4000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     late = [r for r in records if "loss" in r and 15 <= r["step"] < 25]  # wholly stopped
+    assert [r["step"] for r in late] == [15, 20], records
     assert all(r["slowest_rank"] == 1 for r in late), late
     assert all(r["slowest_rank_forward_s"] > 1.3 * r["median_rank_forward_s"] for r in late), late
     warned = re.findall(r"warning: .*rank 1 is the slowest, forward [0-9.]+ s per step, .*", out)
