@@ -99,9 +99,14 @@ def workers_of(launcher_pid: int) -> dict[int, int]:
 
     ranks = {}
     for pid in children(launcher_pid):
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        rank = next(int(v[5:]) for v in environ if v.startswith(b"RANK="))
-        ranks[rank] = pid
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        # a child between fork and exec still has the launcher's environment, without RANK
+        rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+        if rank is not None:
+            ranks[rank] = pid
     return ranks
 
 
