@@ -11,10 +11,14 @@ checkpoints and shuts them down). A worker that dies (SIGKILL, the kernel's OOM 
 not take the trainer down with an exception raised at a random point (what torch's SIGCHLD
 handler does): the death is found at the next step, that step and the rest are built in the
 training process, and `lost` says what happened, for the trainer to checkpoint and stop.
+A trainer that dies takes its workers with it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -30,6 +34,7 @@ from lws_megatron.training.forward import loss_tokens
 
 PREFETCH_STEPS = 2  # batches each worker keeps ready
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class StepData(NamedTuple):
@@ -56,6 +61,21 @@ def _init_worker(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     sys.excepthook = _quiet_when_the_trainer_left
+    _end_with_the_trainer()
+
+
+def _end_with_the_trainer() -> None:
+    """A trainer killed outright (SIGKILL, the OOM killer) takes its workers with it at once.
+    Without this they read on until torch's watchdog looks, every 5 s and only between
+    samples, holding the job's output pipes and memory, and a worker stuck on a slow read
+    outlives its trainer for as long as the read takes."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != multiprocessing.parent_process().pid:  # it died before the prctl
+        os._exit(1)
 
 
 def _quiet_when_the_trainer_left(kind, error, trace) -> None:

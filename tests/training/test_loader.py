@@ -95,6 +95,52 @@ def test_a_killed_worker_leaves_the_steps_to_the_training_process_and_says_so(tr
     assert loader.lost == _killed(1, victim.pid)
 
 
+class _SlowRead:
+    """Samples behind a file system that hangs."""
+
+    def __getitem__(self, i):
+        time.sleep(120)
+
+
+def _train_then_wait(plan, pipe) -> None:
+    loader = StepLoader(_SlowRead(), plan, 0, 0, 3, 2, torch.device("cpu"))
+    pipe.send([worker.pid for worker in loader._iterator._workers])
+    time.sleep(120)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"  # dead, maybe not yet reaped
+    except FileNotFoundError:
+        return True
+
+
+def test_a_killed_trainer_takes_its_workers_with_it_even_mid_read(train_ds):
+    """SIGKILL to a trainer whose workers are stuck in a read: they end with it, not 120 s
+    later, when torch's watchdog would next look."""
+    config, _ = train_ds
+    context = multiprocessing.get_context("fork")
+    ours, theirs = context.Pipe()
+    trainer = context.Process(target=_train_then_wait, args=(resolve_plan(config, 1), theirs))
+    trainer.start()
+    workers = ours.recv()
+    try:
+        time.sleep(0.5)  # into the read
+        os.kill(trainer.pid, signal.SIGKILL)
+        trainer.join(timeout=10)
+        deadline = time.monotonic() + 10
+        while not all(map(_gone, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(map(_gone, workers)), workers
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def _killed(index: int, pid: int) -> str:
     return (
         f"data loader worker {index} (pid {pid}) died: killed by SIGKILL (the kernel's "
