@@ -69,12 +69,15 @@ def _end_with_the_trainer() -> None:
     Without this they read on until torch's watchdog looks, every 5 s and only between
     samples, holding the job's output pipes and memory, and a worker stuck on a slow read
     outlives its trainer for as long as the read takes."""
-    if not sys.platform.startswith("linux"):
+    trainer = multiprocessing.parent_process().pid
+    # A worker that a fork server started (a trainer whose start method is "forkserver") is
+    # the server's child, and the kernel can tie it only to its parent.
+    if not sys.platform.startswith("linux") or os.getppid() != trainer:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != multiprocessing.parent_process().pid:  # it died before the prctl
+    if os.getppid() != trainer:  # it died before the prctl
         os._exit(1)
 
 
